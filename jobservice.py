@@ -1,0 +1,1632 @@
+"""jobservice: jobs that resolve, after a random delay, with a food photo from Unsplash.
+
+One process, no external services. Jobs live in memory and are mirrored to a JSON
+file (a snapshot plus an append-only journal) so that they survive restarts; clients
+watch them resolve over plain WebSockets or stock Socket.IO clients, and never miss
+an event: every change carries a sequence number, and a client that reconnects with
+the last one it saw is sent exactly what it missed.
+
+The file reads top to bottom in the order data flows: configuration, the job model,
+the store, the image sources, the scheduler, the event hub, the HTTP handlers, the
+application factory and the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import errno
+import functools
+import gc
+import hashlib
+import heapq
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import secrets
+import signal
+import sys
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlencode, urlsplit
+
+import aiofiles
+import aiofiles.os
+import aiohttp
+from aiohttp import web
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("jobservice")
+
+HERE = Path(__file__).resolve().parent
+STATIC_DIR = HERE / "static"
+CATALOG_FILE = STATIC_DIR / "unsplash_food_photos.json"
+
+
+# --- Configuration ------------------------------------------------------------------
+# Everything tunable comes from the environment (and, for where to listen and what
+# file to keep, from flags too). A bad value stops start-up before anything is touched.
+
+
+class ConfigError(Exception):
+    """A setting has a value the service cannot run with."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 3000
+    jobs_file: Path = Path("jobs.json")
+    unsplash_access_key: str = field(default="", repr=False)
+    unsplash_api_url: str = "https://api.unsplash.com"
+    unsplash_timeout: float = 10.0
+    job_delay_min: float = 5.0
+    job_delay_max: float = 300.0
+    job_delay_step: float = 5.0
+    retry_base_delay: float = 1.0
+    retry_max_delay: float = 60.0
+    job_max_attempts: int = 10
+    cors_origins: tuple[str, ...] = ()
+
+    @property
+    def unsplash_origin(self) -> str:
+        parts = urlsplit(self.unsplash_api_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    def allows_origin(self, origin: str) -> bool:
+        return "*" in self.cors_origins or origin in self.cors_origins
+
+
+def _number(env, name: str, default: float, *, minimum: float = 0.0, integer=False):
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "a whole number" if integer else "a number"
+        raise ConfigError(f"{name}={raw!r} is not {kind}") from None
+    if not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
+    return value
+
+
+def _origin(value: str, name: str) -> str:
+    if value == "*":
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+        raise ConfigError(f"{name} entry {value!r} is not an origin like https://example.com")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def load_settings(argv: list[str] | None = None, env=None) -> Settings:
+    """Settings from flags (which win) and the environment; ConfigError names the bad one."""
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(
+        prog="jobservice", description="Jobs that resolve with a food photo from Unsplash."
+    )
+    parser.add_argument("--host", default=env.get("HOST") or "127.0.0.1",
+                        help="address to listen on (env HOST, default 127.0.0.1)")
+    parser.add_argument("--port", default=env.get("PORT") or "3000",
+                        help="port to listen on (env PORT, default 3000)")
+    parser.add_argument("--data", default=env.get("JOBS_FILE") or "jobs.json",
+                        help="the jobs file (env JOBS_FILE, default ./jobs.json)")
+    parser.add_argument("--version", action="version", version=f"jobservice {__version__}")
+    args = parser.parse_args(argv)
+
+    try:
+        port = int(args.port)
+    except ValueError:
+        raise ConfigError(f"PORT={args.port!r} is not a whole number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"PORT={port} is not between 0 and 65535")
+
+    api_url = (env.get("UNSPLASH_API_URL") or "https://api.unsplash.com").rstrip("/")
+    api = urlsplit(api_url)
+    if api.scheme not in ("http", "https") or not api.netloc:
+        raise ConfigError(f"UNSPLASH_API_URL={api_url!r} is not an http(s) URL")
+
+    delay_min = _number(env, "JOB_DELAY_MIN", 5.0)
+    delay_max = _number(env, "JOB_DELAY_MAX", 300.0)
+    delay_step = _number(env, "JOB_DELAY_STEP", 5.0, minimum=1e-3)
+    if delay_max < delay_min:
+        raise ConfigError(f"JOB_DELAY_MAX={delay_max:g} is below JOB_DELAY_MIN={delay_min:g}")
+    retry_base = _number(env, "RETRY_BASE_DELAY", 1.0, minimum=1e-3)
+    retry_max = _number(env, "RETRY_MAX_DELAY", 60.0, minimum=1e-3)
+    if retry_max < retry_base:
+        raise ConfigError(f"RETRY_MAX_DELAY={retry_max:g} is below RETRY_BASE_DELAY={retry_base:g}")
+
+    cors = tuple(
+        _origin(item.strip(), "CORS_ORIGINS")
+        for item in (env.get("CORS_ORIGINS") or "").split(",")
+        if item.strip()
+    )
+    return Settings(
+        host=args.host,
+        port=port,
+        jobs_file=Path(args.data),
+        unsplash_access_key=(env.get("UNSPLASH_ACCESS_KEY") or "").strip(),
+        unsplash_api_url=api_url,
+        unsplash_timeout=_number(env, "UNSPLASH_TIMEOUT", 10.0, minimum=1e-3),
+        job_delay_min=delay_min,
+        job_delay_max=delay_max,
+        job_delay_step=delay_step,
+        retry_base_delay=retry_base,
+        retry_max_delay=retry_max,
+        job_max_attempts=_number(env, "JOB_MAX_ATTEMPTS", 10, minimum=1, integer=True),
+        cors_origins=cors,
+    )
+
+
+# --- Job model ----------------------------------------------------------------------
+# A Job is never changed once committed: a change is a new Job with a higher seq, so
+# a snapshot or a replay can hold on to Job objects without copying them. The one
+# exception is `attempts`, a progress counter that is not an event of its own.
+
+STATUSES = ("pending", "resolved", "failed")
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC with milliseconds, as JavaScript's toISOString()."""
+    if ts is None:
+        return None
+    moment = datetime.fromtimestamp(ts, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_time(value, what: str) -> float | None:
+    """ISO 8601 text, or epoch milliseconds as the old service's clients sent them."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) / 1000.0
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+            return moment.timestamp()
+    raise ValueError(f"{what} is not a time: {value!r}")
+
+
+class Job:
+    __slots__ = (
+        "_json",
+        "attempts",
+        "created_at",
+        "due_at",
+        "error",
+        "id",
+        "image",
+        "resolved_at",
+        "result",
+        "seq",
+        "status",
+    )
+
+    def __init__(self, id, status, result, created_at, due_at, resolved_at=None,
+                 attempts=0, error=None, image=None, seq=0):
+        self.id = id
+        self.status = status
+        self.result = result
+        self.created_at = created_at
+        self.due_at = due_at
+        self.resolved_at = resolved_at
+        self.attempts = attempts
+        self.error = error
+        self.image = image
+        self.seq = seq
+        self._json = None
+
+    @classmethod
+    def new(cls, settings: Settings, now: float) -> Job:
+        steps = math.floor((settings.job_delay_max - settings.job_delay_min)
+                           / settings.job_delay_step + 1e-9)
+        delay = settings.job_delay_min + settings.job_delay_step * random.randint(0, steps)
+        return cls(str(uuid.uuid4()), "pending", None, now, now + delay)
+
+    def resolved(self, result: str, image: dict, now: float) -> Job:
+        return Job(self.id, "resolved", result, self.created_at, self.due_at, now,
+                   self.attempts + 1, None, image)
+
+    def failed(self, error: str, now: float) -> Job:
+        return Job(self.id, "failed", None, self.created_at, self.due_at, now,
+                   self.attempts, error, None)
+
+    def retried(self, due_at: float) -> Job:
+        return Job(self.id, "pending", None, self.created_at, due_at)
+
+    def count_attempt(self) -> None:
+        self.attempts += 1
+        self._json = None
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "result": self.result,
+            "createdAt": iso(self.created_at),
+            "dueAt": iso(self.due_at),
+            "resolvedAt": iso(self.resolved_at),
+            "attempts": self.attempts,
+            "error": self.error,
+            "image": self.image,
+            "seq": self.seq,
+        }
+
+    @property
+    def json(self) -> str:
+        """The job as JSON text, built once and shared by the journal, responses and events."""
+        if self._json is None:
+            self._json = json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        return self._json
+
+    @classmethod
+    def from_dict(cls, data) -> Job:
+        """A job as stored by this service; ValueError says what is wrong with it."""
+        if not isinstance(data, dict):
+            raise ValueError("a job is not a JSON object")
+        job_id, status = data.get("id"), data.get("status")
+        if not isinstance(job_id, str) or not job_id:
+            raise ValueError(f"job id {job_id!r} is not a non-empty string")
+        if status not in STATUSES:
+            raise ValueError(f"job {job_id}: status {status!r} is not one of {', '.join(STATUSES)}")
+        created_at = parse_time(data.get("createdAt"), f"job {job_id}: createdAt")
+        due_at = parse_time(data.get("dueAt"), f"job {job_id}: dueAt")
+        if created_at is None or due_at is None:
+            raise ValueError(f"job {job_id}: createdAt and dueAt are required")
+        attempts, seq = data.get("attempts", 0), data.get("seq", 0)
+        if not isinstance(attempts, int) or not isinstance(seq, int) or attempts < 0 or seq < 0:
+            raise ValueError(f"job {job_id}: attempts and seq must be whole numbers")
+        image = data.get("image")
+        if image is not None and not isinstance(image, dict):
+            raise ValueError(f"job {job_id}: image is not an object")
+        return cls(job_id, status, data.get("result"), created_at, due_at,
+                   parse_time(data.get("resolvedAt"), f"job {job_id}: resolvedAt"),
+                   attempts, data.get("error"), image, seq)
+
+    @classmethod
+    def from_old_service(cls, data, now: float) -> Job:
+        """A job from the NestJS service's file: {id, status, result, createdAt}.
+
+        Its delay was never stored, so a job it left pending is due at once."""
+        if not isinstance(data, dict) or not isinstance(data.get("id"), (str, int)):
+            raise ValueError("an entry is not an object with an id")
+        job_id = str(data["id"])
+        status = {"completed": "resolved", "waiting": "pending", "delayed": "pending",
+                  "active": "pending"}.get(data.get("status"), data.get("status"))
+        if status not in STATUSES:
+            raise ValueError(f"job {job_id}: status {data.get('status')!r} is unknown")
+        created_at = parse_time(data.get("createdAt"), f"job {job_id}: createdAt") or now
+        result = data.get("result") if isinstance(data.get("result"), str) else None
+        if status == "resolved" and result is None:
+            status = "pending"
+        image = None
+        if result:
+            image = {"id": None, "thumb": result, "small": result, "alt": "Food photo",
+                     "author": None, "authorUrl": None, "pageUrl": None, "color": None,
+                     "source": "unsplash"}
+        return cls(job_id, status, result if status == "resolved" else None, created_at,
+                   now if status == "pending" else created_at,
+                   created_at if status != "pending" else None,
+                   0, "failed in the old service" if status == "failed" else None,
+                   image if status == "resolved" else None)
+
+
+# --- Store --------------------------------------------------------------------------
+# The registry is a dict in memory; the disk holds a snapshot (jobs.json) and a journal
+# beside it (jobs.json.journal, one job state per line). A change is appended to the
+# journal by one writer that fsyncs many changes at once (group commit), and becomes
+# visible, and is announced, only after that fsync: nothing a client is told can be
+# undone by a crash. When the journal has grown as large as the registry it is folded
+# into a new snapshot in the background (write a temp file, fsync, rename).
+# Every record carries the job's seq, and a record only ever replaces an older one, so
+# the order in which the snapshot and journals are read back does not matter.
+
+
+class StoreCorrupt(Exception):
+    """The jobs file cannot be read; the service refuses to start rather than lose it."""
+
+
+class StorageError(Exception):
+    """A change could not be written to disk; nothing about it was acknowledged."""
+
+
+COMPACT_MIN_RECORDS = 10_000
+SNAPSHOT_VERSION = 1
+
+
+class JobStore:
+    def __init__(self, path: Path):
+        self.path = path
+        self.journal_path = path.with_name(path.name + ".journal")
+        self.rotated_path = path.with_name(path.name + ".journal.old")
+        self.jobs: dict[str, Job] = {}  # in seq order: a change moves its job to the end
+        self.order: list[str] = []  # ids in creation order, for listings and paging
+        self.position: dict[str, int] = {}
+        self.counts = dict.fromkeys(STATUSES, 0)
+        self.seq = 0  # the highest seq that is on disk and visible
+        self.in_flight: set[str] = set()  # jobs with a change written but not yet applied
+        self.listeners: list = []  # called with each Job once it is committed
+        self.fault: OSError | None = None
+        self._last_seq = 0  # the highest seq handed out; a failed write burns its seqs
+        self._staged: list[Job] = []
+        self._batch: asyncio.Future | None = None
+        self._wakeup = asyncio.Event()
+        self._journal = None
+        self._journal_size = 0
+        self._journal_records = 0
+        self._journal_torn = False
+        self._compaction: asyncio.Task | None = None
+        self._compact_at = COMPACT_MIN_RECORDS
+        self._writer: asyncio.Task | None = None
+        self._closing = False
+
+    # Loading
+
+    async def load(self) -> int:
+        """Read the snapshot and journals; returns how many journal records were replayed."""
+        loop = asyncio.get_running_loop()
+        jobs, seq, replayed, migrated = await loop.run_in_executor(None, self._read_files)
+        for job in sorted(jobs.values(), key=lambda job: job.seq):
+            self.jobs[job.id] = job
+            self.counts[job.status] += 1
+        # The snapshot is in creation order; jobs only the journal knows come after it.
+        for job_id in jobs:
+            self.position[job_id] = len(self.order)
+            self.order.append(job_id)
+        self.seq = self._last_seq = seq
+        if migrated:
+            backup = self.path.with_name(self.path.name + ".old-service")
+            async with aiofiles.open(backup, "wb") as out:
+                await out.write(await loop.run_in_executor(None, self.path.read_bytes))
+                await out.flush()
+                await aiofiles.os.wrap(os.fsync)(out.fileno())
+            await self.write_snapshot()
+            log.warning("carried over %d jobs from the old service's file; its original is "
+                        "kept as %s", len(jobs), backup)
+        # Long-lived job objects would otherwise be rescanned by every full collection.
+        gc.collect()
+        gc.freeze()
+        return replayed
+
+    def _read_files(self):
+        jobs: dict[str, Job] = {}
+        seq = 0
+        migrated = False
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            raw = None
+        except OSError as exc:
+            raise StoreCorrupt(f"{self.path}: cannot be read: {exc.strerror}") from None
+        if raw is not None:
+            try:
+                data = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise StoreCorrupt(f"{self.path}: not valid JSON: {exc}") from None
+            try:
+                if isinstance(data, list):
+                    migrated = True
+                    now = time.time()
+                    for seq, entry in enumerate(data, start=1):
+                        job = Job.from_old_service(entry, now)
+                        job.seq = seq
+                        jobs[job.id] = job
+                elif isinstance(data, dict) and isinstance(data.get("jobs"), list):
+                    if data.get("version") != SNAPSHOT_VERSION:
+                        raise ValueError(f"version {data.get('version')!r} is not one this "
+                                         f"service knows ({SNAPSHOT_VERSION})")
+                    seq = data.get("seq", 0) if isinstance(data.get("seq"), int) else 0
+                    for entry in data["jobs"]:
+                        job = Job.from_dict(entry)
+                        jobs[job.id] = job
+                        seq = max(seq, job.seq)
+                else:
+                    raise ValueError('expected {"version": 1, "seq": N, "jobs": [...]} or the '
+                                     "old service's array of jobs")
+            except ValueError as exc:
+                raise StoreCorrupt(f"{self.path}: {exc}") from None
+        replayed = 0
+        journaled: dict[str, Job] = {}
+        for journal in (self.rotated_path, self.journal_path):
+            for job in self._read_journal(journal):
+                replayed += 1
+                seq = max(seq, job.seq)
+                held = jobs.get(job.id) or journaled.get(job.id)
+                if held is None or held.seq < job.seq:
+                    (jobs if job.id in jobs else journaled)[job.id] = job
+        for job in sorted(journaled.values(), key=lambda job: (job.created_at, job.seq)):
+            jobs[job.id] = job
+        return jobs, seq, replayed, migrated
+
+    @staticmethod
+    def _read_journal(path: Path):
+        try:
+            lines = path.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreCorrupt(f"{path}: cannot be read: {exc.strerror}") from None
+        last = len(lines) - 1
+        for number, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                yield Job.from_dict(json.loads(line))
+            except ValueError as exc:
+                # A torn last line is a write that was never acknowledged; anything else
+                # is damage worth a warning, but not worth refusing to start over.
+                if number != last:
+                    log.warning("%s line %d skipped: %s", path, number + 1, exc)
+
+    # Writing
+
+    async def open(self, replayed: int) -> None:
+        """Start the writer; fold what the journals hold into a fresh snapshot."""
+        if replayed or self.rotated_path.exists():
+            if self.rotated_path.exists():
+                # A compaction was cut short: the new snapshot covers both journals, but
+                # only the rotated one can go, so the live one counts towards the next.
+                self._journal_records = replayed
+            else:
+                await aiofiles.os.replace(self.journal_path, self.rotated_path)
+            self._compaction = asyncio.create_task(self._compact())
+        self._writer = asyncio.create_task(self._write_batches(), name="journal writer")
+
+    def commit(self, job: Job) -> asyncio.Future:
+        """Stage a new state of a job; the future resolves once it is on disk and applied.
+
+        All changes staged before the writer's next fsync share one future."""
+        if self._closing:
+            raise StorageError("the service is shutting down")
+        self._last_seq += 1
+        job.seq = self._last_seq
+        job._json = None
+        self._staged.append(job)
+        self.in_flight.add(job.id)
+        if self._batch is None:
+            self._batch = asyncio.get_running_loop().create_future()
+            self._wakeup.set()
+        return self._batch
+
+    async def _write_batches(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if not self._staged:
+                if self._closing:
+                    return
+                continue
+            staged, batch = self._staged, self._batch
+            self._staged, self._batch = [], None
+            data = ("\n".join(job.json for job in staged) + "\n").encode()
+            try:
+                await self._append(data)
+            except OSError as exc:
+                self._note_fault(exc)
+                for job in staged:
+                    self.in_flight.discard(job.id)
+                batch.set_exception(StorageError(f"jobs cannot be stored right now: {exc}"))
+                batch.exception()  # retrieved here, so no one has to await it
+                continue
+            if self.fault is not None:
+                log.warning("storage works again: %s", self.path)
+                self.fault = None
+            self._journal_records += len(staged)
+            self._apply(staged)
+            batch.set_result(None)
+            if self._journal_records >= self._compact_at and self._compaction is None:
+                await self._rotate_and_compact()
+
+    async def _append(self, data: bytes) -> None:
+        if self._journal is None:
+            self._journal = await aiofiles.open(self.journal_path, "ab", buffering=0)
+            self._journal_size = (await aiofiles.os.stat(self.journal_path)).st_size
+            await self._sync_directory()
+        if self._journal_torn:
+            # An earlier write failed half-way; cut its remains off before appending.
+            await self._journal.truncate(self._journal_size)
+            self._journal_torn = False
+        self._journal_torn = True
+        view = memoryview(data)
+        while view:
+            written = await self._journal.write(view)
+            view = view[written:]
+        await aiofiles.os.wrap(os.fsync)(self._journal.fileno())
+        self._journal_torn = False
+        self._journal_size += len(data)
+
+    async def _sync_directory(self) -> None:
+        def sync(directory):
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        await aiofiles.os.wrap(sync)(self.path.parent)
+
+    def _note_fault(self, exc: OSError) -> None:
+        if self.fault is None or self.fault.errno != exc.errno:
+            log.error("cannot write %s: %s; new jobs are refused (503) and resolutions "
+                      "wait until writing works again", self.journal_path, exc)
+        self.fault = exc
+
+    def _apply(self, staged: list[Job]) -> None:
+        for job in staged:
+            held = self.jobs.pop(job.id, None)
+            if held is None:
+                self.position[job.id] = len(self.order)
+                self.order.append(job.id)
+            else:
+                self.counts[held.status] -= 1
+            self.jobs[job.id] = job
+            self.counts[job.status] += 1
+            self.in_flight.discard(job.id)
+            self.seq = job.seq
+            for listener in self.listeners:
+                try:
+                    listener(job)
+                except Exception:
+                    log.exception("a listener failed on job %s", job.id)
+
+    # Compaction
+
+    async def _rotate_and_compact(self) -> None:
+        """Start a new journal (between batches, so no write is in flight) and fold the
+        old one into a snapshot in the background."""
+        rotate = not self.rotated_path.exists()
+        if rotate:
+            try:
+                await self._journal.close()
+                self._journal = None
+                await aiofiles.os.replace(self.journal_path, self.rotated_path)
+            except OSError as exc:
+                log.error("cannot rotate %s: %s", self.journal_path, exc)
+                self._compact_at = self._journal_records + self._compact_threshold()
+                return
+            self._journal_records = 0
+        self._compaction = asyncio.create_task(self._compact())
+
+    def _compact_threshold(self) -> int:
+        return max(COMPACT_MIN_RECORDS, len(self.jobs))
+
+    async def _compact(self) -> None:
+        try:
+            await self.write_snapshot()
+            await aiofiles.os.remove(self.rotated_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("cannot write the snapshot %s: %s; the journal keeps every change",
+                      self.path, exc)
+        finally:
+            self._compact_at = self._journal_records + self._compact_threshold()
+            self._compaction = None
+
+    async def write_snapshot(self) -> None:
+        # Taken in one step, so it is the registry at one seq; Job objects never change.
+        jobs, seq = [self.jobs[job_id] for job_id in self.order], self.seq
+        parts = []
+        for start in range(0, len(jobs), 2000):
+            parts.extend(job.json for job in jobs[start:start + 2000])
+            await asyncio.sleep(0)  # building texts for a large registry must not stall requests
+        head = f'{{"version":{SNAPSHOT_VERSION},"seq":{seq},"jobs":[\n'
+        body = (head + ",\n".join(parts) + "\n]}\n").encode()
+        temp = self.path.with_name(self.path.name + ".tmp")
+        async with aiofiles.open(temp, "wb") as out:
+            await out.write(body)
+            await out.flush()
+            await aiofiles.os.wrap(os.fsync)(out.fileno())
+        await aiofiles.os.replace(temp, self.path)
+        await self._sync_directory()
+
+    async def close(self) -> None:
+        """Write what is staged, fold the journal into the snapshot, close the files."""
+        self._closing = True
+        self._wakeup.set()
+        if self._writer is not None:
+            await self._writer
+        if self._compaction is not None:
+            await self._compaction
+        if self._journal_records or self.rotated_path.exists():
+            try:
+                await self.write_snapshot()
+                if self._journal is not None:
+                    await self._journal.close()
+                    self._journal = None
+                for path in (self.journal_path, self.rotated_path):
+                    await aiofiles.os.wrap(_remove_if_exists)(path)
+            except OSError as exc:
+                log.error("cannot write the snapshot %s at shutdown: %s; the journal "
+                          "keeps every change", self.path, exc)
+        if self._journal is not None:
+            await self._journal.close()
+            self._journal = None
+
+    # Reading
+
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def changed_since(self, seq: int) -> list[Job]:
+        """Jobs whose latest change is above seq, in seq order; O(what changed)."""
+        changed = []
+        for job in reversed(self.jobs.values()):
+            if job.seq <= seq:
+                break
+            changed.append(job)
+        changed.reverse()
+        return changed
+
+
+def _remove_if_exists(path: Path) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+# --- Image sources ------------------------------------------------------------------
+# A source hands out one photo per job: (the URL that becomes the job's result, the
+# `image` object a page needs to show and credit it). The Unsplash source buys photos
+# in batches of 30 so a burst of jobs costs one API call per 30 jobs; without an access
+# key a built-in catalog of real Unsplash food photos stands in.
+
+
+class ImageUnavailable(Exception):
+    """A transient failure: the jobs waiting for this call count an attempt."""
+
+
+class RateLimited(Exception):
+    """Unsplash asks us to wait; it costs jobs no attempts."""
+
+    def __init__(self, retry_after: float):
+        super().__init__(f"Unsplash rate limit reached; next call in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+class KeyRejected(Exception):
+    """Unsplash refused the access key: waiting jobs fail at once."""
+
+
+UNSPLASH_BATCH = 30
+POOL_MAX_AGE = 3600.0
+
+
+class Photo(NamedTuple):
+    result: str  # the URL a job resolves with (urls.regular)
+    image: dict  # what a page needs to show and credit it
+    fetched_at: float = 0.0  # time.monotonic() when bought; the pool drops stale ones
+
+
+class CatalogImages:
+    batch_size = 1
+
+    def __init__(self, path: Path = CATALOG_FILE):
+        self.photos = [self._photo(entry) for entry in json.loads(path.read_text("utf-8"))]
+        self.calls = 0
+
+    @staticmethod
+    def _photo(entry: dict) -> Photo:
+        url = entry["url"]
+        return Photo(f"{url}?w=1080&q=80&auto=format&fit=crop", {
+            "id": entry["id"],
+            "thumb": f"{url}?w=200&q=80&auto=format&fit=crop",
+            "small": f"{url}?w=400&q=80&auto=format&fit=crop",
+            "alt": entry["description"],
+            "author": None,
+            "authorUrl": None,
+            "pageUrl": None,
+            "color": None,
+            "source": "catalog",
+        })
+
+    def describe(self) -> str:
+        return f"built-in catalog of {len(self.photos)} Unsplash food photos"
+
+    async def take(self) -> Photo:
+        return random.choice(self.photos)
+
+    def put_back(self, photo: Photo) -> None:
+        pass
+
+
+class UnsplashImages:
+    batch_size = UNSPLASH_BATCH
+
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings):
+        self._session = session
+        self._settings = settings
+        self._pool: deque[Photo] = deque()
+        self._paused_until = 0.0
+        self.calls = 0
+
+    def describe(self) -> str:
+        return f"Unsplash API at {self._settings.unsplash_api_url}"
+
+    async def take(self) -> Photo:
+        now = time.monotonic()
+        while self._pool and now - self._pool[0].fetched_at > POOL_MAX_AGE:
+            self._pool.popleft()
+        if not self._pool:
+            if now < self._paused_until:
+                raise RateLimited(self._paused_until - now)
+            self._pool.extend(await self._fetch())
+        return self._pool.popleft()
+
+    def put_back(self, photo: Photo) -> None:
+        self._pool.appendleft(photo)  # keeps its age: an hour is an hour since bought
+
+    async def _fetch(self) -> list[Photo]:
+        settings = self._settings
+        self.calls += 1
+        try:
+            async with self._session.get(
+                f"{settings.unsplash_api_url}/photos/random",
+                params={"query": "food", "count": str(self.batch_size)},
+                headers={"Authorization": f"Client-ID {settings.unsplash_access_key}",
+                         "Accept-Version": "v1"},
+                timeout=aiohttp.ClientTimeout(total=settings.unsplash_timeout),
+            ) as response:
+                body = await response.read()
+                status, headers = response.status, response.headers
+        except TimeoutError:
+            raise ImageUnavailable(
+                f"Unsplash did not answer within {settings.unsplash_timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise ImageUnavailable(f"cannot reach Unsplash: {self._scrub(str(exc))}") from None
+
+        if status == 429 or (status == 403 and b"rate limit" in body.lower()):
+            self._pause(headers)
+            raise RateLimited(self._paused_until - time.monotonic())
+        if status == 401:
+            raise KeyRejected("Unsplash rejected the access key (HTTP 401); set a valid "
+                              "UNSPLASH_ACCESS_KEY and retry the job")
+        if status != 200:
+            detail = self._scrub(body.decode("utf-8", "replace"))[:200].strip()
+            raise ImageUnavailable(f"Unsplash answered HTTP {status}"
+                                   + (f": {detail}" if detail else ""))
+        if headers.get("X-Ratelimit-Remaining", "").strip() == "0":
+            self._pause(headers)
+            log.warning("Unsplash rate limit used up; pausing API calls for %.0f s",
+                        self._paused_until - time.monotonic())
+        try:
+            data = json.loads(body)
+            fetched_at = time.monotonic()
+            photos = [self._photo(item, fetched_at)
+                      for item in (data if isinstance(data, list) else [data])]
+        except (ValueError, TypeError, KeyError, AttributeError):
+            photos = []
+        if not photos:
+            raise ImageUnavailable("Unsplash sent a response that is not photo JSON")
+        return photos
+
+    def _pause(self, headers) -> None:
+        wait = self._settings.retry_max_delay
+        raw = headers.get("Retry-After", "").strip()
+        if raw:
+            try:
+                wait = float(raw)
+            except ValueError:
+                try:
+                    wait = parsedate_to_datetime(raw).timestamp() - time.time()
+                except (TypeError, ValueError):
+                    pass
+        self._paused_until = time.monotonic() + max(0.0, wait)
+
+    def _scrub(self, text: str) -> str:
+        key = self._settings.unsplash_access_key
+        return text.replace(key, "[key]") if key else text
+
+    @staticmethod
+    def _photo(item: dict, fetched_at: float) -> Photo:
+        urls, user = item["urls"], item.get("user") or {}
+        result = urls["regular"]
+        if not isinstance(result, str) or not result.startswith(("https://", "http://")):
+            raise ValueError("urls.regular is not a URL")
+        return Photo(result, {
+            "id": item.get("id"),
+            "thumb": urls.get("thumb") or urls.get("small") or result,
+            "small": urls.get("small") or result,
+            "alt": item.get("alt_description") or item.get("description") or "Food photo",
+            "author": user.get("name"),
+            "authorUrl": (user.get("links") or {}).get("html"),
+            "pageUrl": (item.get("links") or {}).get("html"),
+            "color": item.get("color"),
+            "source": "unsplash",
+        }, fetched_at)
+
+
+# --- Scheduler ----------------------------------------------------------------------
+# One heap of (dueAt, job id) and one timer for the earliest; due jobs move to a ready
+# queue that one resolver drains, so 100,000 pending jobs cost no tasks. Transient
+# failures back off with full jitter and count an attempt against the jobs the failed
+# call was for; rate limits only pause.
+
+
+class Scheduler:
+    def __init__(self, store: JobStore, images, settings: Settings):
+        self.store = store
+        self.images = images
+        self.settings = settings
+        self._heap: list[tuple[float, int, str]] = []
+        self._tiebreak = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = math.inf
+        self._ready: deque[str] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        store.listeners.append(self._on_commit)
+
+    def start(self) -> None:
+        for job in self.store.jobs.values():
+            if job.status == "pending":
+                heapq.heappush(self._heap, (job.due_at, next(self._tiebreak), job.id))
+        if self._heap:
+            self._arm(self._heap[0][0])
+        self._task = asyncio.create_task(self._resolve_ready(), name="resolver")
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def _on_commit(self, job: Job) -> None:
+        if job.status == "pending":
+            self.schedule(job.id, job.due_at)
+
+    def schedule(self, job_id: str, due_at: float) -> None:
+        heapq.heappush(self._heap, (due_at, next(self._tiebreak), job_id))
+        if due_at < self._timer_due:
+            self._arm(due_at)
+
+    def _arm(self, due_at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due = due_at
+        self._timer = asyncio.get_running_loop().call_later(
+            max(0.0, due_at - time.time()), self._release_due)
+
+    def _release_due(self) -> None:
+        self._timer, self._timer_due = None, math.inf
+        now = time.time()
+        while self._heap and self._heap[0][0] <= now:
+            self._ready.append(heapq.heappop(self._heap)[2])
+        if self._heap:
+            self._arm(self._heap[0][0])
+        if self._ready:
+            self._wakeup.set()
+
+    def _next_ready(self) -> Job | None:
+        while self._ready:
+            job = self.store.get(self._ready[0])
+            if job is not None and job.status == "pending" and job.id not in self.store.in_flight:
+                return job
+            self._ready.popleft()
+        return None
+
+    async def _resolve_ready(self) -> None:
+        failures = 0
+        served = 0
+        while True:
+            job = self._next_ready()
+            if job is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                photo = await self.images.take()
+            except RateLimited as exc:
+                log.warning("%s", exc)
+                await asyncio.sleep(exc.retry_after)
+                continue
+            except KeyRejected as exc:
+                log.error("%s", exc)
+                while (job := self._next_ready()) is not None:
+                    self._ready.popleft()
+                    self._fail(job, str(exc))
+                continue
+            except ImageUnavailable as exc:
+                failures += 1
+                self._count_attempt(str(exc))
+                await asyncio.sleep(self._backoff(failures))
+                continue
+            except Exception as exc:  # a bug must not stop every job from resolving
+                log.exception("image source failed")
+                failures += 1
+                self._count_attempt(f"internal error: {exc}")
+                await asyncio.sleep(self._backoff(failures))
+                continue
+            failures = 0
+            if self._next_ready() is not job:
+                self.images.put_back(photo)  # the job changed while we waited for a photo
+                continue
+            self._ready.popleft()
+            done = self.store.commit(job.resolved(photo.result, photo.image, time.time()))
+            done.add_done_callback(functools.partial(self._after_resolve, job.id, photo))
+            served += 1
+            if served % 64 == 0:
+                await asyncio.sleep(0)  # a pool or catalog answers at once; let others run
+
+    def _backoff(self, failures: int) -> float:
+        cap = min(self.settings.retry_max_delay,
+                  self.settings.retry_base_delay * 2 ** min(failures - 1, 30))
+        return random.uniform(0, cap)
+
+    def _count_attempt(self, reason: str) -> None:
+        """The failed call was for the next batch of ready jobs: they count an attempt."""
+        limit = self.settings.job_max_attempts
+        for job_id in list(itertools.islice(self._ready, self.images.batch_size)):
+            job = self.store.get(job_id)
+            if job is None or job.status != "pending" or job_id in self.store.in_flight:
+                continue
+            job.count_attempt()
+            if job.attempts >= limit:
+                self._ready.remove(job_id)
+                self._fail(job, f"gave up after {job.attempts} attempts: {reason}")
+
+    def _fail(self, job: Job, reason: str) -> None:
+        done = self.store.commit(job.failed(reason, time.time()))
+        done.add_done_callback(functools.partial(self._after_resolve, job.id, None))
+
+    def _after_resolve(self, job_id: str, photo, done: asyncio.Future) -> None:
+        if done.exception() is None:
+            return
+        # Not stored, so not resolved: keep the photo and try the job again later.
+        if photo is not None:
+            self.images.put_back(photo)
+        self.schedule(job_id, time.time() + self.settings.retry_base_delay)
+
+
+# --- Event hub ----------------------------------------------------------------------
+# Every committed change is broadcast to every connected peer. A peer has its own
+# bounded backlog and a writer task, so a slow reader delays nobody: past the bound it
+# is closed with 1013 and comes back with `since`. A peer that reconnects is first sent
+# the jobs that changed since the seq it names, straight from the registry, then
+# SYNCED, then live events: the registry is the log, so nothing extra grows.
+
+PEER_BACKLOG_BYTES = 8 * 1024 * 1024
+
+
+def event_name(job: Job) -> str:
+    return "ON_CREATED_JOB" if job.status == "pending" else "ON_RESOLVED_JOB"
+
+
+class NativeFrames:
+    """`["EVENT", payload]` text frames for plain WebSocket clients."""
+
+    @staticmethod
+    def event(job: Job) -> str:
+        return f'["{event_name(job)}",{job.json}]'
+
+    @staticmethod
+    def control(name: str, seq: int) -> str:
+        return f'["{name}",{{"seq":{seq}}}]'
+
+
+class SocketIOFrames:
+    """Socket.IO EVENT packets in Engine.IO messages, `42["EVENT",payload,"offset"]`: the
+    trailing offset (our seq, as a string) is how Socket.IO's connection state recovery
+    knows where a client stopped, exactly as the reference server appends it."""
+
+    @staticmethod
+    def event(job: Job) -> str:
+        return f'42["{event_name(job)}",{job.json},"{job.seq}"]'
+
+    @staticmethod
+    def control(name: str, seq: int) -> str:
+        return f'42["{name}",{{"seq":{seq}}},"{seq}"]'
+
+
+class Peer:
+    def __init__(self, ws: web.WebSocketResponse, frames, transport, handshake: str = ""):
+        self.ws = ws
+        self.frames = frames
+        self.transport = transport
+        self.handshake = handshake  # sent after the replay (Socket.IO's CONNECT reply)
+        self.backlog: deque[str] = deque()
+        self.backlog_bytes = 0
+        self.wakeup = asyncio.Event()
+        self.writer: asyncio.Task | None = None
+        self.closing = False
+
+    def push(self, text: str) -> None:
+        if self.closing:
+            return
+        self.backlog.append(text)
+        self.backlog_bytes += len(text)
+        if self.backlog_bytes > PEER_BACKLOG_BYTES:
+            self.close(1013, "too far behind; reconnect with since")
+        else:
+            self.wakeup.set()
+
+    def close(self, code: int, reason: str) -> asyncio.Task | None:
+        if self.closing:
+            return None
+        self.closing = True
+        self.backlog.clear()
+        self.backlog_bytes = 0
+        if self.writer is not None:
+            self.writer.cancel()
+        return asyncio.get_running_loop().create_task(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), 2.0)
+            return
+        except (TimeoutError, ConnectionError, RuntimeError):
+            pass
+        # A peer that does not read cannot take a close frame either, and a graceful
+        # transport close would wait for it forever.
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def send_all(self, first: list[str]) -> None:
+        """Send the replay, then live events as they come; runs as the peer's writer."""
+        try:
+            for text in first:
+                await self.ws.send_str(text)
+            while True:
+                while self.backlog:
+                    text = self.backlog.popleft()
+                    self.backlog_bytes -= len(text)
+                    await self.ws.send_str(text)
+                self.wakeup.clear()
+                await self.wakeup.wait()
+        except (ConnectionError, RuntimeError):
+            self.close(1011, "send failed")
+
+
+class EventHub:
+    def __init__(self, store: JobStore):
+        self.store = store
+        self.peers: set[Peer] = set()
+        store.listeners.append(self.publish)
+
+    def publish(self, job: Job) -> None:
+        texts = {}
+        for peer in self.peers:
+            text = texts.get(peer.frames)
+            if text is None:
+                text = texts[peer.frames] = peer.frames.event(job)
+            peer.push(text)
+
+    def attach(self, peer: Peer, since: int | None) -> None:
+        """Register a peer and start its writer with what it missed, atomically: every
+        change up to now is in the replay, every later one arrives in its backlog."""
+        first = []
+        if since is not None:
+            if since > self.store.seq:
+                first.append(peer.frames.control("RESET", self.store.seq))
+            else:
+                first.extend(peer.frames.event(job) for job in self.store.changed_since(since))
+                first.append(peer.frames.control("SYNCED", self.store.seq))
+        if peer.handshake:
+            first.append(peer.handshake)
+        self.peers.add(peer)
+        peer.writer = asyncio.get_running_loop().create_task(peer.send_all(first))
+
+    def detach(self, peer: Peer) -> None:
+        self.peers.discard(peer)
+        if peer.writer is not None:
+            peer.writer.cancel()
+
+    async def close_all(self, code: int, reason: str) -> None:
+        closing = [peer.close(code, reason) for peer in list(self.peers)]
+        await asyncio.gather(*(task for task in closing if task is not None))
+
+
+# --- HTTP handlers ------------------------------------------------------------------
+# JSON in, JSON out; every error is {"error": {"code", "message"}} with the status that
+# fits. One middleware does errors, CORS and security headers, since each middleware
+# layer costs every request.
+
+MAX_BODY = 64 * 1024
+MAX_PAGE = 1000
+JSON_TYPE = "application/json"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers=None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def json_response(text: str, status: int = 200, headers=None) -> web.Response:
+    return web.Response(text=text, status=status, headers=headers,
+                        content_type=JSON_TYPE, charset="utf-8")
+
+
+def error_response(status: int, code: str, message: str, headers=None) -> web.Response:
+    return json_response(json.dumps({"error": {"code": code, "message": message}}),
+                         status, headers)
+
+
+HTTP_ERROR_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found",
+                    405: "method_not_allowed", 413: "payload_too_large",
+                    431: "headers_too_large"}
+
+
+async def create_job(request: web.Request) -> web.Response:
+    if request.content_length and request.content_length > MAX_BODY:
+        raise ApiError(413, "payload_too_large", f"the body is over {MAX_BODY} bytes")
+    raw = await request.read()
+    if raw.strip():
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    store = request.app[STORE]
+    job = Job.new(request.app[SETTINGS], time.time())
+    await _committed(store, job)
+    return json_response(json.dumps({"id": job.id}), 201, {"Location": f"/jobs/{job.id}"})
+
+
+async def _committed(store: JobStore, job: Job) -> None:
+    try:
+        # Shielded: the future is shared by a whole batch, and one request going away
+        # must not cancel it for the others.
+        await asyncio.shield(store.commit(job))
+    except StorageError as exc:
+        raise ApiError(503, "storage_unavailable", str(exc), {"Retry-After": "5"}) from None
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    query = request.query
+    unknown = set(query) - {"status", "limit", "after"}
+    if unknown:
+        raise ApiError(400, "invalid_parameter",
+                       f"unknown query parameter {sorted(unknown)[0]!r}")
+    status = query.get("status")
+    if status is not None and status not in STATUSES:
+        raise ApiError(400, "invalid_parameter",
+                       f"status must be one of {', '.join(STATUSES)}")
+    limit = None
+    if "limit" in query:
+        raw = query["limit"]
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+            raise ApiError(400, "invalid_parameter",
+                           f"limit must be a whole number from 1 to {MAX_PAGE}")
+        limit = int(raw)
+    start = 0
+    if "after" in query:
+        position = store.position.get(query["after"])
+        if position is None:
+            raise ApiError(400, "invalid_parameter", "after names no job")
+        start = position + 1
+
+    headers = {"X-Jobs-Seq": str(store.seq)}
+    jobs, order, page = store.jobs, store.order, []
+    end = len(order)
+    index = start
+    while index < end and (limit is None or len(page) < limit):
+        job = jobs[order[index]]
+        if status is None or job.status == status:
+            page.append(job.json)
+        index += 1
+    if limit is not None and len(page) == limit:
+        more = any(status is None or jobs[order[i]].status == status for i in range(index, end))
+        if more:
+            params = {"limit": limit, "after": order[index - 1]}
+            if status:
+                params["status"] = status
+            headers["Link"] = f'</jobs?{urlencode(params)}>; rel="next"'
+    return json_response("[" + ",".join(page) + "]", headers=headers)
+
+
+async def get_job(request: web.Request) -> web.Response:
+    job = request.app[STORE].get(request.match_info["id"])
+    if job is None:
+        raise ApiError(404, "not_found", "no job with that id")
+    return json_response(job.json)
+
+
+async def retry_job(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    job = store.get(request.match_info["id"])
+    if job is None:
+        raise ApiError(404, "not_found", "no job with that id")
+    if job.status != "failed" or job.id in store.in_flight:
+        raise ApiError(409, "not_failed", f"only a failed job can be retried; this one is "
+                                          f"{job.status}")
+    retried = job.retried(time.time() + request.app[SETTINGS].retry_base_delay)
+    await _committed(store, retried)
+    return json_response(retried.json, 202, {"Location": f"/jobs/{job.id}"})
+
+
+async def health(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    return json_response(json.dumps({
+        "status": "ok",
+        "version": __version__,
+        "jobs": len(store.jobs),
+        **store.counts,
+        "seq": store.seq,
+        "storage": "failing" if store.fault else "ok",
+        "images": request.app[IMAGES].describe(),
+    }))
+
+
+def _since(request: web.Request) -> int | None:
+    raw = request.query.get("since")
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 18:
+        raise ApiError(400, "invalid_parameter", "since must be a whole number (a seq)")
+    return int(raw)
+
+
+def _check_origin(request: web.Request) -> None:
+    """Browsers send Origin on a WebSocket handshake and never enforce CORS on one."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return
+    if origin == f"{request.scheme}://{request.host}":
+        return
+    if request.app[SETTINGS].allows_origin(origin):
+        return
+    raise ApiError(403, "origin_not_allowed", f"origin {origin} may not open this socket")
+
+
+WS_HEARTBEAT = 20.0
+WS_MAX_MESSAGE = 64 * 1024
+
+
+async def events_socket(request: web.Request) -> web.WebSocketResponse:
+    since = _since(request)
+    _check_origin(request)
+    ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT, max_msg_size=WS_MAX_MESSAGE)
+    await ws.prepare(request)
+    hub = request.app[HUB]
+    peer = Peer(ws, NativeFrames, request.transport)
+    hub.attach(peer, since)
+    try:
+        async for message in ws:
+            if message.type == aiohttp.WSMsgType.BINARY:
+                peer.close(1003, "binary frames are not supported")  # the loop ends on close
+    finally:
+        hub.detach(peer)
+    return ws
+
+
+# Socket.IO (Engine.IO v4, Socket.IO v5), websocket transport only, main namespace only.
+# The recovery id (pid) is random and the public sid is derived from it, so a client
+# that comes back with {pid, offset} is recovered with no session kept on the server,
+# across restarts too.
+
+EIO_PING_INTERVAL = 25.0
+EIO_PING_TIMEOUT = 20.0
+EIO_MAX_PAYLOAD = 1_000_000
+SIO_CONNECT_TIMEOUT = 45.0
+
+
+def _engineio_refusal(status: int, code: int, message: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status)
+
+
+def socketio_sid(pid: str) -> str:
+    digest = hashlib.sha256(b"socket.io sid:" + pid.encode()).digest()
+    return base64.urlsafe_b64encode(digest[:15]).decode()
+
+
+async def socketio_socket(request: web.Request) -> web.StreamResponse:
+    query = request.query
+    if query.get("transport") != "websocket":
+        return _engineio_refusal(400, 0, "Transport unknown")
+    if "sid" in query:
+        return _engineio_refusal(400, 1, "Session ID unknown")
+    if request.method != "GET":
+        return _engineio_refusal(400, 2, "Bad handshake method")
+    if query.get("EIO") != "4":
+        return _engineio_refusal(400, 5, "Unsupported protocol version")
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return _engineio_refusal(400, 3, "Bad request")
+    try:
+        _check_origin(request)
+    except ApiError:
+        return _engineio_refusal(403, 4, "Forbidden")
+
+    ws = web.WebSocketResponse(max_msg_size=EIO_MAX_PAYLOAD)
+    await ws.prepare(request)
+    await ws.send_str("0" + json.dumps({
+        "sid": secrets.token_urlsafe(15), "upgrades": [],
+        "pingInterval": int(EIO_PING_INTERVAL * 1000),
+        "pingTimeout": int(EIO_PING_TIMEOUT * 1000), "maxPayload": EIO_MAX_PAYLOAD}))
+    auth = await _socketio_connect_packet(ws)
+    if auth is None:
+        return ws
+
+    store, hub = request.app[STORE], request.app[HUB]
+    pid, offset = auth.get("pid"), auth.get("offset")
+    recovering = (isinstance(pid, str) and 16 <= len(pid) <= 64 and isinstance(offset, str)
+                  and offset.isdigit() and len(offset) <= 18)
+    if recovering and int(offset) <= store.seq:
+        since = int(offset)
+    elif recovering:  # the store was replaced: a fresh session, told to RESET
+        pid, since = secrets.token_urlsafe(15), int(offset)
+    else:
+        pid, since = secrets.token_urlsafe(15), store.seq
+    handshake = "40" + json.dumps({"sid": socketio_sid(pid), "pid": pid})
+    peer = Peer(ws, SocketIOFrames, request.transport, handshake)
+    hub.attach(peer, since)
+    pong = asyncio.Event()
+    pinger = asyncio.create_task(_engineio_ping(peer, pong))
+    try:
+        async for message in ws:
+            packet = message.data if message.type == aiohttp.WSMsgType.TEXT else None
+            if packet == "3":
+                pong.set()
+            elif packet in ("1", "41"):
+                break
+            elif packet is None:
+                peer.close(1003, "binary packets are not supported")  # the loop ends on close
+            elif not packet.startswith(("2", "5", "6", "42")):
+                peer.close(1002, "unsupported packet")
+    finally:
+        pinger.cancel()
+        hub.detach(peer)
+        if not peer.closing:
+            await ws.close()
+    return ws
+
+
+async def _socketio_connect_packet(ws: web.WebSocketResponse) -> dict | None:
+    """Wait for the client's CONNECT to the main namespace; its auth object, or None."""
+    try:
+        message = await ws.receive(timeout=SIO_CONNECT_TIMEOUT)
+    except TimeoutError:
+        await ws.close(code=1002, message=b"no Socket.IO CONNECT packet")
+        return None
+    text = message.data if message.type == aiohttp.WSMsgType.TEXT else ""
+    if not text.startswith("40") or text.startswith("40/"):
+        if text.startswith("40/"):
+            namespace = text[2:].split(",", 1)[0]
+            await ws.send_str(f'44{namespace},{{"message":"Invalid namespace"}}')
+        await ws.close(code=1002, message=b"expected a CONNECT packet for /")
+        return None
+    try:
+        auth = json.loads(text[2:]) if len(text) > 2 else {}
+    except ValueError:
+        auth = None
+    if not isinstance(auth, dict):
+        await ws.send_str('44{"message":"the CONNECT payload must be a JSON object"}')
+        await ws.close(code=1002, message=b"bad CONNECT payload")
+        return None
+    return auth
+
+
+async def _engineio_ping(peer: Peer, pong: asyncio.Event) -> None:
+    """Engine.IO v4: the server pings, and a client that does not answer is dropped."""
+    try:
+        while True:
+            await asyncio.sleep(EIO_PING_INTERVAL)
+            pong.clear()
+            await peer.ws.send_str("2")
+            await asyncio.wait_for(pong.wait(), EIO_PING_TIMEOUT)
+    except TimeoutError:
+        peer.close(1000, "ping timeout")
+    except (ConnectionError, RuntimeError):
+        peer.close(1011, "send failed")
+
+
+INDEX_FILE = STATIC_DIR / "index.html"
+
+
+async def index(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[INDEX_HTML], content_type="text/html", charset="utf-8",
+                        headers={"Cache-Control": "no-cache"})
+
+
+def content_security_policy(settings: Settings) -> str:
+    images = " ".join(dict.fromkeys(
+        ["'self'", "https://images.unsplash.com", "https://plus.unsplash.com",
+         settings.unsplash_origin]))
+    return (f"default-src 'self'; img-src {images}; connect-src 'self'; style-src 'self'; "
+            "script-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+def image_origins(settings: Settings) -> str:
+    return " ".join(dict.fromkeys(
+        ["https://images.unsplash.com", "https://plus.unsplash.com", settings.unsplash_origin]))
+
+
+EXPOSED_HEADERS = "Location, Link, X-Jobs-Seq, Retry-After"
+
+
+@web.middleware
+async def guard(request: web.Request, handler) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    origin = request.headers.get("Origin")
+    cors = origin is not None and settings.allows_origin(origin)
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        if not cors:
+            response = error_response(403, "origin_not_allowed",
+                                      f"origin {origin} is not allowed")
+        else:
+            response = web.Response(status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": request.headers.get(
+                    "Access-Control-Request-Headers", "Content-Type"),
+                "Access-Control-Max-Age": "600",
+            })
+    else:
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers, message = None, exc.reason
+            if exc.status == 404:
+                message = f"nothing at {request.path}"
+            elif exc.status == 405:
+                headers = {"Allow": exc.headers["Allow"]}
+                message = f"{request.method} is not allowed here; use {exc.headers['Allow']}"
+            elif exc.status == 413:
+                message = f"the body is over {MAX_BODY} bytes"
+            response = error_response(exc.status, HTTP_ERROR_CODES.get(exc.status, "error"),
+                                      message, headers)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            response = error_response(500, "internal_error", "the server failed; see its log")
+    if not response.prepared:
+        headers = response.headers
+        if cors:
+            headers["Access-Control-Allow-Origin"] = "*" if "*" in settings.cors_origins \
+                else origin
+            headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+            headers.add("Vary", "Origin")
+        headers["X-Content-Type-Options"] = "nosniff"
+        headers["Content-Security-Policy"] = request.app[CSP]
+        headers["Referrer-Policy"] = "strict-origin-when-cross-origin"
+    return response
+
+
+# --- Application factory ------------------------------------------------------------
+# create_app() wires the pieces; its lifecycle loads the store before the first
+# request is served and, on shutdown, closes sockets, then finishes writing.
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", JobStore)
+IMAGES = web.AppKey("images", object)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+HUB = web.AppKey("hub", EventHub)
+CSP = web.AppKey("csp", str)
+INDEX_HTML = web.AppKey("index_html", str)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
+    app[SETTINGS] = settings
+    app[CSP] = content_security_policy(settings)
+    app[INDEX_HTML] = INDEX_FILE.read_text("utf-8").replace(
+        "__IMAGE_ORIGINS__", image_origins(settings))
+    app.router.add_get("/", index)
+    app.router.add_post("/jobs", create_job)
+    app.router.add_get("/jobs", list_jobs)
+    app.router.add_get("/jobs/{id}", get_job)
+    app.router.add_post("/jobs/{id}/retry", retry_job)
+    app.router.add_get("/healthz", health)
+    app.router.add_get("/ws", events_socket)
+    app.router.add_route("*", "/socket.io/", socketio_socket)
+    app.router.add_route("*", "/socket.io", socketio_socket)
+    app.router.add_static("/static", STATIC_DIR, show_index=False, follow_symlinks=False)
+    app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_close_sockets)
+    return app
+
+
+async def _lifecycle(app: web.Application):
+    settings = app[SETTINGS]
+    store = JobStore(settings.jobs_file)
+    replayed = await store.load()
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=settings.unsplash_timeout),
+        headers={"User-Agent": f"jobservice/{__version__}"})
+    if settings.unsplash_access_key:
+        images = UnsplashImages(session, settings)
+    else:
+        images = CatalogImages()
+    app[STORE], app[IMAGES] = store, images
+    app[HUB] = EventHub(store)
+    app[SCHEDULER] = scheduler = Scheduler(store, images, settings)
+    await store.open(replayed)
+    scheduler.start()
+    try:
+        yield
+    finally:
+        await scheduler.stop()
+        await store.close()
+        await session.close()
+
+
+async def _close_sockets(app: web.Application) -> None:
+    await app[HUB].close_all(1001, "server shutting down")
+
+
+# --- Command line -------------------------------------------------------------------
+# `jobservice` / `python jobservice.py`: settings, one start-up line, serve until
+# SIGINT or SIGTERM, then stop accepting, close sockets (1001), finish writing, exit 0.
+
+
+async def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        host, port = runner.addresses[0][:2]
+        store, images = app[STORE], app[IMAGES]
+        log.info(
+            "jobservice %s listening on http://%s:%d; %d jobs (%d pending) in %s; delays "
+            "%g-%g s step %g; retries %g-%g s, %d attempts; CORS %s; images: %s",
+            __version__, host if ":" not in host else f"[{host}]", port, len(store.jobs),
+            store.counts["pending"], settings.jobs_file, settings.job_delay_min,
+            settings.job_delay_max, settings.job_delay_step, settings.retry_base_delay,
+            settings.retry_max_delay, settings.job_max_attempts,
+            ", ".join(settings.cors_origins) or "same origin only", images.describe())
+        if isinstance(images, CatalogImages):
+            log.warning("no UNSPLASH_ACCESS_KEY: photos come from the built-in catalog; set "
+                        "UNSPLASH_ACCESS_KEY to an Unsplash access key for fresh random photos")
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        settings = load_settings(argv)
+    except ConfigError as exc:
+        print(f"jobservice: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(settings))
+    except StoreCorrupt as exc:
+        print(f"jobservice: cannot load jobs: {exc}; the file was left untouched",
+              file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            print(f"jobservice: cannot listen on {settings.host}:{settings.port}: "
+                  f"{exc.strerror}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

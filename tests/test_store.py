@@ -1,0 +1,161 @@
+"""Persistence: what is acknowledged is on disk, restarts resume, files load or refuse."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+
+from conftest import FAST_ENV, ROOT, create_jobs
+
+import jobservice
+
+SLOW = {"JOB_DELAY_MIN": "30", "JOB_DELAY_MAX": "30"}
+
+
+def read_state(jobs_file) -> dict[str, dict]:
+    """Every job as the files hold it: snapshot, then journals, newest seq wins."""
+    jobs = {}
+    if jobs_file.exists():
+        for job in json.loads(jobs_file.read_text())["jobs"]:
+            jobs[job["id"]] = job
+    for suffix in (".journal.old", ".journal"):
+        path = jobs_file.with_name(jobs_file.name + suffix)
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    job = json.loads(line)
+                    if job["id"] not in jobs or jobs[job["id"]]["seq"] < job["seq"]:
+                        jobs[job["id"]] = job
+    return jobs
+
+
+async def test_restart_keeps_resolved_jobs_and_resumes_pending_at_their_due_time(
+        start_service, open_events, jobs_file):
+    client = await start_service()
+    events = await open_events(client)
+    done = await create_jobs(client, 3)
+    resolved = await events.resolutions(done)
+    await client.close()
+
+    client = await start_service(SLOW)
+    events = await open_events(client)
+    waiting = await create_jobs(client, 2)
+    before = {job["id"]: job for job in await (await client.get("/jobs")).json()}
+    await client.close()
+
+    client = await start_service()
+    after = {job["id"]: job for job in await (await client.get("/jobs")).json()}
+    assert list(after) == done + waiting
+    for job_id in done:
+        assert after[job_id] == resolved[job_id]
+    for job_id in waiting:
+        assert after[job_id]["status"] == "pending"
+        assert after[job_id]["dueAt"] == before[job_id]["dueAt"]
+
+
+async def test_overdue_jobs_resolve_promptly_after_a_restart(start_service, open_events,
+                                                             jobs_file):
+    now = time.time()
+    overdue = [jobservice.Job(f"overdue-{n}", "pending", None, now - 120, now - 60, seq=n)
+               for n in range(1, 5)]
+    jobs_file.write_text(json.dumps(
+        {"version": 1, "seq": 4, "jobs": [job.to_dict() for job in overdue]}))
+    client = await start_service(SLOW)
+    events = await open_events(client, "?since=0")
+    started = time.monotonic()
+    final = await events.resolutions([job.id for job in overdue])
+    assert time.monotonic() - started < 2
+    assert all(job["status"] == "resolved" for job in final.values())
+
+
+async def test_sequence_numbers_continue_above_everything_handed_out(start_service):
+    client = await start_service(SLOW)
+    await create_jobs(client, 3)
+    seq = int((await client.get("/jobs")).headers["X-Jobs-Seq"])
+    await client.close()
+    client = await start_service(SLOW)
+    assert int((await client.get("/jobs")).headers["X-Jobs-Seq"]) == seq
+    [job_id] = await create_jobs(client, 1)
+    assert (await (await client.get(f"/jobs/{job_id}")).json())["seq"] == seq + 1
+
+
+async def test_shutdown_folds_the_journal_into_the_snapshot(start_service, jobs_file):
+    client = await start_service(SLOW)
+    ids = await create_jobs(client, 3)
+    await client.close()
+    snapshot = json.loads(jobs_file.read_text())
+    assert snapshot["version"] == 1
+    assert [job["id"] for job in snapshot["jobs"]] == ids
+    assert not jobs_file.with_name("jobs.json.journal").exists()
+
+
+async def test_a_torn_last_journal_line_is_ignored(start_service, jobs_file):
+    client = await start_service(SLOW)
+    ids = await create_jobs(client, 2)
+    journal = jobs_file.with_name("jobs.json.journal")
+    kept = journal.read_bytes()
+    await client.close()
+    # As if the process died while appending a third record that was never acknowledged.
+    jobs_file.unlink()
+    journal.write_bytes(kept + b'{"id":"torn","status":"pen')
+    client = await start_service(SLOW)
+    assert [job["id"] for job in await (await client.get("/jobs")).json()] == ids
+
+
+async def test_compaction_under_load_keeps_every_job(start_service, jobs_file, monkeypatch):
+    monkeypatch.setattr(jobservice, "COMPACT_MIN_RECORDS", 20)
+    client = await start_service(SLOW)
+    ids = await create_jobs(client, 75)
+    assert jobs_file.exists(), "the journal was never folded into a snapshot"
+    on_disk = read_state(jobs_file)
+    assert set(on_disk) == set(ids)
+    await client.close()
+    client = await start_service(SLOW)
+    assert [job["id"] for job in await (await client.get("/jobs")).json()] == ids
+
+
+async def test_old_service_file_is_carried_over(start_service, open_events, jobs_file):
+    old = [
+        {"id": "b0f7c2a4-4a51-4f0b-9d2f-7f4f2a0d1e01", "status": "resolved",
+         "result": "https://images.unsplash.com/photo-1512621776951-a57141f2eefd",
+         "createdAt": "2024-05-01T10:00:00.000Z"},
+        {"id": "b0f7c2a4-4a51-4f0b-9d2f-7f4f2a0d1e02", "status": "pending", "result": None,
+         "createdAt": "2024-05-01T10:00:05.000Z"},
+    ]
+    raw = json.dumps(old).encode()
+    jobs_file.write_bytes(raw)
+    client = await start_service()
+    events = await open_events(client, "?since=0")
+    listing = await (await client.get("/jobs")).json()
+    assert [job["id"] for job in listing] == [job["id"] for job in old]
+    assert listing[0]["status"] == "resolved" and listing[0]["result"] == old[0]["result"]
+    assert listing[0]["createdAt"] == old[0]["createdAt"]
+    final = await events.resolutions([old[1]["id"]])
+    assert final[old[1]["id"]]["status"] == "resolved"
+    assert jobs_file.with_name("jobs.json.old-service").read_bytes() == raw
+    assert json.loads(jobs_file.read_text())["version"] == 1
+
+
+async def run_service(jobs_file, *args, env=None):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "jobservice.py"), "--port", "0", "--data", str(jobs_file),
+        *args, env={**os.environ, **FAST_ENV, **(env or {})},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), 20)
+    return process.returncode, err.decode()
+
+
+async def test_a_file_that_does_not_parse_stops_start_up_and_is_left_untouched(jobs_file):
+    for content in [b'{"version":1,"seq":3,"jobs":[{"id":"x","stat', b"",
+                    b'{"version":1,"jobs":[{"id":"x","status":"sleeping"}]}',
+                    b'{"something": "else"}']:
+        jobs_file.write_bytes(content)
+        code, err = await run_service(jobs_file)
+        assert code == 2, err
+        assert str(jobs_file) in err
+        assert len(err.strip().splitlines()) == 1, err
+        assert jobs_file.read_bytes() == content
+        assert not jobs_file.with_name("jobs.json.journal").exists()
