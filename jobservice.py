@@ -1074,13 +1074,14 @@ class Peer:
     async def _close(self, code: int, reason: str) -> None:
         try:
             await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), 2.0)
-            return
-        except (TimeoutError, ConnectionError, RuntimeError):
-            pass
-        # A peer that does not read cannot take a close frame either, and a graceful
-        # transport close would wait for it forever.
-        if self.transport is not None:
-            self.transport.abort()
+        except (TimeoutError, ConnectionError, RuntimeError, asyncio.CancelledError):
+            # A peer that does not read cannot take a close frame either, and a graceful
+            # transport close would wait for it forever. (A CancelledError here may be
+            # the writer's: aiohttp's senders share one drain waiter.)
+            if self.transport is not None:
+                self.transport.abort()
+            if asyncio.current_task().cancelling():
+                raise
 
     async def send_all(self, first: list[str]) -> None:
         """Send the replay, then live events as they come; runs as the peer's writer."""

@@ -158,7 +158,11 @@ async def test_a_client_that_stops_reading_is_dropped_and_delays_no_one(
             # The server offers no event for a peer joining or leaving: poll for it.
             while len(hub.peers) < 2:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-        stalled_peer = next(peer for peer in hub.peers if peer.ws is not reader.ws)
+        stalled_peer = next(peer for peer in hub.peers
+                            if peer.transport.get_extra_info("peername") == stalled.getsockname())
+        # A slow link: without this the kernel would absorb megabytes before our bound.
+        server_socket = stalled_peer.transport.get_extra_info("socket")
+        server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         sent = 0
         async with asyncio.timeout(60):
             while not stalled_peer.closing:
@@ -170,6 +174,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_delays_no_one(
                     await reader.next(timeout=5)
                 assert stalled_peer.backlog_bytes <= jobservice.PEER_BACKLOG_BYTES
         assert stalled_peer.backlog_bytes == 0
+        assert sent <= 5000, "the stalled peer was kept long past its bound"
         async with asyncio.timeout(10):
             while stalled_peer in hub.peers:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
