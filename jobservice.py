@@ -1435,11 +1435,16 @@ async def _engineio_ping(peer: Peer, pong: asyncio.Event) -> None:
 
 
 INDEX_FILE = STATIC_DIR / "index.html"
+OPENAPI_FILE = STATIC_DIR / "openapi.json"
 
 
 async def index(request: web.Request) -> web.Response:
     return web.Response(text=request.app[INDEX_HTML], content_type="text/html", charset="utf-8",
                         headers={"Cache-Control": "no-cache"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.FileResponse(OPENAPI_FILE, headers={"Content-Type": JSON_TYPE})
 
 
 def content_security_policy(settings: Settings) -> str:
@@ -1535,6 +1540,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/jobs/{id}", get_job)
     app.router.add_post("/jobs/{id}/retry", retry_job)
     app.router.add_get("/healthz", health)
+    app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/ws", events_socket)
     app.router.add_route("*", "/socket.io/", socketio_socket)
     app.router.add_route("*", "/socket.io", socketio_socket)
@@ -1590,6 +1596,9 @@ async def serve(settings: Settings) -> None:
             loop.add_signal_handler(signum, stop.set)
         host, port = runner.addresses[0][:2]
         store, images = app[STORE], app[IMAGES]
+        if isinstance(images, CatalogImages):
+            log.warning("no UNSPLASH_ACCESS_KEY: photos come from the built-in catalog; set "
+                        "UNSPLASH_ACCESS_KEY to an Unsplash access key for fresh random photos")
         log.info(
             "jobservice %s listening on http://%s:%d; %d jobs (%d pending) in %s; delays "
             "%g-%g s step %g; retries %g-%g s, %d attempts; CORS %s; images: %s",
@@ -1598,9 +1607,6 @@ async def serve(settings: Settings) -> None:
             settings.job_delay_max, settings.job_delay_step, settings.retry_base_delay,
             settings.retry_max_delay, settings.job_max_attempts,
             ", ".join(settings.cors_origins) or "same origin only", images.describe())
-        if isinstance(images, CatalogImages):
-            log.warning("no UNSPLASH_ACCESS_KEY: photos come from the built-in catalog; set "
-                        "UNSPLASH_ACCESS_KEY to an Unsplash access key for fresh random photos")
         await stop.wait()
         log.info("shutting down")
     finally:
