@@ -348,6 +348,7 @@ class StorageError(Exception):
 
 
 COMPACT_MIN_RECORDS = 10_000
+SNAPSHOT_SLICE = 2_000
 SNAPSHOT_VERSION = 1
 
 
@@ -507,11 +508,11 @@ class JobStore:
 
     async def _write_batches(self) -> None:
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
             if not self._staged:
                 if self._closing:
                     return
+                self._wakeup.clear()
+                await self._wakeup.wait()
                 continue
             staged, batch = self._staged, self._batch
             self._staged, self._batch = [], None
@@ -622,15 +623,14 @@ class JobStore:
     async def write_snapshot(self) -> None:
         # Taken in one step, so it is the registry at one seq; Job objects never change.
         jobs, seq = [self.jobs[job_id] for job_id in self.order], self.seq
-        parts = []
-        for start in range(0, len(jobs), 2000):
-            parts.extend(job.json for job in jobs[start:start + 2000])
-            await asyncio.sleep(0)  # building texts for a large registry must not stall requests
-        head = f'{{"version":{SNAPSHOT_VERSION},"seq":{seq},"jobs":[\n'
-        body = (head + ",\n".join(parts) + "\n]}\n").encode()
         temp = self.path.with_name(self.path.name + ".tmp")
         async with aiofiles.open(temp, "wb") as out:
-            await out.write(body)
+            await out.write(f'{{"version":{SNAPSHOT_VERSION},"seq":{seq},"jobs":['.encode())
+            # In slices, so a large registry never holds the event loop for long.
+            for start in range(0, len(jobs), SNAPSHOT_SLICE):
+                text = ",\n".join(job.json for job in jobs[start:start + SNAPSHOT_SLICE])
+                await out.write((("\n" if start == 0 else ",\n") + text).encode())
+            await out.write(b"\n]}\n")
             await out.flush()
             await aiofiles.os.wrap(os.fsync)(out.fileno())
         await aiofiles.os.replace(temp, self.path)

@@ -159,3 +159,18 @@ async def test_a_file_that_does_not_parse_stops_start_up_and_is_left_untouched(j
         assert len(err.strip().splitlines()) == 1, err
         assert jobs_file.read_bytes() == content
         assert not jobs_file.with_name("jobs.json.journal").exists()
+
+
+async def test_closing_with_changes_staged_writes_them_and_returns(jobs_file):
+    settings = jobservice.load_settings(["--data", str(jobs_file)], FAST_ENV)
+    store = jobservice.JobStore(jobs_file)
+    await store.load()
+    await store.open(0)
+    staged = [jobservice.Job.new(settings, time.time()) for _ in range(10)]
+    batches = {store.commit(job) for job in staged}
+    await asyncio.wait_for(store.close(), 5)
+    assert all(batch.done() and batch.exception() is None for batch in batches)
+
+    reopened = jobservice.JobStore(jobs_file)
+    await reopened.load()
+    assert list(reopened.jobs) == [job.id for job in staged]
