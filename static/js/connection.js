@@ -1,0 +1,191 @@
+// The live connection to /ws: replay from `since`, SYNCED, RESET, and reconnects
+// with exponential backoff and full jitter.
+//
+// State for the badge: 'live' | 'reconnecting' | 'offline' (navigator.onLine false).
+
+const BASE_DELAY = 1000;
+const MAX_DELAY = 30000;
+const MIN_DELAY = 250;
+const OPEN_TIMEOUT = 10000;
+
+export class Connection {
+  /**
+   * @param {object} opts
+   * @param {() => Promise<void>} opts.load        (re)loads the job list; throws on failure
+   * @param {() => number} opts.getSince           the seq to resume from
+   * @param {(event: string, job: object) => void} opts.onJob
+   * @param {(seq: number) => void} opts.onSynced
+   * @param {(state: string, info: object) => void} opts.onState
+   */
+  constructor(opts) {
+    this.opts = opts;
+    this.ws = null;
+    this.timer = null;
+    this.attempt = 0;
+    this.quickRetries = 0;
+    this.needsLoad = true;
+    this.state = 'reconnecting';
+    this.info = { phase: 'connecting' };
+    this.lastError = null;
+    this.synced = false;
+  }
+
+  start() {
+    window.addEventListener('offline', () => {
+      this.setState('offline', {});
+    });
+    window.addEventListener('online', () => {
+      if (this.ws) {
+        this.setState(this.synced ? 'live' : 'reconnecting', this.synced ? {} : { phase: 'syncing' });
+        return;
+      }
+      this.attempt = 0;
+      this.connect();
+    });
+    this.connect();
+  }
+
+  /** Skip the wait and try now (the badge's "Retry now"). */
+  retryNow() {
+    if (this.state === 'live' || this.ws) return;
+    this.connect();
+  }
+
+  setState(state, info) {
+    // navigator.onLine === false always wins: that is what "offline" means here.
+    if (navigator.onLine === false && state !== 'offline') {
+      state = 'offline';
+      info = {};
+    }
+    this.state = state;
+    this.info = info;
+    this.opts.onState(state, info);
+  }
+
+  clearTimer() {
+    if (this.timer !== null) {
+      clearTimeout(this.timer);
+      this.timer = null;
+    }
+  }
+
+  async connect() {
+    this.clearTimer();
+    if (this.ws) return;
+    if (navigator.onLine === false) {
+      this.setState('offline', {});
+      return;
+    }
+    if (this.needsLoad) {
+      if (this.loading) return;
+      this.loading = true;
+      this.setState('reconnecting', { phase: 'loading' });
+      try {
+        await this.opts.load();
+        this.needsLoad = false;
+        this.lastError = null;
+      } catch (err) {
+        this.lastError = err;
+        this.loading = false;
+        this.scheduleRetry(false);
+        return;
+      }
+      this.loading = false;
+    }
+    this.open();
+  }
+
+  open() {
+    const scheme = window.location.protocol === 'https:' ? 'wss:' : 'ws:';
+    const since = Math.max(0, Math.floor(this.opts.getSince() || 0));
+    const url = `${scheme}//${window.location.host}/ws?since=${since}`;
+    this.synced = false;
+    this.setState('reconnecting', { phase: 'connecting' });
+    let ws;
+    try {
+      ws = new WebSocket(url);
+    } catch (err) {
+      this.lastError = err;
+      this.scheduleRetry(false);
+      return;
+    }
+    this.ws = ws;
+    const openTimer = setTimeout(() => {
+      if (ws.readyState !== WebSocket.OPEN) ws.close();
+    }, OPEN_TIMEOUT);
+    ws.addEventListener('open', () => {
+      clearTimeout(openTimer);
+      if (this.ws === ws) this.setState('reconnecting', { phase: 'syncing' });
+    });
+    ws.addEventListener('message', (ev) => {
+      if (this.ws === ws) this.onMessage(ev.data);
+    });
+    ws.addEventListener('close', (ev) => {
+      clearTimeout(openTimer);
+      if (this.ws !== ws) return; // a socket we already let go of (RESET)
+      this.ws = null;
+      this.synced = false;
+      if (ev.code === 1013 && this.quickRetries < 3) {
+        // Too slow for the server: catch up at once with `since`.
+        this.quickRetries += 1;
+        this.scheduleRetry(true);
+      } else {
+        this.scheduleRetry(false);
+      }
+    });
+  }
+
+  onMessage(data) {
+    if (typeof data !== 'string') return;
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (!Array.isArray(msg) || typeof msg[0] !== 'string') return;
+    const [event, payload] = msg;
+    switch (event) {
+      case 'ON_CREATED_JOB':
+      case 'ON_RESOLVED_JOB':
+        if (payload && typeof payload === 'object') this.opts.onJob(event, payload);
+        break;
+      case 'SYNCED':
+        this.synced = true;
+        this.attempt = 0;
+        this.quickRetries = 0;
+        if (payload && Number.isFinite(payload.seq)) this.opts.onSynced(payload.seq);
+        this.setState('live', {});
+        break;
+      case 'RESET': {
+        // Our `since` is from another store: reload the list, then resume from it.
+        const ws = this.ws;
+        this.ws = null;
+        this.synced = false;
+        this.needsLoad = true;
+        if (ws) ws.close(1000, 'reset');
+        this.connect();
+        break;
+      }
+      default:
+        break;
+    }
+  }
+
+  scheduleRetry(quick) {
+    this.clearTimer();
+    if (navigator.onLine === false) {
+      this.setState('offline', {});
+      return;
+    }
+    this.attempt = Math.min(this.attempt + 1, 30);
+    const ceiling = quick ? 1000 : Math.min(MAX_DELAY, BASE_DELAY * 2 ** (this.attempt - 1));
+    const delay = Math.max(MIN_DELAY, Math.random() * ceiling); // full jitter
+    const retryAt = Date.now() + delay;
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.connect();
+    }, delay);
+    this.setState('reconnecting', { phase: 'waiting', retryAt, error: this.lastError });
+  }
+}
