@@ -182,8 +182,17 @@ def iso(ts: float | None) -> str | None:
     """Epoch seconds as ISO 8601 UTC with milliseconds, as JavaScript's toISOString()."""
     if ts is None:
         return None
-    moment = datetime.fromtimestamp(ts, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    second = math.floor(ts)
+    micros = round((ts - second) * 1_000_000)  # as datetime rounds, carry included
+    if micros == 1_000_000:
+        second, micros = second + 1, 0
+    return f"{_iso_second(second)}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=8192)
+def _iso_second(second: int) -> str:
+    # Jobs are made in bursts, so their times share seconds: format each second once.
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def parse_time(value, what: str) -> float | None:
@@ -348,7 +357,7 @@ class StorageError(Exception):
 
 
 COMPACT_MIN_RECORDS = 10_000
-SNAPSHOT_SLICE = 2_000
+SNAPSHOT_SLICE = 500
 SNAPSHOT_VERSION = 1
 
 
@@ -488,6 +497,7 @@ class JobStore:
             else:
                 await aiofiles.os.replace(self.journal_path, self.rotated_path)
             self._compaction = asyncio.create_task(self._compact())
+        self._compact_at = self._journal_records + self._compact_threshold()
         self._writer = asyncio.create_task(self._write_batches(), name="journal writer")
 
     def commit(self, job: Job) -> asyncio.Future:
@@ -1497,6 +1507,10 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
                 message = f"the body is over {MAX_BODY} bytes"
             response = error_response(exc.status, HTTP_ERROR_CODES.get(exc.status, "error"),
                                       message, headers)
+        except ConnectionError:
+            # The client went away mid-response (a WebSocket handshake cut by the
+            # network, say): routine on bad networks, and nobody is left to answer.
+            response = web.Response(status=400)
         except asyncio.CancelledError:
             raise
         except Exception:
