@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 import socketio
+from netproxy import TcpProxy
 
 import jobservice
 
@@ -363,72 +364,6 @@ async def test_unknown_packet_closes_without_harming_the_server(
 
 
 # --- A loopback TCP proxy: cut connections, refuse new ones ---------------------------
-
-
-class TcpProxy:
-    """Relays 127.0.0.1:<port> to a target. `close_gate()` makes it refuse (reset) new
-    connections, `cut()` resets every open one; the clients see a dead network."""
-
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1"):
-        self.target = (target_host, target_port)
-        self.gate_open = True
-        self.links: set[tuple[asyncio.Transport, asyncio.Transport]] = set()
-        self.server: asyncio.Server | None = None
-        self.url = ""
-
-    async def start(self) -> TcpProxy:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        return self
-
-    def close_gate(self) -> None:
-        self.gate_open = False
-
-    def open_gate(self) -> None:
-        self.gate_open = True
-
-    def cut(self) -> None:
-        for link in list(self.links):
-            for transport in link:
-                transport.abort()
-
-    async def close(self) -> None:
-        self.close_gate()
-        self.cut()
-        self.server.close()
-        try:
-            await asyncio.wait_for(self.server.wait_closed(), 5)
-        except TimeoutError:
-            pass
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        if not self.gate_open:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        link = (writer.transport, up_writer.transport)
-        self.links.add(link)
-        try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-        finally:
-            self.links.discard(link)
-            for transport in link:
-                transport.close()
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-            if not writer.transport.is_closing() and writer.can_write_eof():
-                writer.write_eof()  # pass a half-close on
-        except (ConnectionError, OSError, RuntimeError):
-            writer.transport.abort()
 
 
 @pytest.fixture
