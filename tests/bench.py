@@ -1,0 +1,887 @@
+"""Benchmark jobservice against a bare aiohttp handler: `python tests/bench.py`.
+
+Not part of the test run (pytest collects only test_*.py). Every number that depends on
+how busy the machine is, is reported next to a baseline measured in the same run, and as
+the median of several repeats: this is meant to run on a small, shared, noisy machine.
+
+What it measures (see --help for the knobs):
+
+* POST /jobs throughput and p50/p99 latency at 64 connections with 0, 10,000 and
+  100,000 jobs stored, against a bare aiohttp handler (POST returns a new UUID as JSON,
+  nothing stored) started by this script as the ceiling. wrk -t2 -c64 with a Lua script.
+* GET /jobs/{id} p99 at 1,000 and 100,000 jobs (random known ids, wrk + Lua);
+  GET /jobs for 10,000 jobs and its ?limit=100 pages.
+* RSS per pending job after creating 100,000 jobs through POST /jobs (and, for
+  comparison, after loading them from the file).
+* Restart: process start to /healthz 200 with 100,000 and 1,000,000 jobs in the file.
+* Fan-out: one resolution to 1,000 /ws clients (4 client processes x 250 sockets),
+  time until the last one has it.
+* Unsplash efficiency: API calls per resolved job for a burst of 3,000 jobs against
+  tests/fake_unsplash.py.
+
+Stores are pre-populated by writing a snapshot in the service's own format
+({"version":1,"seq":N,"jobs":[...]}) with pending jobs due far in the future.
+Results go to bench-results.json at the repo root (git-ignored) unless --out says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE = ROOT / "jobservice.py"
+FAKE_UNSPLASH = ROOT / "tests" / "fake_unsplash.py"
+PY = sys.executable
+
+# Jobs created by the throughput and memory runs must stay pending: nothing resolves
+# during a measurement unless the measurement is about resolving.
+LONG_DELAYS = {"JOB_DELAY_MIN": "86400", "JOB_DELAY_MAX": "172800", "JOB_DELAY_STEP": "60"}
+# Settings the service reads from the environment; the caller's own values are dropped.
+SERVICE_VARS = ("HOST", "PORT", "JOBS_FILE", "UNSPLASH_ACCESS_KEY", "UNSPLASH_API_URL",
+                "UNSPLASH_TIMEOUT", "JOB_DELAY_MIN", "JOB_DELAY_MAX", "JOB_DELAY_STEP",
+                "RETRY_BASE_DELAY", "RETRY_MAX_DELAY", "JOB_MAX_ATTEMPTS", "CORS_ORIGINS")
+
+BARE_APP = r'''
+import json, sys, uuid
+from aiohttp import web
+
+async def create(request):
+    await request.read()
+    return web.Response(text=json.dumps({"id": str(uuid.uuid4())}), status=201,
+                        content_type="application/json")
+
+async def health(request):
+    return web.Response(text='{"status":"ok"}', content_type="application/json")
+
+app = web.Application()
+app.router.add_post("/jobs", create)
+app.router.add_get("/healthz", health)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+'''
+
+# wrk's done() prints one machine-readable line; latencies are in microseconds.
+LUA_DONE = r'''
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH {"requests":%.0f,"duration_us":%.0f,"connect_errors":%.0f,"read_errors":%.0f,' ..
+    '"write_errors":%.0f,"status_errors":%.0f,"timeouts":%.0f,"p50_us":%.1f,"p90_us":%.1f,' ..
+    '"p99_us":%.1f,"max_us":%.1f,"mean_us":%.1f}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+    latency.mean))
+end
+'''
+
+LUA_POST = r'''
+wrk.method = "POST"
+wrk.body = "{}"
+wrk.headers["Content-Type"] = "application/json"
+''' + LUA_DONE
+
+LUA_GET = LUA_DONE  # a fixed path, given in the URL
+
+LUA_GET_RANDOM_ID = r'''
+local ids = {}
+init = function(args)
+  for line in io.lines(args[1]) do
+    if #line > 0 then ids[#ids + 1] = line end
+  end
+  local salt = tonumber(tostring({}):match("0x(%x+)") or "0", 16) or 0
+  math.randomseed(os.time() + salt % 1000003)
+end
+request = function()
+  return wrk.format("GET", "/jobs/" .. ids[math.random(#ids)])
+end
+''' + LUA_DONE
+
+
+# --- Small helpers ------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def percentile(values, share: float):
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def iso(ts: float) -> str:
+    moment = datetime.fromtimestamp(ts, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_iso(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def service_env(extra: dict | None = None) -> dict:
+    env = {key: value for key, value in os.environ.items() if key not in SERVICE_VARS}
+    env.update(extra or {})
+    return env
+
+
+def loadavg() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None,
+            timeout: float = 10.0):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.getheaders(), response.read()
+    finally:
+        conn.close()
+
+
+class Server:
+    """A server process started by this script; stopped by its own pid only."""
+
+    running: list[Server] = []
+
+    def __init__(self, name: str, args: list[str], env: dict, log_path: Path, port: int):
+        self.name, self.port, self.log_path = name, port, log_path
+        self.log_file = open(log_path, "wb")  # closed in stop()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=self.log_file, stderr=subprocess.STDOUT)
+        Server.running.append(self)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_healthy(self, timeout: float = 120.0) -> float:
+        """Seconds from process start to the first /healthz 200."""
+        deadline = self.started + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
+                                   + self.log_path.read_text(errors="replace")[-3000:])
+            try:
+                status, _, _ = request(self.port, "GET", "/healthz", timeout=2.0)
+                if status == 200:
+                    return time.monotonic() - self.started
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not healthy after {timeout:g} s")
+            time.sleep(0.005)
+
+    def health(self) -> dict:
+        return json.loads(request(self.port, "GET", "/healthz")[2])
+
+    def status(self, field: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(field)
+
+    def rss(self) -> int:
+        return self.status("VmRSS")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far (all threads): unlike wall time,
+        it hardly depends on what else the machine is doing."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+        if self in Server.running:
+            Server.running.remove(self)
+
+
+def start_service(workdir: Path, name: str, snapshot: Path | None = None,
+                  env: dict | None = None) -> Server:
+    """The service on a fresh copy of `snapshot` (or an empty store) in its own folder."""
+    folder = workdir / f"{name}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    data = folder / "jobs.json"
+    if snapshot is not None:
+        shutil.copyfile(snapshot, data)
+    port = free_port()
+    return Server(name, [PY, str(SERVICE), "--port", str(port), "--data", str(data)],
+                  service_env(env), folder / "service.log", port)
+
+
+def start_bare(workdir: Path) -> Server:
+    port = free_port()
+    return Server("bare aiohttp", [PY, "-c", BARE_APP, str(port)], service_env(),
+                  workdir / f"bare-{port}.log", port)
+
+
+def write_snapshot(path: Path, count: int) -> list[str]:
+    """A jobs.json with `count` pending jobs due in 30+ days, in the service's format."""
+    now = time.time()
+    created, due = iso(now - 60), iso(now + 30 * 86400)
+    ids = []
+    for start in range(0, count, 100_000):  # UUID-shaped (version 4) ids, made in bulk
+        blob = os.urandom(16 * min(100_000, count - start)).hex()
+        ids += [f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:32]}"
+                for h in (blob[i:i + 32] for i in range(0, len(blob), 32))]
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(f'{{"version":1,"seq":{count},"jobs":[\n')
+        chunk = []
+        for seq, job_id in enumerate(ids, start=1):
+            chunk.append(
+                f'{{"id":"{job_id}","status":"pending","result":null,"createdAt":"{created}",'
+                f'"dueAt":"{due}","resolvedAt":null,"attempts":0,"error":null,"image":null,'
+                f'"seq":{seq}}}')
+            if len(chunk) == 10_000:
+                out.write(",\n".join(chunk))
+                out.write(",\n" if seq < count else "")
+                chunk = []
+        out.write(",\n".join(chunk))
+        out.write("\n]}\n")
+    return ids
+
+
+class Snapshots:
+    """Snapshot files made once per size, copied for each service start."""
+
+    def __init__(self, workdir: Path):
+        self.folder = workdir / "snapshots"
+        self.folder.mkdir()
+        self.files: dict[int, tuple[Path, Path]] = {}
+
+    def get(self, count: int) -> tuple[Path | None, Path | None]:
+        if count == 0:
+            return None, None
+        if count not in self.files:
+            started = time.monotonic()
+            path = self.folder / f"jobs-{count}.json"
+            ids = write_snapshot(path, count)
+            ids_path = self.folder / f"ids-{count}.txt"
+            ids_path.write_text("\n".join(ids) + "\n")
+            self.files[count] = (path, ids_path)
+            log(f"wrote a snapshot of {count:,} jobs ({path.stat().st_size / 1e6:.0f} MB) "
+                f"in {time.monotonic() - started:.1f} s")
+        return self.files[count]
+
+
+# --- wrk ----------------------------------------------------------------------------
+
+
+def wrk_version() -> str:
+    result = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+    return (result.stdout or result.stderr).splitlines()[0].strip()
+
+
+class Wrk:
+    def __init__(self, workdir: Path, threads: int, connections: int):
+        self.threads, self.connections = threads, connections
+        self.scripts = {}
+        for name, text in (("post", LUA_POST), ("get", LUA_GET),
+                           ("get_random_id", LUA_GET_RANDOM_ID)):
+            path = workdir / f"{name}.lua"
+            path.write_text(text)
+            self.scripts[name] = path
+
+    def command(self, url: str, script: str, duration: float, args=()) -> list[str]:
+        return ["wrk", f"-t{self.threads}", f"-c{self.connections}",
+                f"-d{max(1, round(duration))}s", "--timeout", "10s",
+                "-s", str(self.scripts[script]), url, *(["--", *args] if args else [])]
+
+    def run(self, url: str, script: str, duration: float, args=()) -> dict:
+        cmd = self.command(url, script, duration, args)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+        return self.parse(result.stdout, result.stderr, cmd)
+
+    @staticmethod
+    def parse(stdout: str, stderr: str, cmd) -> dict:
+        for line in stdout.splitlines():
+            if line.startswith("BENCH "):
+                data = json.loads(line[6:])
+                seconds = data["duration_us"] / 1e6
+                data["rps"] = data["requests"] / seconds if seconds else 0.0
+                data["p50_ms"] = data["p50_us"] / 1000
+                data["p99_ms"] = data["p99_us"] / 1000
+                data["max_ms"] = data["max_us"] / 1000
+                data["errors"] = sum(data[key] for key in (
+                    "connect_errors", "read_errors", "write_errors", "status_errors",
+                    "timeouts"))
+                return data
+        raise RuntimeError(f"no result from {' '.join(cmd)}:\n{stdout}\n{stderr}")
+
+
+# --- Results ------------------------------------------------------------------------
+
+
+class Results:
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.raw: dict = {}
+
+    def add(self, metric: str, value, unit: str, target: str = "", ok: bool | None = None,
+            fmt: str = "{:,.1f}", **details) -> None:
+        self.rows.append({"metric": metric, "value": value, "unit": unit, "target": target,
+                          "pass": ok, "display": (fmt.format(value) if value is not None
+                                                  else "n/a") + (f" {unit}" if unit else ""),
+                          "details": details})
+
+    def table(self) -> str:
+        def verdict(row):
+            return {True: "PASS", False: "FAIL"}.get(row["pass"], "info" if row["target"] == ""
+                                                      else "skip")
+        lines = [("metric", "value", "target", "pass/fail")]
+        lines += [(row["metric"], row["display"], row["target"] or "-", verdict(row))
+                  for row in self.rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(4)]
+        out = []
+        for n, line in enumerate(lines):
+            out.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip())
+            if n == 0:
+                out.append("  ".join("-" * width for width in widths))
+        return "\n".join(out)
+
+
+# --- POST /jobs throughput -------------------------------------------------------------
+
+
+def bench_post(ctx, results: Results) -> None:
+    sizes = [0, 10_000, 100_000]
+    targets = ["bare", *sizes]
+    runs: dict = {target: [] for target in targets}
+    ratios: dict = {size: [] for size in sizes}
+    for size in sizes:
+        ctx.snapshots.get(size)
+    for repeat in range(ctx.repeats):
+        # Rotate the order each repeat, so a drift in machine load favours no one.
+        order = targets[repeat % len(targets):] + targets[:repeat % len(targets)]
+        this = {}
+        for target in order:
+            if target == "bare":
+                server = start_bare(ctx.workdir)
+            else:
+                server = start_service(ctx.workdir, f"post-{target}",
+                                       ctx.snapshots.get(target)[0], LONG_DELAYS)
+            try:
+                server.wait_healthy()
+                url = f"http://127.0.0.1:{server.port}"
+                ctx.wrk.run(url + "/healthz", "get", 1)  # warm-up: connections, no jobs
+                before = server.health().get("jobs") if target != "bare" else None
+                run = ctx.wrk.run(url + "/jobs", "post", ctx.duration)
+                run["jobs_before"] = before
+                run["rss_after"] = server.rss()
+            finally:
+                server.stop()
+            this[target] = run
+            runs[target].append(run)
+            log(f"POST /jobs repeat {repeat + 1} {target!s:>6}: {run['rps']:,.0f} req/s, "
+                f"p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms, "
+                f"errors {run['errors']}")
+        for size in sizes:
+            ratios[size].append(this[size]["rps"] / this["bare"]["rps"])
+    results.raw["post"] = {"runs": {str(k): v for k, v in runs.items()},
+                           "ratios": {str(k): v for k, v in ratios.items()}}
+
+    bare_rps = median([run["rps"] for run in runs["bare"]])
+    results.add("POST /jobs bare aiohttp handler (ceiling)", bare_rps, "req/s", fmt="{:,.0f}",
+                repeats=[run["rps"] for run in runs["bare"]])
+    results.add("POST /jobs bare aiohttp handler: p99 (machine noise floor)",
+                median([run["p99_ms"] for run in runs["bare"]]), "ms", fmt="{:.1f}",
+                repeats=[run["p99_ms"] for run in runs["bare"]])
+    for size in sizes:
+        rps = median([run["rps"] for run in runs[size]])
+        ratio = median(ratios[size])
+        p50 = median([run["p50_ms"] for run in runs[size]])
+        p99 = median([run["p99_ms"] for run in runs[size]])
+        errors = sum(run["errors"] for run in runs[size])
+        label = f"POST /jobs @ {size:,} jobs"
+        results.add(f"{label}: throughput", rps, "req/s", fmt="{:,.0f}",
+                    repeats=[run["rps"] for run in runs[size]], errors=errors)
+        if size == 100_000:
+            results.add(f"{label}: share of bare", ratio * 100, "%", ">= 50%", ratio >= 0.5,
+                        fmt="{:.0f}", per_repeat=ratios[size])
+        else:
+            results.add(f"{label}: share of bare", ratio * 100, "%", fmt="{:.0f}",
+                        per_repeat=ratios[size])
+        results.add(f"{label}: p50", p50, "ms", fmt="{:.1f}")
+        results.add(f"{label}: p99", p99, "ms", "< 50 ms", p99 < 50 and errors == 0,
+                    fmt="{:.1f}", repeats=[run["p99_ms"] for run in runs[size]],
+                    errors=errors)
+
+
+# --- Reads ----------------------------------------------------------------------------
+
+
+def bench_reads(ctx, results: Results) -> None:
+    snap_1k, ids_1k = ctx.snapshots.get(1_000)
+    snap_10k, _ = ctx.snapshots.get(10_000)
+    snap_100k, ids_100k = ctx.snapshots.get(100_000)
+    servers = {
+        1_000: start_service(ctx.workdir, "get-1k", snap_1k, LONG_DELAYS),
+        100_000: start_service(ctx.workdir, "get-100k", snap_100k, LONG_DELAYS),
+        "list": start_service(ctx.workdir, "list-10k", snap_10k, LONG_DELAYS),
+    }
+    ids = {1_000: ids_1k, 100_000: ids_100k}
+    try:
+        for server in servers.values():
+            server.wait_healthy()
+        # GET /jobs/{id}: the two stores alternate within each repeat.
+        by_id = {1_000: [], 100_000: []}
+        for size in by_id:  # warm-up, not measured
+            ctx.wrk.run(f"http://127.0.0.1:{servers[size].port}/jobs", "get_random_id",
+                        1, [str(ids[size])])
+        for repeat in range(ctx.repeats):
+            for size in by_id:
+                run = ctx.wrk.run(f"http://127.0.0.1:{servers[size].port}/jobs",
+                                  "get_random_id", ctx.duration, [str(ids[size])])
+                by_id[size].append(run)
+                log(f"GET /jobs/{{id}} repeat {repeat + 1} @ {size:>7,}: {run['rps']:,.0f} "
+                    f"req/s, p99 {run['p99_ms']:.1f} ms, errors {run['errors']}")
+        ratios = [big["p99_ms"] / small["p99_ms"]
+                  for small, big in zip(by_id[1_000], by_id[100_000], strict=True)]
+        ratio = median([run["p99_ms"] for run in by_id[100_000]]) / median(
+            [run["p99_ms"] for run in by_id[1_000]])
+        results.raw["get_by_id"] = {str(k): v for k, v in by_id.items()}
+        for size, runs in by_id.items():
+            results.add(f"GET /jobs/{{id}} @ {size:,} jobs: p99", median(
+                [run["p99_ms"] for run in runs]), "ms", fmt="{:.1f}",
+                rps=median([run["rps"] for run in runs]),
+                repeats=[run["p99_ms"] for run in runs],
+                errors=sum(run["errors"] for run in runs))
+        # "Within 1.5x of each other": either may be the slower one.
+        results.add("GET /jobs/{id} p99 ratio 100k / 1k", ratio, "x", "0.67x - 1.5x",
+                    1 / 1.5 <= ratio <= 1.5, fmt="{:.2f}", per_repeat=ratios,
+                    rss_100k_after=servers[100_000].rss())
+
+        # GET /jobs (the whole list of 10,000) over one kept-alive connection.
+        port = servers["list"].port
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        times, cold, size = [], None, 0
+        for n in range(1 + max(5, ctx.repeats * 5)):
+            started = time.perf_counter()
+            conn.request("GET", "/jobs")
+            response = conn.getresponse()
+            body = response.read()
+            elapsed = (time.perf_counter() - started) * 1000
+            if n == 0:
+                cold, size = elapsed, len(body)
+                assert len(json.loads(body)) == 10_000, "the list should hold 10,000 jobs"
+            else:
+                times.append(elapsed)
+        results.raw["list"] = {"cold_ms": cold, "warm_ms": times, "bytes": size}
+        results.add("GET /jobs (10,000 jobs) median", median(times), "ms", "< 50 ms",
+                    median(times) < 50, fmt="{:.1f}", first_request_ms=cold, bytes=size,
+                    repeats=times)
+        results.add("GET /jobs (10,000 jobs) first request", cold, "ms", fmt="{:.1f}")
+
+        # ?limit=100 pages: walk the whole list by its Link headers, sequentially.
+        page_times, walks = [], []
+        for _ in range(max(1, ctx.repeats)):
+            path, pages, started_walk = "/jobs?limit=100", 0, time.perf_counter()
+            while path:
+                started = time.perf_counter()
+                conn.request("GET", path)
+                response = conn.getresponse()
+                response.read()
+                page_times.append((time.perf_counter() - started) * 1000)
+                pages += 1
+                link = response.getheader("Link") or ""
+                path = link[link.index("<") + 1:link.index(">")] if "<" in link else None
+            walks.append({"pages": pages, "ms": (time.perf_counter() - started_walk) * 1000})
+        conn.close()
+        results.raw["pages"] = {"page_ms": page_times, "walks": walks}
+        results.add("GET /jobs?limit=100 page, sequential median", median(page_times), "ms",
+                    fmt="{:.2f}", p99_ms=percentile(page_times, 0.99),
+                    pages_per_walk=walks[0]["pages"],
+                    walk_ms=median([walk["ms"] for walk in walks]))
+        page_runs = []
+        for _ in range(ctx.repeats):
+            page_runs.append(ctx.wrk.run(f"http://127.0.0.1:{port}/jobs?limit=100", "get",
+                                         ctx.duration))
+        results.raw["pages"]["wrk"] = page_runs
+        results.add("GET /jobs?limit=100 page @64 conns: p99",
+                    median([run["p99_ms"] for run in page_runs]), "ms", fmt="{:.1f}",
+                    rps=median([run["rps"] for run in page_runs]))
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+# --- Memory ---------------------------------------------------------------------------
+
+
+def bench_memory(ctx, results: Results) -> None:
+    target_jobs = ctx.memory_jobs
+    server = start_service(ctx.workdir, "memory", None, LONG_DELAYS)
+    try:
+        server.wait_healthy()
+        for _ in range(200):  # let the HTTP machinery allocate what it keeps
+            request(server.port, "GET", "/healthz")
+        time.sleep(0.5)
+        rss_empty = server.rss()
+        cmd = ctx.wrk.command(f"http://127.0.0.1:{server.port}/jobs", "post", 600)
+        started = time.monotonic()
+        wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            while server.health()["jobs"] < target_jobs:
+                if wrk.poll() is not None or time.monotonic() - started > 300:
+                    raise RuntimeError(f"wrk stopped before {target_jobs:,} jobs were created")
+                time.sleep(0.1)
+        finally:
+            wrk.send_signal(signal.SIGINT)  # wrk stops early and reports on SIGINT
+            stdout, stderr = wrk.communicate(timeout=30)
+        created_in = time.monotonic() - started
+        time.sleep(3.0)  # let a compaction that is under way finish
+        health = server.health()
+        rss_full = server.rss()
+        peak = server.status("VmHWM")
+        jobs = health["jobs"]
+        per_job = (rss_full - rss_empty) / jobs
+        run = Wrk.parse(stdout, stderr, cmd)
+        results.raw["memory_post"] = {"rss_empty": rss_empty, "rss_full": rss_full,
+                                      "vm_hwm": peak, "jobs": jobs, "pending": health["pending"],
+                                      "seconds": created_in, "wrk": run}
+        results.add(f"RSS per pending job ({target_jobs // 1000}k created via POST)", per_job,
+                    "B", "< 1024 B",
+                    per_job < 1024 and health["pending"] == jobs, fmt="{:,.0f}",
+                    rss_empty_mb=rss_empty / 2**20, rss_full_mb=rss_full / 2**20,
+                    peak_mb=peak / 2**20, jobs=jobs)
+        log(f"memory: {jobs:,} jobs created in {created_in:.1f} s ({run['rps']:,.0f} req/s, "
+            f"p99 {run['p99_ms']:.1f} ms); RSS {rss_empty / 2**20:.1f} -> "
+            f"{rss_full / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB")
+    finally:
+        server.stop()
+
+
+# --- Restart --------------------------------------------------------------------------
+
+
+def bench_restart(ctx, results: Results) -> None:
+    sizes = [0, 100_000] + ([1_000_000] if ctx.million else [])
+    timings: dict = {size: [] for size in sizes}
+    cpu: dict = {size: [] for size in sizes}
+    rss: dict = {size: [] for size in sizes}
+    for size in sizes:
+        snapshot = ctx.snapshots.get(size)[0]
+        for _ in range(ctx.repeats if size < 1_000_000 else 1):
+            server = start_service(ctx.workdir, f"restart-{size}", snapshot, LONG_DELAYS)
+            try:
+                timings[size].append(server.wait_healthy(timeout=600))
+                cpu[size].append(server.cpu_seconds())
+                time.sleep(0.3)
+                rss[size].append(server.rss())
+                assert server.health()["jobs"] == size
+            finally:
+                server.stop()
+            log(f"restart @ {size:>9,}: {timings[size][-1]:.2f} s to /healthz "
+                f"({cpu[size][-1]:.2f} s CPU), RSS {rss[size][-1] / 2**20:.0f} MiB")
+    results.raw["restart"] = {"seconds": {str(k): v for k, v in timings.items()},
+                              "cpu_seconds": {str(k): v for k, v in cpu.items()},
+                              "rss": {str(k): v for k, v in rss.items()}}
+    results.add("Restart to /healthz @ 0 jobs (interpreter + imports)", median(timings[0]),
+                "s", fmt="{:.2f}", cpu_s=median(cpu[0]))
+    results.add("Restart to /healthz @ 100,000 jobs", median(timings[100_000]), "s", "< 3 s",
+                median(timings[100_000]) < 3, fmt="{:.2f}", repeats=timings[100_000],
+                cpu_s=median(cpu[100_000]))
+    results.add("Restart @ 100,000 jobs: CPU time used by then", median(cpu[100_000]), "s",
+                fmt="{:.2f}", note="less sensitive to machine load than wall time")
+    if ctx.million:
+        results.add("Restart to /healthz @ 1,000,000 jobs", median(timings[1_000_000]), "s",
+                    fmt="{:.2f}", cpu_s=median(cpu[1_000_000]),
+                    rss_mb=median(rss[1_000_000]) / 2**20)
+    else:
+        results.add("Restart to /healthz @ 1,000,000 jobs", None, "s", "(skipped)")
+    per_job = (median(rss[100_000]) - median(rss[0])) / 100_000
+    results.add("RSS per pending job (100k loaded from the file)", per_job, "B", fmt="{:,.0f}",
+                rss_empty_mb=median(rss[0]) / 2**20, rss_loaded_mb=median(rss[100_000]) / 2**20)
+
+
+# --- Fan-out ----------------------------------------------------------------------------
+
+
+def _fanout_client(port: int, sockets: int, expected: int, ready, results, timeout: float):
+    asyncio.run(_fanout_client_async(port, sockets, expected, ready, results, timeout))
+
+
+async def _fanout_client_async(port, sockets, expected, ready, out, timeout):
+    received: list[tuple[float, str]] = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        peers = []
+        for start in range(0, sockets, 50):
+            peers += await asyncio.gather(*(
+                session.ws_connect(f"http://127.0.0.1:{port}/ws", autoping=True,
+                                   max_msg_size=0)
+                for _ in range(start, min(sockets, start + 50))))
+        ready.put(len(peers))
+
+        async def read(ws):
+            seen = 0
+            while seen < expected:
+                message = await ws.receive()
+                now = time.time()
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    return
+                if message.data.startswith('["ON_RESOLVED_JOB"'):
+                    received.append((now, message.data))
+                    seen += 1
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(read(ws) for ws in peers)), timeout)
+        for ws in peers:
+            await ws.close()
+    by_job: dict = {}
+    for when, text in received:
+        job = json.loads(text)[1]
+        by_job.setdefault(job["id"], {"resolvedAt": job["resolvedAt"], "times": []})
+        by_job[job["id"]]["times"].append(when)
+    out.put(by_job)
+
+
+def bench_fanout(ctx, results: Results) -> None:
+    clients, per_client = 4, 250
+    resolutions = ctx.resolutions
+    delay = 0.3
+    server = start_service(ctx.workdir, "fanout", None, {
+        "JOB_DELAY_MIN": str(delay), "JOB_DELAY_MAX": str(delay), "JOB_DELAY_STEP": "0.1"})
+    mp = multiprocessing.get_context("fork")
+    ready, out = mp.Queue(), mp.Queue()
+    procs = []
+    try:
+        server.wait_healthy()
+        wait_for = resolutions * 1.5 + 60
+        procs = [mp.Process(target=_fanout_client, daemon=True,
+                            args=(server.port, per_client, resolutions, ready, out, wait_for))
+                 for _ in range(clients)]
+        for proc in procs:
+            proc.start()
+        connected = sum(ready.get(timeout=120) for _ in procs)
+        time.sleep(1.0)
+        log(f"fan-out: {connected} /ws clients connected")
+        for _ in range(resolutions):
+            status, _, _ = request(server.port, "POST", "/jobs", b"{}")
+            assert status == 201, status
+            time.sleep(delay + 0.7)  # one resolution at a time
+        merged: dict = {}
+        for _ in procs:
+            for job_id, data in out.get(timeout=wait_for + 30).items():
+                entry = merged.setdefault(job_id, {"resolvedAt": data["resolvedAt"],
+                                                   "times": []})
+                entry["times"].extend(data["times"])
+        for proc in procs:
+            proc.join(10)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        server.stop()
+    lasts, medians, firsts, counts = [], [], [], []
+    for entry in merged.values():
+        resolved_at = parse_iso(entry["resolvedAt"])
+        lasts.append((max(entry["times"]) - resolved_at) * 1000)
+        firsts.append((min(entry["times"]) - resolved_at) * 1000)
+        medians.append((median(entry["times"]) - resolved_at) * 1000)
+        counts.append(len(entry["times"]))
+    results.raw["fanout"] = {"clients": connected, "last_ms": lasts, "median_ms": medians,
+                             "first_ms": firsts, "received": counts}
+    complete = len(lasts) == resolutions and all(count == connected for count in counts)
+    results.add(f"Fan-out to {connected:,} /ws clients: last receiver", median(lasts), "ms",
+                "< 100 ms", bool(lasts) and median(lasts) < 100 and complete
+                and connected == clients * per_client, fmt="{:.1f}", resolutions=len(lasts),
+                worst_ms=max(lasts) if lasts else None,
+                first_receiver_ms=median(firsts), median_receiver_ms=median(medians),
+                every_client_got_every_event=complete)
+
+
+# --- Unsplash efficiency -------------------------------------------------------------
+
+
+async def _burst(port: int, count: int, concurrency: int = 32) -> list[int]:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one():
+            async with session.post(f"http://127.0.0.1:{port}/jobs", data=b"{}",
+                                    headers={"Content-Type": "application/json"}) as response:
+                await response.read()
+                return response.status
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+def bench_unsplash(ctx, results: Results) -> None:
+    count = 3_000
+    fake_log = open(ctx.workdir / "fake-unsplash.log", "wb")
+    fake = subprocess.Popen([PY, str(FAKE_UNSPLASH), "--port", "0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=fake_log, text=True)
+    server = None
+    try:
+        fake_port = json.loads(fake.stdout.readline())["port"]
+        server = start_service(ctx.workdir, "unsplash", None, {
+            "UNSPLASH_ACCESS_KEY": "test-key",
+            "UNSPLASH_API_URL": f"http://127.0.0.1:{fake_port}",
+            "JOB_DELAY_MIN": "0.5", "JOB_DELAY_MAX": "3", "JOB_DELAY_STEP": "0.05",
+            "RETRY_BASE_DELAY": "0.05", "RETRY_MAX_DELAY": "0.5", "UNSPLASH_TIMEOUT": "2"})
+        server.wait_healthy()
+        started = time.monotonic()
+        statuses = asyncio.run(_burst(server.port, count))
+        burst_seconds = time.monotonic() - started
+        assert statuses.count(201) == count, f"not every POST was accepted: {set(statuses)}"
+        deadline = time.monotonic() + 120
+        while True:
+            health = server.health()
+            if health["pending"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        all_done = time.monotonic() - started
+        calls = json.loads(request(fake_port, "GET", "/_stats")[2])["calls"]
+    finally:
+        if server is not None:
+            server.stop()
+        fake.terminate()
+        fake.wait(10)
+        fake_log.close()
+    resolved = health["resolved"]
+    per_job = calls / resolved if resolved else float("inf")
+    results.raw["unsplash"] = {"calls": calls, "health": health, "burst_s": burst_seconds,
+                               "all_resolved_s": all_done}
+    results.add(f"Unsplash API calls per resolved job ({count:,}-job burst)", per_job,
+                "calls/job", "<= 0.04 (1 per 25)", per_job <= 0.04 and resolved == count,
+                fmt="{:.4f}", calls=calls, resolved=resolved, failed=health["failed"],
+                ideal=1 / 30, burst_s=burst_seconds, all_resolved_s=all_done)
+
+
+# --- Main ---------------------------------------------------------------------------
+
+
+SECTIONS = {"post": bench_post, "reads": bench_reads, "memory": bench_memory,
+            "restart": bench_restart, "fanout": bench_fanout, "unsplash": bench_unsplash}
+
+
+class Context:
+    pass
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results.json",
+                        help="where to write the JSON results (default: bench-results.json)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 s per wrk run, 1 repeat, no 1,000,000-job restart, "
+                             "25,000 jobs for the memory test")
+    parser.add_argument("--duration", type=float, default=5.0,
+                        help="seconds per wrk run (default 5)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats per measurement")
+    parser.add_argument("--resolutions", type=int, default=7,
+                        help="resolutions timed in the fan-out test (default 7)")
+    parser.add_argument("--no-million", dest="million", action="store_false",
+                        help="skip the restart with 1,000,000 jobs")
+    parser.add_argument("--only", action="append", choices=sorted(SECTIONS),
+                        help="run only these sections (repeatable)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder and logs")
+    args = parser.parse_args(argv)
+
+    if shutil.which("wrk") is None:
+        parser.error("wrk is not installed (apt-get install wrk)")
+    ctx = Context()
+    ctx.duration, ctx.repeats, ctx.resolutions = args.duration, args.repeats, args.resolutions
+    ctx.million, ctx.memory_jobs = args.million, 100_000
+    if args.quick:
+        ctx.duration, ctx.repeats, ctx.resolutions, ctx.million = 1.0, 1, 3, False
+        ctx.memory_jobs = 25_000
+    ctx.workdir = Path(tempfile.mkdtemp(prefix="jobservice-bench-"))
+    ctx.snapshots = Snapshots(ctx.workdir)
+    ctx.wrk = Wrk(ctx.workdir, threads=2, connections=64)
+    generator = (f"{wrk_version()} -t2 -c64 -d{ctx.duration:g}s with Lua scripts (POST, GET "
+                 "by random id, percentiles from done()); Python http.client for sequential "
+                 "list/page timings; 4 processes x 250 aiohttp WebSocket clients for fan-out; "
+                 "an aiohttp client with 32 connections for the Unsplash burst")
+    started = time.monotonic()
+    load_before = loadavg()
+    log(f"load generator: {generator}")
+    log(f"work folder {ctx.workdir}; {ctx.repeats} repeats of {ctx.duration:g} s; "
+        f"load average {load_before}")
+    results = Results()
+    failures = []
+    try:
+        for name in args.only or list(SECTIONS):
+            log(f"--- {name}")
+            try:
+                SECTIONS[name](ctx, results)
+            except Exception as exc:  # report the rest even if one section breaks
+                failures.append(f"{name}: {exc!r}")
+                log(f"section {name} failed: {exc!r}")
+                results.add(f"[{name}] did not complete", None, "", "runs", False)
+    finally:
+        for server in list(Server.running):
+            server.stop()
+        if not args.keep:
+            shutil.rmtree(ctx.workdir, ignore_errors=True)
+
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "load_generator": generator,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform(), "load_average_before": load_before,
+                    "load_average_after": loadavg()},
+        "settings": {"duration_s": ctx.duration, "repeats": ctx.repeats, "threads": 2,
+                     "connections": 64, "quick": args.quick},
+        "elapsed_s": time.monotonic() - started,
+        "results": [{key: value for key, value in row.items() if key != "display"}
+                    for row in results.rows],
+        "errors": failures,
+        "raw": results.raw,
+    }
+    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"\njobservice benchmark, {report['date']}, {os.cpu_count()} CPUs, "
+          f"load average {load_before} before / {report['machine']['load_average_after']} "
+          f"after, {report['elapsed_s']:.0f} s")
+    print(f"load generator: {generator}")
+    print(f"medians of {ctx.repeats} repeat(s); shares are against the bare aiohttp handler "
+          "measured in this run\n")
+    print(results.table())
+    print(f"\nresults written to {args.out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
