@@ -81,8 +81,9 @@ class Settings:
 
     @property
     def unsplash_origin(self) -> str:
-        parts = urlsplit(self.unsplash_api_url)
-        return f"{parts.scheme}://{parts.netloc}"
+        parts = urlsplit(self.unsplash_api_url)  # an origin has no user or password
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
     def allows_origin(self, origin: str) -> bool:
         return "*" in self.cors_origins or origin in self.cors_origins
@@ -768,7 +769,9 @@ class UnsplashImages:
         self.calls = 0
 
     def describe(self) -> str:
-        return f"Unsplash API at {self._settings.unsplash_api_url}"
+        settings = self._settings
+        path = urlsplit(settings.unsplash_api_url).path
+        return f"Unsplash API at {settings.unsplash_origin}{path}"
 
     async def take(self) -> Photo:
         now = time.monotonic()
@@ -1186,7 +1189,7 @@ async def create_job(request: web.Request) -> web.Response:
     if raw.strip():
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_body", "the body must be a JSON object")
@@ -1219,7 +1222,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     limit = None
     if "limit" in query:
         raw = query["limit"]
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PAGE:
             raise ApiError(400, "invalid_parameter",
                            f"limit must be a whole number from 1 to {MAX_PAGE}")
         limit = int(raw)
@@ -1286,7 +1289,7 @@ def _since(request: web.Request) -> int | None:
     raw = request.query.get("since")
     if raw is None:
         return None
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise ApiError(400, "invalid_parameter", "since must be a whole number (a seq)")
     return int(raw)
 
@@ -1374,7 +1377,7 @@ async def socketio_socket(request: web.Request) -> web.StreamResponse:
     store, hub = request.app[STORE], request.app[HUB]
     pid, offset = auth.get("pid"), auth.get("offset")
     recovering = (isinstance(pid, str) and 16 <= len(pid) <= 64 and isinstance(offset, str)
-                  and offset.isdigit() and len(offset) <= 18)
+                  and offset.isascii() and offset.isdigit() and len(offset) <= 18)
     if recovering and int(offset) <= store.seq:
         since = int(offset)
     elif recovering:  # the store was replaced: a fresh session, told to RESET
@@ -1451,6 +1454,18 @@ OPENAPI_FILE = STATIC_DIR / "openapi.json"
 async def index(request: web.Request) -> web.Response:
     return web.Response(text=request.app[INDEX_HTML], content_type="text/html", charset="utf-8",
                         headers={"Cache-Control": "no-cache"})
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    """A file under static/, or a JSON 404: never a path outside it, never a directory."""
+    try:
+        path = await asyncio.to_thread((STATIC_DIR / request.match_info["path"]).resolve)
+        found = path.is_relative_to(STATIC_DIR) and await asyncio.to_thread(path.is_file)
+    except (OSError, ValueError):  # a NUL byte, a name too long, a loop of links
+        found = False
+    if not found:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path)
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -1558,7 +1573,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/ws", events_socket)
     app.router.add_route("*", "/socket.io/", socketio_socket)
     app.router.add_route("*", "/socket.io", socketio_socket)
-    app.router.add_static("/static", STATIC_DIR, show_index=False, follow_symlinks=False)
+    app.router.add_get("/static/{path:.+}", static_file)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_sockets)
     return app
