@@ -1,0 +1,414 @@
+"""`static/openapi.json`: a valid OpenAPI 3.1 document that matches the app's routes, and
+that a live server conforms to, under Schemathesis and under hand-picked requests.
+
+The live server is a real process (`python jobservice.py`) with a fake Unsplash process
+beside it, so jobs resolve with Unsplash-shaped images and, once the fake rejects the key,
+fail: every documented state of a job is on the wire.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import jsonschema_rs
+import pytest
+import requests
+import schemathesis
+from conftest import FAST_ENV, ROOT, create_jobs
+from hypothesis import HealthCheck, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+import jobservice
+
+DOC_PATH = ROOT / "static" / "openapi.json"
+DOC = json.loads(DOC_PATH.read_text("utf-8"))
+METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+# Documented and sent by no request a test can make: 503 needs a failing disk (checked
+# in-process below), 101 a WebSocket handshake (checked in test_ws / test_socketio).
+NOT_ON_THE_WIRE = {("POST", "/jobs", "503"), ("POST", "/jobs/{id}/retry", "503"),
+                   ("GET", "/ws", "101"), ("GET", "/socket.io/", "101")}
+# Not fuzzed: the HTML page and the two WebSocket upgrades.
+NOT_FUZZED = {"/", "/ws", "/socket.io/"}
+FUZZ_KEY = "fuzz-key-0123456789"
+
+
+def documented_operations(doc: dict) -> set[tuple[str, str]]:
+    return {(method.upper(), path) for path, item in doc["paths"].items()
+            for method in item if method in METHODS}
+
+
+def routed_operations(app) -> set[tuple[str, str]]:
+    """(method, path) for every route, as the document names them."""
+    found = set()
+    for route in app.router.routes():
+        resource = route.resource
+        if resource is None or route.method in ("HEAD", "OPTIONS"):
+            continue
+        path = resource.canonical
+        if path == "/static" or path.startswith("/static/"):  # the page's files, not the API
+            continue
+        if path in ("/socket.io", "/socket.io/"):
+            path = "/socket.io/"
+        # A catch-all route answers the one method that works; others get a JSON 400.
+        found.add(("GET" if route.method == "*" else route.method, path))
+    return found
+
+
+def component_validator(name: str) -> jsonschema_rs.Validator:
+    return jsonschema_rs.validator_for(
+        {"$ref": f"#/components/schemas/{name}", "components": DOC["components"]},
+        validate_formats=True)
+
+
+# --- The document itself ---------------------------------------------------------------
+
+
+def test_document_is_valid_openapi_3_1():
+    assert DOC["openapi"].startswith("3.1.")
+    schema = schemathesis.openapi.from_path(DOC_PATH)
+    schema.validate()  # against the OpenAPI 3.1 schema
+    for name, component in DOC["components"]["schemas"].items():
+        assert jsonschema_rs.meta.is_valid(component), name
+    operation_ids = [item[method]["operationId"] for path, item in DOC["paths"].items()
+                     for method in item if method in METHODS]
+    assert len(operation_ids) == len(set(operation_ids)) == len(documented_operations(DOC))
+    labels = {result.ok().label for result in schema.get_all_operations()}
+    assert labels == {f"{method} {path}" for method, path in documented_operations(DOC)}
+
+
+def test_a_broken_document_is_rejected():
+    """The validity check above can fail."""
+    broken = copy.deepcopy(DOC)
+    broken["paths"]["/jobs"]["get"]["responses"] = "none"
+    with pytest.raises(jsonschema_rs.ValidationError):
+        schemathesis.openapi.from_dict(broken).validate()
+
+
+def test_paths_and_methods_match_the_routes_exactly(jobs_file):
+    settings_ = jobservice.load_settings(["--data", str(jobs_file)], FAST_ENV)
+    app = jobservice.create_app(settings_)
+    routed, documented = routed_operations(app), documented_operations(DOC)
+    assert routed - documented == set(), "routes missing from static/openapi.json"
+    assert documented - routed == set(), "documented operations the app does not route"
+    # And the comparison notices a route added without documenting it.
+    app.router.add_post("/jobs/{id}/cancel", jobservice.retry_job)
+    assert routed_operations(app) - documented == {("POST", "/jobs/{id}/cancel")}
+
+
+def test_events_are_described():
+    text = DOC["paths"]["/ws"]["get"]["description"]
+    for word in ("ON_CREATED_JOB", "ON_RESOLVED_JOB", "SYNCED", "RESET", "since", "1003",
+                 "1009", "1001", "1013", "Origin"):
+        assert word in text, word
+    text = DOC["paths"]["/socket.io/"]["get"]["description"]
+    for word in ("Engine.IO", "websocket", "ON_CREATED_JOB", "pid", "offset", "403"):
+        assert word in text, word
+
+
+async def test_the_app_serves_this_document(start_service):
+    client = await start_service()
+    response = await client.get("/openapi.json")
+    assert response.status == 200
+    assert response.content_type == "application/json"
+    assert await response.json() == DOC
+
+
+# --- In-process: shapes that need a fixture a process cannot give ------------------------
+
+
+async def test_events_catalog_images_and_old_jobs_conform(start_service, open_events, jobs_file,
+                                                          tmp_path):
+    job_schema, health_schema = component_validator("Job"), component_validator("Health")
+    client = await start_service()  # no key: the catalog
+    events = await open_events(client, "?since=0")
+    ids = await create_jobs(client, 3)
+    await events.resolutions(ids)
+    for name, payload in events.seen:
+        if name in ("ON_CREATED_JOB", "ON_RESOLVED_JOB"):
+            job_schema.validate(payload)
+        else:
+            assert name == "SYNCED" and set(payload) == {"seq"}
+    for job in await (await client.get("/jobs")).json():
+        job_schema.validate(job)
+        assert job["image"]["source"] == "catalog"
+    health_schema.validate(await (await client.get("/healthz")).json())
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps([
+        {"id": 7, "status": "completed", "result": "https://images.unsplash.com/x",
+         "createdAt": 1_700_000_000_000},
+        {"id": "f", "status": "failed", "result": None, "createdAt": "2024-01-01T00:00:00Z"},
+    ]))
+    migrated = await start_service(path=old)
+    jobs = await (await migrated.get("/jobs")).json()
+    assert [job["id"] for job in jobs] == ["7", "f"]
+    for job in jobs:
+        job_schema.validate(job)
+
+
+async def test_storage_failure_is_the_documented_503(start_service, monkeypatch):
+    client = await start_service()
+    before = await create_jobs(client, 1)
+    store = client.app[jobservice.STORE]
+    healthy = store._append
+
+    async def disk_full(data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "_append", disk_full)
+    error = component_validator("Error")
+    response = await client.post("/jobs")
+    assert response.status == 503
+    assert response.content_type == "application/json"
+    assert int(response.headers["Retry-After"]) >= 0
+    body = await response.json()
+    error.validate(body)
+    assert body["error"]["code"] == "storage_unavailable"
+    assert [job["id"] for job in await (await client.get("/jobs")).json()] == before
+    monkeypatch.setattr(store, "_append", healthy)
+    assert (await client.post("/jobs")).status == 201
+
+
+# --- Against a live process -------------------------------------------------------------
+
+
+class Process:
+    """A child process whose output is collected; `wait_for` a line matching a predicate."""
+
+    def __init__(self, args: list[str], env: dict | None = None):
+        self.lines: list[str] = []
+        self._new: queue.Queue[str] = queue.Queue()
+        self.popen = subprocess.Popen(
+            [sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, errors="replace")
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self._new.put(line)
+        self._new.put("")
+
+    def wait_for(self, predicate, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._new.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError("timed out; output:\n" + "\n".join(self.lines)) from None
+            if line == "":
+                raise AssertionError("exited; output:\n" + "\n".join(self.lines))
+            if predicate(line):
+                return line
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def wait_until(what, predicate, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """A service process with a fake Unsplash process; some jobs resolved, some failed."""
+    data = tmp_path_factory.mktemp("live") / "jobs.json"
+    fake = Process([str(ROOT / "tests" / "fake_unsplash.py"), "--port", "0", "--key", FUZZ_KEY])
+    service = None
+    try:
+        fake_url = f"http://127.0.0.1:{json.loads(fake.wait_for(str.strip))['port']}"
+        env = {**os.environ, **FAST_ENV, "PYTHONUNBUFFERED": "1",
+               "UNSPLASH_ACCESS_KEY": FUZZ_KEY, "UNSPLASH_API_URL": fake_url}
+        service = Process([str(ROOT / "jobservice.py"), "--port", "0", "--data", str(data)], env)
+        line = service.wait_for(lambda text: "listening on http://" in text)
+        url = line.split("listening on ", 1)[1].split(";", 1)[0]
+        http = requests.Session()
+
+        def settle(ids, status):
+            def done():
+                jobs = [http.get(f"{url}/jobs/{job_id}").json() for job_id in ids]
+                return all(job["status"] == status for job in jobs)
+            wait_until(f"jobs {status}", done)
+
+        # One batch of photos, all used up, so the next jobs need a call that fails.
+        batch = jobservice.UNSPLASH_BATCH
+        resolved = [http.post(f"{url}/jobs").json()["id"] for _ in range(batch)]
+        settle(resolved, "resolved")
+        http.post(f"{fake_url}/_control", json={"mode": "401"}).raise_for_status()
+        failed = [http.post(f"{url}/jobs").json()["id"] for _ in range(3)]
+        settle(failed, "failed")
+        yield {"url": url, "resolved": resolved, "failed": failed, "service": service}
+    finally:
+        if service is not None:
+            service.stop()
+        fake.stop()
+
+
+def test_every_documented_status_conforms_on_the_live_server(live):
+    schema = schemathesis.openapi.from_path(DOC_PATH)
+    url, resolved, failed = live["url"], live["resolved"], live["failed"]
+    seen: set[tuple[str, str, str]] = set()
+    unknown = str(uuid.uuid4())
+
+    def check(method, path, *, status, path_parameters=None, query=None, body=None,
+              headers=None, data=None):
+        operation = schema[path][method]
+        kwargs = {}
+        if body is not None:
+            kwargs = {"body": body, "media_type": "application/json"}
+        case = operation.Case(path_parameters=path_parameters, query=query, headers=headers,
+                              **kwargs)
+        extra = {"data": data} if data is not None else {}
+        response = case.call_and_validate(base_url=url, **extra)
+        assert response.status_code == status, (method, path, query, response.text)
+        seen.add((method, path, str(status)))
+        return response
+
+    def header(response, name):
+        return response.headers[name.lower()][0]
+
+    created = check("POST", "/jobs", status=201)
+    assert header(created, "Location") == f"/jobs/{created.json()['id']}"
+    check("POST", "/jobs", status=201, body={})
+    check("POST", "/jobs", status=201, body={"note": "lunch", "nested": {"a": [1, None]}})
+    check("POST", "/jobs", status=400, body=[1, 2])
+    check("POST", "/jobs", status=400, data=b"{not json",
+          headers={"Content-Type": "application/json"})
+    check("POST", "/jobs", status=413, body={"pad": "x" * 70_000})
+
+    listing = check("GET", "/jobs", status=200).json()
+    assert {job["id"] for job in listing} >= set(resolved + failed)
+    page = check("GET", "/jobs", status=200, query={"limit": 1})
+    assert header(page, "X-Jobs-Seq").isdigit()
+    assert header(page, "Link").startswith("</jobs?")
+    check("GET", "/jobs", status=200, query={"limit": 2, "after": listing[0]["id"],
+                                             "status": "resolved"})
+    for query in ({"limit": 0}, {"limit": 1001}, {"status": "done"}, {"after": "nope"},
+                  {"page": 2}):
+        check("GET", "/jobs", status=400, query=query)
+
+    job = check("GET", "/jobs/{id}", status=200, path_parameters={"id": resolved[0]}).json()
+    assert job["status"] == "resolved" and job["image"]["source"] == "unsplash"
+    job = check("GET", "/jobs/{id}", status=200, path_parameters={"id": failed[0]}).json()
+    assert job["status"] == "failed" and job["error"]
+    check("GET", "/jobs/{id}", status=404, path_parameters={"id": unknown})
+
+    retried = check("POST", "/jobs/{id}/retry", status=202, path_parameters={"id": failed[1]})
+    assert header(retried, "Location") == f"/jobs/{failed[1]}"
+    assert retried.json()["status"] == "pending" and retried.json()["attempts"] == 0
+    check("POST", "/jobs/{id}/retry", status=409, path_parameters={"id": resolved[1]})
+    check("POST", "/jobs/{id}/retry", status=404, path_parameters={"id": unknown})
+
+    assert check("GET", "/healthz", status=200).json()["status"] == "ok"
+    assert check("GET", "/openapi.json", status=200).json() == DOC
+    check("GET", "/", status=200)
+
+    # The WebSocket operations' refusals come before any upgrade, as plain HTTP.
+    check("GET", "/ws", status=400, query={"since": "-1"})
+    check("GET", "/ws", status=400)  # not a handshake
+    check("GET", "/ws", status=403, headers={"Origin": "https://evil.example"})
+    sio = {"EIO": "4", "transport": "websocket"}
+    check("GET", "/socket.io/", status=400, query={**sio, "transport": "polling"})
+    check("GET", "/socket.io/", status=400, query={**sio, "EIO": "3"})
+    check("GET", "/socket.io/", status=400, query=sio)  # no Upgrade header
+    check("GET", "/socket.io/", status=403, query=sio,
+          headers={"Origin": "https://evil.example", "Upgrade": "websocket",
+                   "Connection": "Upgrade"})
+
+    documented = {(method.upper(), path, status) for path, item in DOC["paths"].items()
+                  for method, operation in item.items() if method in METHODS
+                  for status in operation["responses"]}
+    assert documented - NOT_ON_THE_WIRE - seen == set(), "documented but never seen"
+
+
+@pytest.mark.parametrize("query", [
+    {"limit": "\u00b2"},  # SUPERSCRIPT TWO: str.isdigit() says yes, int() says no
+    {"limit": "\uff11"},  # FULLWIDTH DIGIT ONE: not an integer in the document's terms
+    {"limit": "1 "}, {"limit": "+1"}, {"limit": "1.0"}, {"limit": "99999999999999999999"},
+    {"status": "PENDING"}, {"status": ""}, {"after": ""},
+], ids=repr)
+def test_bad_list_parameters_are_a_documented_400(live, query):
+    schema = schemathesis.openapi.from_path(DOC_PATH)
+    case = schema["/jobs"]["GET"].Case(query=query)
+    response = case.call_and_validate(base_url=live["url"])
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_parameter"
+
+
+@pytest.mark.parametrize("since", ["\u00b2", "\uff11", "1.5", "-1", "9" * 19, ""], ids=repr)
+def test_bad_since_on_ws_is_a_documented_400(live, since):
+    schema = schemathesis.openapi.from_path(DOC_PATH)
+    case = schema["/ws"]["GET"].Case(query={"since": since})
+    response = case.call_and_validate(base_url=live["url"])
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_parameter"
+
+
+# Schemathesis, over every JSON operation, deterministic and bounded. The schema is the
+# file in the repo (loaded at import, before any server runs; the test above checks that
+# the server serves exactly this file), and every case goes to the live process.
+fuzz_schema = schemathesis.openapi.from_path(DOC_PATH).exclude(
+    path=sorted(NOT_FUZZED))
+
+
+def excluded_checks(case) -> list:
+    # A generated `after` names no job, and the document says that is a 400.
+    return [positive_data_acceptance] if case.query and "after" in case.query else []
+
+
+@fuzz_schema.parametrize()
+@settings(max_examples=40, derandomize=True, database=None, deadline=None,
+          suppress_health_check=list(HealthCheck))
+def test_schemathesis_finds_no_5xx_and_no_nonconforming_response(case, live):
+    response = case.call_and_validate(base_url=live["url"], excluded_checks=excluded_checks(case))
+    assert response.status_code < 500
+
+
+def test_schemathesis_follows_links_from_created_jobs(live):
+    """Stateful: ids from `POST /jobs` 201s feed `GET /jobs/{id}` and the retry."""
+    seen = []
+
+    class Workflow(fuzz_schema.as_state_machine()):
+        def get_call_kwargs(self, case):
+            return {"base_url": live["url"]}
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            seen.append((case.method, case.operation.path, response.status_code))
+            case.validate_response(response, excluded_checks=excluded_checks(case),
+                                   transport_kwargs=kwargs)
+
+    Workflow.run(settings=settings(max_examples=25, stateful_step_count=6, derandomize=True,
+                                   database=None, deadline=None,
+                                   suppress_health_check=list(HealthCheck)))
+    assert ("GET", "/jobs/{id}", 200) in seen
+
+
+def test_the_live_process_logged_no_internal_error(live):
+    """Runs last: anything any request above got past the handlers shows up here."""
+    service: Process = live["service"]
+    assert service.popen.poll() is None, "the service exited"
+    log = "\n".join(service.lines)
+    assert "Traceback" not in log, log
+    assert FUZZ_KEY not in log
