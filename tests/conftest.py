@@ -41,12 +41,16 @@ def jobs_file(tmp_path: Path) -> Path:
     return tmp_path / "jobs.json"
 
 
-@pytest.fixture
-async def fake_unsplash(aiohttp_server) -> FakeUnsplash:
-    fake = FakeUnsplash()
+async def serve_fake(aiohttp_server, fake: FakeUnsplash) -> FakeUnsplash:
+    """Serve a fake Unsplash on loopback; its base URL becomes `fake.url`."""
     server = await aiohttp_server(fake.app())
     fake.url = str(server.make_url("")).rstrip("/")
     return fake
+
+
+@pytest.fixture
+async def fake_unsplash(aiohttp_server) -> FakeUnsplash:
+    return await serve_fake(aiohttp_server, FakeUnsplash())
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import asyncio
 from collections import Counter
 
 import pytest
-from conftest import create_jobs
+from conftest import create_jobs, serve_fake
 from fake_unsplash import FakeUnsplash
 
 CHAOS_ENV = {
@@ -44,10 +44,7 @@ class ChaoticUnsplash(FakeUnsplash):
 
 @pytest.fixture
 async def chaotic_unsplash(aiohttp_server) -> ChaoticUnsplash:
-    fake = ChaoticUnsplash()
-    server = await aiohttp_server(fake.app())
-    fake.url = str(server.make_url("")).rstrip("/")
-    return fake
+    return await serve_fake(aiohttp_server, ChaoticUnsplash())
 
 
 async def create_many(client, count: int) -> list[str]:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 from aiohttp import web
-from conftest import FAST_ENV, create_jobs
+from conftest import FAST_ENV, create_jobs, serve_fake
 from fake_unsplash import FakeUnsplash
 
 import jobservice
@@ -65,10 +65,7 @@ class RecordingUnsplash(FakeUnsplash):
 async def fake_unsplash(aiohttp_server) -> RecordingUnsplash:
     """Overrides conftest's fixture (so `unsplash_env` uses it too) with a recording fake
     whose key is random, so a leak of it cannot be a coincidence."""
-    fake = RecordingUnsplash(key=secrets.token_hex(20))
-    server = await aiohttp_server(fake.app())
-    fake.url = str(server.make_url("")).rstrip("/")
-    return fake
+    return await serve_fake(aiohttp_server, RecordingUnsplash(key=secrets.token_hex(20)))
 
 
 async def run_jobs(client, events, count: int, *, concurrently: bool = False) -> list[dict]:

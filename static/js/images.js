@@ -1,6 +1,8 @@
 // Which image URLs the page may render: only those whose origin the server
 // listed in <meta name="image-origins"> (the same list its CSP allows).
 
+import { safeHttpUrl } from './util.js';
+
 const FALLBACK = ['https://images.unsplash.com', 'https://plus.unsplash.com'];
 const PLACEHOLDER = '__IMAGE_ORIGINS__';
 
@@ -10,12 +12,8 @@ function readAllowed() {
   const tokens = content.includes(PLACEHOLDER) ? [] : content.split(/\s+/).filter(Boolean);
   const origins = new Set();
   for (const token of tokens.length ? tokens : FALLBACK) {
-    try {
-      const url = new URL(token);
-      if (url.protocol === 'https:' || url.protocol === 'http:') origins.add(url.origin);
-    } catch {
-      // ignore malformed entries
-    }
+    const url = safeHttpUrl(token);
+    if (url) origins.add(url.origin);
   }
   return origins;
 }
@@ -28,15 +26,8 @@ export function allowedImageOrigins() {
 
 /** The URL (normalised) if it may be shown, otherwise null. */
 export function allowedImageUrl(value) {
-  if (typeof value !== 'string' || value === '') return null;
-  let url;
-  try {
-    url = new URL(value);
-  } catch {
-    return null;
-  }
-  if (url.protocol !== 'https:' && url.protocol !== 'http:') return null;
-  return allowed.has(url.origin) ? url.href : null;
+  const url = safeHttpUrl(value);
+  return url && allowed.has(url.origin) ? url.href : null;
 }
 
 export function safeColor(value) {
