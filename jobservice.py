@@ -532,6 +532,7 @@ class JobStore:
                 await self._append(data)
             except OSError as exc:
                 self._note_fault(exc)
+                await self._cut_failed_write()
                 for job in staged:
                     self.in_flight.discard(job.id)
                 batch.set_exception(StorageError(f"jobs cannot be stored right now: {exc}"))
@@ -549,7 +550,10 @@ class JobStore:
     async def _append(self, data: bytes) -> None:
         if self._journal is None:
             self._journal = await aiofiles.open(self.journal_path, "ab", buffering=0)
-            self._journal_size = (await aiofiles.os.stat(self.journal_path)).st_size
+            # A crash may have left a torn line: appending onto it would spoil the next
+            # record too, so start right after the last complete one.
+            self._journal_size = await aiofiles.os.wrap(_complete_length)(self.journal_path)
+            self._journal_torn = True
             await self._sync_directory()
         if self._journal_torn:
             # An earlier write failed half-way; cut its remains off before appending.
@@ -563,6 +567,17 @@ class JobStore:
         await aiofiles.os.wrap(os.fsync)(self._journal.fileno())
         self._journal_torn = False
         self._journal_size += len(data)
+
+    async def _cut_failed_write(self) -> None:
+        """Take back what a failed write left behind (the bytes may have landed even if
+        the fsync failed), so that a restart cannot revive jobs that were refused."""
+        if self._journal is None or not self._journal_torn:
+            return
+        try:
+            await self._journal.truncate(self._journal_size)
+            self._journal_torn = False
+        except OSError:
+            pass  # the next append cuts it before writing
 
     async def _sync_directory(self) -> None:
         def sync(directory):
@@ -655,6 +670,7 @@ class JobStore:
             await self._writer
         if self._compaction is not None:
             await self._compaction
+        await self._cut_failed_write()
         if self._journal_records or self.rotated_path.exists():
             try:
                 await self.write_snapshot()
@@ -684,6 +700,20 @@ class JobStore:
             changed.append(job)
         changed.reverse()
         return changed
+
+
+def _complete_length(path: Path) -> int:
+    """How many bytes of a journal end with its last complete line."""
+    with open(path, "rb") as journal:
+        end = journal.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - 65536)
+            journal.seek(start)
+            newline = journal.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                return start + newline + 1
+            end = start
+        return 0
 
 
 def _remove_if_exists(path: Path) -> None:
