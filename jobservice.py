@@ -645,6 +645,9 @@ class JobStore:
         finally:
             self._compact_at = self._journal_records + self._compact_threshold()
             self._compaction = None
+            # Jobs made since the last freeze are long-lived too: keep them out of the
+            # full collections that otherwise set the latency tail.
+            gc.freeze()
 
     async def write_snapshot(self) -> None:
         # Taken in one step, so it is the registry at one seq; Job objects never change.
