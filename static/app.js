@@ -51,11 +51,12 @@ const list = new JobList(ui.list, ui.tail, {
   onTransition(prev, job) {
     if (!announceChanges) return;
     if (!prev) {
-      announcer.job(job.status === 'pending' ? 'created' : job.status,
+      announcer.job(job.id, job.status === 'pending' ? 'created' : job.status,
         job.status === 'pending' ? `New job ${shortId(job.id)} is in the queue.` : describe(job));
     } else if (prev.status !== job.status) {
       const kind = job.status === 'pending' ? 'retried' : job.status;
-      announcer.job(kind, kind === 'retried' ? `Job ${shortId(job.id)} is pending again.` : describe(job));
+      announcer.job(job.id, kind,
+        kind === 'retried' ? `Job ${shortId(job.id)} is pending again.` : describe(job));
     }
   },
   onSummary: renderSummary,

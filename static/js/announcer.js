@@ -7,17 +7,16 @@ const INTERVAL = 1500;
 export class Announcer {
   constructor(region) {
     this.region = region;
-    this.pending = [];
-    this.counts = { created: 0, resolved: 0, failed: 0, retried: 0 };
+    this.changes = new Map(); // job id -> its latest {kind, detail} since the last flush
     this.messages = [];
     this.timer = null;
     this.lastFlush = 0;
   }
 
-  /** kind: created | resolved | failed | retried; detail: a short sentence for a single change. */
-  job(kind, detail) {
-    this.counts[kind] += 1;
-    this.pending.push(detail);
+  /** kind: created | resolved | failed | retried; detail: a short sentence about the job. */
+  job(id, kind, detail) {
+    this.changes.delete(id); // one job changing twice is told once, as it is now
+    this.changes.set(id, { kind, detail });
     this.schedule();
   }
 
@@ -36,20 +35,18 @@ export class Announcer {
     this.timer = null;
     this.lastFlush = Date.now();
     const parts = [...this.messages];
-    if (this.pending.length === 1) {
-      parts.push(this.pending[0]);
-    } else if (this.pending.length > 1) {
-      const { created, resolved, failed, retried } = this.counts;
-      const bits = [];
-      if (created) bits.push(`${created} new`);
-      if (retried) bits.push(`${retried} retried`);
-      if (resolved) bits.push(`${resolved} resolved`);
-      if (failed) bits.push(`${failed} failed`);
+    const changes = [...this.changes.values()];
+    if (changes.length === 1) {
+      parts.push(changes[0].detail);
+    } else if (changes.length > 1) {
+      const counts = { created: 0, retried: 0, resolved: 0, failed: 0 };
+      for (const { kind } of changes) counts[kind] += 1;
+      const labels = { created: 'new', retried: 'retried', resolved: 'resolved', failed: 'failed' };
+      const bits = Object.entries(counts).filter(([, n]) => n).map(([k, n]) => `${n} ${labels[k]}`);
       parts.push(`Jobs updated: ${bits.join(', ')}.`);
     }
     this.messages = [];
-    this.pending = [];
-    this.counts = { created: 0, resolved: 0, failed: 0, retried: 0 };
+    this.changes.clear();
     if (parts.length) this.region.textContent = parts.join(' ');
   }
 }
