@@ -764,7 +764,6 @@ class CatalogImages:
 
     def __init__(self, path: Path = CATALOG_FILE):
         self.photos = [self._photo(entry) for entry in json.loads(path.read_text("utf-8"))]
-        self.calls = 0
 
     @staticmethod
     def _photo(entry: dict) -> Photo:
@@ -799,7 +798,6 @@ class UnsplashImages:
         self._settings = settings
         self._pool: deque[Photo] = deque()
         self._paused_until = 0.0
-        self.calls = 0
 
     def describe(self) -> str:
         settings = self._settings
@@ -821,7 +819,6 @@ class UnsplashImages:
 
     async def _fetch(self) -> list[Photo]:
         settings = self._settings
-        self.calls += 1
         try:
             async with self._session.get(
                 f"{settings.unsplash_api_url}/photos/random",
