@@ -7,6 +7,7 @@ Delays and retry settings are shrunk through the environment, never slept throug
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -175,9 +176,9 @@ class ServiceProcess:
         return code
 
 
-@pytest.fixture
-async def service_process(jobs_file):
-    """Start real service processes; every one still running is killed afterwards."""
+@contextlib.asynccontextmanager
+async def running_services(jobs_file: Path):
+    """A starter of real service processes; every one still running is killed after."""
     started: list[ServiceProcess] = []
 
     async def start(env: dict | None = None, path: Path | None = None, args=()):
@@ -185,8 +186,17 @@ async def service_process(jobs_file):
         started.append(service)
         return await service.start()
 
-    yield start
-    for service in started:
-        if service.process and service.process.returncode is None:
-            service.process.kill()
-            await service.process.wait()
+    try:
+        yield start
+    finally:
+        for service in started:
+            if service.process and service.process.returncode is None:
+                service.process.kill()
+                await service.process.wait()
+
+
+@pytest.fixture
+async def service_process(jobs_file):
+    """Start real service processes (`await service_process(env, path, args)`)."""
+    async with running_services(jobs_file) as start:
+        yield start

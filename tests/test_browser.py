@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import pytest
 import pytest_asyncio
-from conftest import ROOT, ServiceProcess
+from conftest import ROOT, running_services
 from playwright.async_api import Browser, Page, async_playwright
 
 import jobservice
@@ -116,18 +116,8 @@ async def fake(fake_process) -> FakeUnsplashProcess:
 async def service_process(jobs_file):
     """conftest's `service_process`, on this module's loop (a subprocess belongs to the
     loop that started it)."""
-    started: list[ServiceProcess] = []
-
-    async def start(env: dict | None = None, path: Path | None = None, args=()):
-        service = ServiceProcess(path or jobs_file, env, args)
-        started.append(service)
-        return await service.start()
-
-    yield start
-    for service in started:
-        if service.process and service.process.returncode is None:
-            service.process.kill()
-            await service.process.wait()
+    async with running_services(jobs_file) as start:
+        yield start
 
 
 def service_env(fake: FakeUnsplashProcess, **settings: str) -> dict:

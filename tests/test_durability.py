@@ -102,6 +102,15 @@ def read_files(jobs_file: Path) -> dict[str, dict]:
 # --- Watching events ---------------------------------------------------------------------
 
 
+
+def fd_under(fd: int, directory) -> bool:
+    """Whether an open file descriptor is a file in (or is) the test's directory."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return False
+    return target == str(directory) or target.startswith(f"{directory}/")
+
 class Watcher:
     """Reads every frame of one `/ws` connection in the background, so that a test can both
     assert that nothing arrived and wait until something does."""
@@ -422,11 +431,7 @@ class Disk:
             monkeypatch.setattr(os, "fsync", fsync)
 
     def ours(self, fd: int) -> bool:
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            return False
-        return target == str(self.directory) or target.startswith(f"{self.directory}/")
+        return fd_under(fd, self.directory)
 
     @property
     def jobs_file(self) -> Path:
@@ -682,11 +687,7 @@ class FsyncGate:
         monkeypatch.setattr(os, "fsync", fsync)
 
     def _ours(self, fd: int) -> bool:
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            return False
-        return target == self.directory or target.startswith(f"{self.directory}/")
+        return fd_under(fd, self.directory)
 
     def close(self) -> None:
         self.entered.clear()
