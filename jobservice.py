@@ -1197,6 +1197,12 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
+def is_ascii_number(text: str) -> bool:
+    """Digits 0-9 only: str.isdigit() alone also takes superscript and full-width
+    digits, which int() refuses or reads differently."""
+    return text.isascii() and text.isdigit()
+
+
 def json_response(text: str, status: int = 200, headers=None) -> web.Response:
     return web.Response(text=text, status=status, headers=headers,
                         content_type=JSON_TYPE, charset="utf-8")
@@ -1252,7 +1258,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     limit = None
     if "limit" in query:
         raw = query["limit"]
-        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PAGE:
+        if not is_ascii_number(raw) or not 1 <= int(raw) <= MAX_PAGE:
             raise ApiError(400, "invalid_parameter",
                            f"limit must be a whole number from 1 to {MAX_PAGE}")
         limit = int(raw)
@@ -1319,7 +1325,7 @@ def _since(request: web.Request) -> int | None:
     raw = request.query.get("since")
     if raw is None:
         return None
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+    if not is_ascii_number(raw) or len(raw) > 18:
         raise ApiError(400, "invalid_parameter", "since must be a whole number (a seq)")
     return int(raw)
 
@@ -1407,7 +1413,7 @@ async def socketio_socket(request: web.Request) -> web.StreamResponse:
     store, hub = request.app[STORE], request.app[HUB]
     pid, offset = auth.get("pid"), auth.get("offset")
     recovering = (isinstance(pid, str) and 16 <= len(pid) <= 64 and isinstance(offset, str)
-                  and offset.isascii() and offset.isdigit() and len(offset) <= 18)
+                  and is_ascii_number(offset) and len(offset) <= 18)
     if recovering and int(offset) <= store.seq:
         since = int(offset)
     elif recovering:  # the store was replaced: a fresh session, told to RESET

@@ -518,6 +518,16 @@ async def post_job(client, created: list[str]) -> tuple[int, dict, str]:
     return response.status, body, created[before]
 
 
+async def post_acknowledged(client, created: list[str], count: int) -> list[str]:
+    """POST /jobs count times while the disk works: every one must be a 201."""
+    acknowledged = []
+    for _ in range(count):
+        status, body, job_id = await post_job(client, created)
+        assert status == 201, body
+        acknowledged.append(job_id)
+    return acknowledged
+
+
 def assert_refused(status: int, body: dict) -> None:
     assert status == 503, body
     assert body["error"]["code"] == "storage_unavailable", body
@@ -535,11 +545,7 @@ async def test_disk_fault_refuses_new_jobs_keeps_reads_holds_resolutions_and_rec
     caplog.set_level(logging.INFO, logger="jobservice")
     path = disk.jobs_file
     client = await start_service(DUE_IN_A_SECOND, path=path)
-    acknowledged = []
-    for _ in range(5):
-        status, body, job_id = await post_job(client, created)
-        assert status == 201, body
-        acknowledged.append(job_id)
+    acknowledged = await post_acknowledged(client, created, 5)
     if disk.how == "tmpfs" and disk.code == errno.EROFS:
         await client.close()  # closes the journal, or the kernel cannot remount read-only
         client = await start_service(DUE_IN_A_SECOND, path=path)
@@ -626,11 +632,7 @@ async def test_jobs_refused_during_a_fault_do_not_come_back_after_a_restart_duri
     records in the journal, and they must not be read back as jobs."""
     path = disk.jobs_file
     client = await start_service(SLOW, path=path)
-    acknowledged = []
-    for _ in range(3):
-        status, body, job_id = await post_job(client, created)
-        assert status == 201, body
-        acknowledged.append(job_id)
+    acknowledged = await post_acknowledged(client, created, 3)
     await asyncio.to_thread(disk.break_)
     refused = []
     for _ in range(64):
