@@ -50,7 +50,10 @@ __version__ = "1.0.0"
 log = logging.getLogger("jobservice")
 
 HERE = Path(__file__).resolve().parent
-STATIC_DIR = HERE / "static"
+# A checkout (or an editable install) has static/ beside this file; a wheel installs the
+# same folder beside it as jobservice_static/, so that site-packages gets no bare `static`.
+STATIC_DIR = next((folder for folder in (HERE / "static", HERE / "jobservice_static")
+                   if folder.is_dir()), HERE / "static")
 CATALOG_FILE = STATIC_DIR / "unsplash_food_photos.json"
 
 

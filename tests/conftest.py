@@ -138,8 +138,10 @@ class ServiceProcess:
 
     LISTENING = re.compile(r"listening on http://([^\s;]+):(\d+)")
 
-    def __init__(self, jobs_file: Path, env: dict | None = None, args=(), command=None):
+    def __init__(self, jobs_file: Path, env: dict | None = None, args=(), command=None,
+                 cwd: Path | None = None):
         self.command = command or [sys.executable, str(ROOT / "jobservice.py")]
+        self.cwd = cwd
         self.jobs_file = jobs_file
         self.env = {**os.environ, **FAST_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.args = list(args)
@@ -151,7 +153,8 @@ class ServiceProcess:
     async def start(self, timeout: float = 20.0) -> ServiceProcess:
         self.process = await asyncio.create_subprocess_exec(
             *self.command, "--port", "0", "--data", str(self.jobs_file), *self.args,
-            env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            cwd=self.cwd, env=self.env, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
         ready = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read(ready))
         self.url = await asyncio.wait_for(ready, timeout)
