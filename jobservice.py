@@ -1086,16 +1086,21 @@ class SocketIOFrames:
 
 
 class Peer:
-    def __init__(self, ws: web.WebSocketResponse, frames, transport, handshake: str = ""):
-        self.ws = ws
+    """One subscriber: the replay it asked for, then live events from a bounded backlog.
+    A WebSocket peer has a writer task that sends them; a long-polling peer hands them
+    out to its next poll."""
+
+    def __init__(self, frames):
         self.frames = frames
-        self.transport = transport
-        self.handshake = handshake  # sent after the replay (Socket.IO's CONNECT reply)
+        self.replay: deque[str] = deque()  # as long as what was missed: never cut
         self.backlog: deque[str] = deque()
         self.backlog_bytes = 0
         self.wakeup = asyncio.Event()
+        self.ws: web.WebSocketResponse | None = None
+        self.transport = None
         self.writer: asyncio.Task | None = None
         self.closing = False
+        self.last_words = ""  # a packet that goes out just before the close
 
     def push(self, text: str) -> None:
         if self.closing:
@@ -1107,19 +1112,63 @@ class Peer:
         else:
             self.wakeup.set()
 
-    def close(self, code: int, reason: str) -> asyncio.Task | None:
+    def start(self, first: list[str]) -> None:
+        self.replay.extend(first)
+        self.wakeup.set()
+
+    def next_frame(self) -> str | None:
+        if self.replay:
+            return self.replay.popleft()
+        if self.backlog:
+            text = self.backlog.popleft()
+            self.backlog_bytes -= len(text)
+            return text
+        return None
+
+    def take(self, limit: int) -> list[str]:
+        """The next frames: at least one if there is any, and no more once `limit`
+        characters are reached."""
+        texts, size = [], 0
+        while size < limit and (text := self.next_frame()) is not None:
+            texts.append(text)
+            size += len(text) + 1
+        return texts
+
+    def use_websocket(self, ws: web.WebSocketResponse, transport) -> None:
+        self.ws, self.transport = ws, transport
+        self.writer = asyncio.get_running_loop().create_task(self._send_over_websocket())
+
+    async def _send_over_websocket(self) -> None:
+        try:
+            while True:
+                while (text := self.next_frame()) is not None:
+                    await self.ws.send_str(text)
+                self.wakeup.clear()
+                await self.wakeup.wait()
+        except (ConnectionError, RuntimeError):
+            self.close(1011, "send failed")
+
+    def close(self, code: int, reason: str, last_words: str = "") -> asyncio.Task | None:
         if self.closing:
             return None
         self.closing = True
+        self.last_words = last_words
+        self.replay.clear()
         self.backlog.clear()
         self.backlog_bytes = 0
+        self.wakeup.set()  # a waiting poll answers with the close
         if self.writer is not None:
             self.writer.cancel()
+        if self.ws is None:
+            return None
         return asyncio.get_running_loop().create_task(self._close(code, reason))
 
     async def _close(self, code: int, reason: str) -> None:
         try:
-            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()), 2.0)
+            async with asyncio.timeout(2.0):
+                if self.last_words:
+                    await self.ws.send_str(self.last_words)
+                await self.ws.close(code=code, message=reason.encode())
         except (TimeoutError, ConnectionError, RuntimeError, asyncio.CancelledError):
             # A peer that does not read cannot take a close frame either, and a graceful
             # transport close would wait for it forever. (A CancelledError here may be
@@ -1128,21 +1177,6 @@ class Peer:
                 self.transport.abort()
             if asyncio.current_task().cancelling():
                 raise
-
-    async def send_all(self, first: list[str]) -> None:
-        """Send the replay, then live events as they come; runs as the peer's writer."""
-        try:
-            for text in first:
-                await self.ws.send_str(text)
-            while True:
-                while self.backlog:
-                    text = self.backlog.popleft()
-                    self.backlog_bytes -= len(text)
-                    await self.ws.send_str(text)
-                self.wakeup.clear()
-                await self.wakeup.wait()
-        except (ConnectionError, RuntimeError):
-            self.close(1011, "send failed")
 
 
 class EventHub:
@@ -1153,15 +1187,16 @@ class EventHub:
 
     def publish(self, job: Job) -> None:
         texts = {}
-        for peer in self.peers:
+        for peer in tuple(self.peers):  # a peer too far behind leaves the set as it goes
             text = texts.get(peer.frames)
             if text is None:
                 text = texts[peer.frames] = peer.frames.event(job)
             peer.push(text)
 
-    def attach(self, peer: Peer, since: int | None) -> None:
-        """Register a peer and start its writer with what it missed, atomically: every
-        change up to now is in the replay, every later one arrives in its backlog."""
+    def attach(self, peer: Peer, since: int | None, handshake: str = "") -> None:
+        """Register a peer and queue what it missed, atomically: every change up to now
+        is in the replay, every later one arrives in its backlog. The handshake (Socket.IO's
+        CONNECT reply) follows the replay."""
         first = []
         if since is not None:
             if since > self.store.seq:
@@ -1169,10 +1204,10 @@ class EventHub:
             else:
                 first.extend(peer.frames.event(job) for job in self.store.changed_since(since))
                 first.append(peer.frames.control("SYNCED", self.store.seq))
-        if peer.handshake:
-            first.append(peer.handshake)
+        if handshake:
+            first.append(handshake)
         self.peers.add(peer)
-        peer.writer = asyncio.get_running_loop().create_task(peer.send_all(first))
+        peer.start(first)
 
     def detach(self, peer: Peer) -> None:
         self.peers.discard(peer)
@@ -1181,6 +1216,192 @@ class EventHub:
 
     async def close_all(self, code: int, reason: str) -> None:
         closing = [peer.close(code, reason) for peer in list(self.peers)]
+        await asyncio.gather(*(task for task in closing if task is not None))
+
+
+# Engine.IO v4 sessions, under Socket.IO v5 on the main namespace. A session starts on
+# long-polling (and may upgrade to a WebSocket) or on a WebSocket; either way it is one
+# Peer. One sweep pings every session, drops those that stop answering, and enforces the
+# connect timeout, so an idle session costs no task and no timer. The recovery id (pid)
+# is random and the public sid is derived from it, so a client that comes back with
+# {pid, offset} is recovered with no session kept on the server, across restarts too.
+
+EIO_PING_INTERVAL = 25.0
+EIO_PING_TIMEOUT = 20.0
+EIO_UPGRADE_TIMEOUT = 10.0
+EIO_MAX_PAYLOAD = 1_000_000
+SIO_CONNECT_TIMEOUT = 45.0
+# Each idle polling session costs about 2 KB (tests/bench.py), so 10,000 cost ~20 MB;
+# sessions that have not sent their Socket.IO CONNECT are the cheap ones to flood, and
+# the oldest of them is dropped first once 1,000 are waiting.
+EIO_MAX_POLLING_SESSIONS = 10_000
+EIO_MAX_HALF_OPEN = 1_000
+
+
+def socketio_sid(pid: str) -> str:
+    digest = hashlib.sha256(b"socket.io sid:" + pid.encode()).digest()
+    return base64.urlsafe_b64encode(digest[:15]).decode()
+
+
+def socketio_resume(store: JobStore, auth: dict) -> tuple[str, int]:
+    """(pid, since) for a CONNECT: the same pid and its offset when the client recovers,
+    else a new pid from now on (or, if its offset is beyond the store, from a RESET)."""
+    pid, offset = auth.get("pid"), auth.get("offset")
+    recovering = (isinstance(pid, str) and 16 <= len(pid) <= 64 and isinstance(offset, str)
+                  and is_ascii_number(offset) and len(offset) <= 18)
+    if recovering and int(offset) <= store.seq:
+        return pid, int(offset)
+    if recovering:  # the store was replaced: a fresh session, told to RESET
+        return secrets.token_urlsafe(15), int(offset)
+    return secrets.token_urlsafe(15), store.seq
+
+
+class EngineIOSession(Peer):
+    def __init__(self, engine: EngineIO, polling: bool):
+        super().__init__(SocketIOFrames)
+        self.engine = engine
+        self.sid = secrets.token_urlsafe(15)
+        self.polling = polling  # false once the session is on a WebSocket
+        self.upgrading = False  # a WebSocket is taking over
+        self.probed = False  # ... and has sent its probe: a waiting poll gets a noop
+        self.closed_by_client = False
+        self.polled = self.posting = False  # a GET / a POST is under way
+        self.connected = False  # Socket.IO CONNECT received
+        now = asyncio.get_running_loop().time()
+        self.opened_at = now
+        self.ping_at = now + EIO_PING_INTERVAL
+        self.pong_by: float | None = None
+
+    def open_packet(self) -> str:
+        return "0" + json.dumps({
+            "sid": self.sid, "upgrades": ["websocket"] if self.polling else [],
+            "pingInterval": int(EIO_PING_INTERVAL * 1000),
+            "pingTimeout": int(EIO_PING_TIMEOUT * 1000), "maxPayload": EIO_MAX_PAYLOAD})
+
+    def receive(self, packet: str) -> bool:
+        """Take one packet from the client; False if it is not one this server takes,
+        and the session is closed."""
+        if packet == "3":
+            self.pong_by = None
+            self.ping_at = asyncio.get_running_loop().time() + EIO_PING_INTERVAL
+        elif packet == "1":
+            self.closed_by_client = True
+            self.close(1000, "closed by the client")
+        elif packet.startswith("4"):
+            return self._socketio(packet[1:])
+        elif packet not in ("2", "5", "6"):  # a client ping, a stray upgrade, a noop
+            self.close(1002, "unsupported packet")
+            return False
+        return True
+
+    def _socketio(self, packet: str) -> bool:
+        if self.connected:
+            if packet == "1":
+                self.closed_by_client = True
+                self.close(1000, "disconnected by the client")
+            elif not packet.startswith(("2", "3")):  # events and acks have no listener
+                self.close(1002, "unsupported packet")
+                return False
+            return True
+        if packet.startswith("0/"):
+            namespace = packet[1:].split(",", 1)[0]
+            self.push(f'44{namespace},{{"message":"Invalid namespace"}}')
+            return True
+        if not packet.startswith("0"):
+            self.close(1002, "expected a CONNECT packet for /")
+            return False
+        try:
+            auth = json.loads(packet[1:]) if len(packet) > 1 else {}
+        except (ValueError, RecursionError):
+            auth = None
+        if not isinstance(auth, dict):
+            self.close(1002, "bad CONNECT payload",
+                       '44{"message":"the CONNECT payload must be a JSON object"}')
+            return False
+        self.connected = True
+        self.engine.half_open.pop(self.sid, None)
+        pid, since = socketio_resume(self.engine.hub.store, auth)
+        handshake = "40" + json.dumps({"sid": socketio_sid(pid), "pid": pid})
+        self.engine.hub.attach(self, since, handshake)
+        return True
+
+    async def poll(self) -> str:
+        """Wait until there is something to send (or the session ends, or is upgrading),
+        then the body of the answer to a long-polling GET."""
+        while not (self.replay or self.backlog or self.closing or self.probed
+                   or not self.polling):
+            self.wakeup.clear()
+            await self.wakeup.wait()
+        if self.closed_by_client:
+            return "6"
+        if self.closing:
+            return "\x1e".join(filter(None, (self.last_words, "1")))
+        texts = self.take(EIO_MAX_PAYLOAD) if self.polling else []
+        return "\x1e".join(texts) or "6"
+
+    def upgrade(self, ws: web.WebSocketResponse, transport) -> None:
+        self.engine.polling_count -= 1
+        self.polling = self.upgrading = self.probed = False
+        self.wakeup.set()  # a poll still waiting is answered with a noop
+        self.use_websocket(ws, transport)
+
+    def close(self, code: int, reason: str, last_words: str = "") -> asyncio.Task | None:
+        task = super().close(code, reason, last_words)
+        self.engine.forget(self)
+        return task
+
+
+class EngineIO:
+    """The Engine.IO sessions by sid, and the one sweep that keeps their heartbeats."""
+
+    def __init__(self, hub: EventHub):
+        self.hub = hub
+        self.sessions: dict[str, EngineIOSession] = {}
+        self.half_open: dict[str, EngineIOSession] = {}  # no CONNECT yet, oldest first
+        self.polling_count = 0
+        self.sweeper: asyncio.Task | None = None
+
+    def open(self, polling: bool) -> EngineIOSession | None:
+        """A new session, or None if the polling sessions are at their cap."""
+        if len(self.half_open) >= EIO_MAX_HALF_OPEN:
+            next(iter(self.half_open.values())).close(1008, "too many sessions waiting")
+        if polling and self.polling_count >= EIO_MAX_POLLING_SESSIONS:
+            oldest = next((s for s in self.half_open.values() if s.polling), None)
+            if oldest is None:
+                return None
+            oldest.close(1008, "too many sessions waiting")
+        session = EngineIOSession(self, polling)
+        self.sessions[session.sid] = self.half_open[session.sid] = session
+        self.polling_count += polling
+        if self.sweeper is None:
+            self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return session
+
+    def forget(self, session: EngineIOSession) -> None:
+        if self.sessions.pop(session.sid, None) is not None:
+            self.polling_count -= session.polling
+        self.half_open.pop(session.sid, None)
+        self.hub.detach(session)
+
+    async def _sweep(self) -> None:
+        period = min(1.0, EIO_PING_INTERVAL / 4, EIO_PING_TIMEOUT / 4)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            for session in list(self.sessions.values()):
+                if session.pong_by is not None and now >= session.pong_by:
+                    session.close(1000, "ping timeout")
+                elif not session.connected and now >= session.opened_at + SIO_CONNECT_TIMEOUT:
+                    session.close(1002, "no Socket.IO CONNECT packet")
+                elif session.pong_by is None and now >= session.ping_at:
+                    session.pong_by = now + EIO_PING_TIMEOUT
+                    session.push("2")
+
+    async def close_all(self, code: int, reason: str) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+        closing = [session.close(code, reason) for session in list(self.sessions.values())]
         await asyncio.gather(*(task for task in closing if task is not None))
 
 
@@ -1334,7 +1555,8 @@ def _since(request: web.Request) -> int | None:
 
 
 def _check_origin(request: web.Request) -> None:
-    """Browsers send Origin on a WebSocket handshake and never enforce CORS on one."""
+    """Browsers send Origin on a WebSocket handshake and never enforce CORS on one, and
+    a long-poll's POST is a "simple request" that they send before any CORS check."""
     origin = request.headers.get("Origin")
     if origin is None:
         return
@@ -1342,7 +1564,18 @@ def _check_origin(request: web.Request) -> None:
         return
     if request.app[SETTINGS].allows_origin(origin):
         return
-    raise ApiError(403, "origin_not_allowed", f"origin {origin} may not open this socket")
+    raise ApiError(403, "origin_not_allowed", _refused_origin(request.app, origin))
+
+
+def _refused_origin(app: web.Application, origin: str) -> str:
+    """What to tell a refused origin; the log hears of each one once (of the first 1,000)."""
+    message = f"origin {origin[:200]} is not allowed; add it to CORS_ORIGINS"
+    refused = app[REFUSED_ORIGINS]
+    if origin not in refused and len(refused) < 1000:
+        refused.add(origin)
+        log.warning("refused a request from origin %r: it is not in CORS_ORIGINS",
+                    origin[:200])
+    return message
 
 
 WS_HEARTBEAT = 20.0
@@ -1355,7 +1588,8 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT, max_msg_size=WS_MAX_MESSAGE)
     await ws.prepare(request)
     hub = request.app[HUB]
-    peer = Peer(ws, NativeFrames, request.transport)
+    peer = Peer(NativeFrames)
+    peer.use_websocket(ws, request.transport)
     hub.attach(peer, since)
     try:
         async for message in ws:
@@ -1366,124 +1600,153 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-# Socket.IO (Engine.IO v4, Socket.IO v5), websocket transport only, main namespace only.
-# The recovery id (pid) is random and the public sid is derived from it, so a client
-# that comes back with {pid, offset} is recovered with no session kept on the server,
-# across restarts too.
+# Socket.IO's endpoint: Engine.IO's checks in the reference server's order, then the
+# handshake, a long-poll, a POST of packets, a WebSocket, or the upgrade of a polling
+# session to a WebSocket.
 
-EIO_PING_INTERVAL = 25.0
-EIO_PING_TIMEOUT = 20.0
-EIO_MAX_PAYLOAD = 1_000_000
-SIO_CONNECT_TIMEOUT = 45.0
+TEXT_TYPE = "text/plain"
 
 
-def _engineio_refusal(status: int, code: int, message: str) -> web.Response:
-    return web.json_response({"code": code, "message": message}, status=status)
+def _engineio_refusal(status: int, code: int, message: str, headers=None) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status,
+                             headers=headers)
 
 
-def socketio_sid(pid: str) -> str:
-    digest = hashlib.sha256(b"socket.io sid:" + pid.encode()).digest()
-    return base64.urlsafe_b64encode(digest[:15]).decode()
+def _engineio_text(body: str) -> web.Response:
+    return web.Response(text=body, content_type=TEXT_TYPE, charset="UTF-8",
+                        headers={"Cache-Control": "no-store"})
 
 
-async def socketio_socket(request: web.Request) -> web.StreamResponse:
+async def socketio_endpoint(request: web.Request) -> web.StreamResponse:
     query = request.query
-    if query.get("transport") != "websocket":
+    transport = query.get("transport")
+    if transport not in ("polling", "websocket"):
         return _engineio_refusal(400, 0, "Transport unknown")
+    engine = request.app[ENGINE]
+    session = None
     if "sid" in query:
-        return _engineio_refusal(400, 1, "Session ID unknown")
-    if request.method != "GET":
+        session = engine.sessions.get(query["sid"])
+        if session is None:
+            return _engineio_refusal(400, 1, "Session ID unknown")
+        if not session.polling or (transport == "websocket" and session.upgrading):
+            return _engineio_refusal(400, 3, "Bad request")  # upgraded, or upgrading
+    elif request.method != "GET":
         return _engineio_refusal(400, 2, "Bad handshake method")
     if query.get("EIO") != "4":
         return _engineio_refusal(400, 5, "Unsupported protocol version")
-    if request.headers.get("Upgrade", "").lower() != "websocket":
+    upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+    if transport == "websocket" and (not upgrade or request.method != "GET"):
         return _engineio_refusal(400, 3, "Bad request")
     try:
         _check_origin(request)
-    except ApiError:
-        return _engineio_refusal(403, 4, "Forbidden")
+    except ApiError as exc:
+        return _engineio_refusal(403, 4, exc.message)
 
+    if transport == "websocket":
+        return await _engineio_websocket(request, engine, session)
+    if session is None:
+        session = engine.open(polling=True)
+        if session is None:
+            return _engineio_refusal(503, 3, "too many polling sessions; try again later",
+                                     {"Retry-After": "5"})
+        return _engineio_text(session.open_packet())
+    if request.method == "GET":
+        return await _engineio_poll(session)
+    if request.method == "POST":
+        return await _engineio_post(request, session)
+    return _engineio_refusal(400, 3, "Bad request")
+
+
+async def _engineio_poll(session: EngineIOSession) -> web.Response:
+    if session.polled:  # one GET at a time, says the protocol; a second ends the session
+        session.close(1002, "overlapping polls")
+        return _engineio_refusal(400, 3, "Bad request")
+    session.polled = True
+    try:
+        return _engineio_text(await session.poll())
+    finally:
+        session.polled = False
+
+
+async def _engineio_post(request: web.Request, session: EngineIOSession) -> web.Response:
+    if session.posting:
+        session.close(1002, "overlapping posts")
+        return _engineio_refusal(400, 3, "Bad request")
+    session.posting = True
+    try:
+        chunks, size = [], 0
+        if (request.content_length or 0) <= EIO_MAX_PAYLOAD:
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > EIO_MAX_PAYLOAD:
+                    break
+                chunks.append(chunk)
+        if (request.content_length or 0) > EIO_MAX_PAYLOAD or size > EIO_MAX_PAYLOAD:
+            session.close(1009, "payload too large")
+            return _engineio_refusal(413, 3, f"the body is over {EIO_MAX_PAYLOAD} bytes")
+        try:
+            packets = b"".join(chunks).decode("utf-8").split("\x1e")
+        except UnicodeDecodeError:
+            packets = [""]
+        if not all(session.receive(packet) for packet in packets):
+            session.close(1002, "bad packet")
+            return _engineio_refusal(400, 3, "Bad request")
+        return _engineio_text("ok")
+    finally:
+        session.posting = False
+
+
+async def _engineio_websocket(request: web.Request, engine: EngineIO,
+                              session: EngineIOSession | None) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=EIO_MAX_PAYLOAD)
-    await ws.prepare(request)
-    await ws.send_str("0" + json.dumps({
-        "sid": secrets.token_urlsafe(15), "upgrades": [],
-        "pingInterval": int(EIO_PING_INTERVAL * 1000),
-        "pingTimeout": int(EIO_PING_TIMEOUT * 1000), "maxPayload": EIO_MAX_PAYLOAD}))
-    auth = await _socketio_connect_packet(ws)
-    if auth is None:
-        return ws
-
-    store, hub = request.app[STORE], request.app[HUB]
-    pid, offset = auth.get("pid"), auth.get("offset")
-    recovering = (isinstance(pid, str) and 16 <= len(pid) <= 64 and isinstance(offset, str)
-                  and is_ascii_number(offset) and len(offset) <= 18)
-    if recovering and int(offset) <= store.seq:
-        since = int(offset)
-    elif recovering:  # the store was replaced: a fresh session, told to RESET
-        pid, since = secrets.token_urlsafe(15), int(offset)
+    if session is None:
+        await ws.prepare(request)
+        session = engine.open(polling=False)
+        session.use_websocket(ws, request.transport)
+        session.start([session.open_packet()])
     else:
-        pid, since = secrets.token_urlsafe(15), store.seq
-    handshake = "40" + json.dumps({"sid": socketio_sid(pid), "pid": pid})
-    peer = Peer(ws, SocketIOFrames, request.transport, handshake)
-    hub.attach(peer, since)
-    pong = asyncio.Event()
-    pinger = asyncio.create_task(_engineio_ping(peer, pong))
+        await ws.prepare(request)
+        if not await _engineio_upgrade(ws, session):
+            await ws.close()
+            return ws
+        session.upgrade(ws, request.transport)
     try:
         async for message in ws:
-            packet = message.data if message.type == aiohttp.WSMsgType.TEXT else None
-            if packet == "3":
-                pong.set()
-            elif packet in ("1", "41"):
-                break
-            elif packet is None:
-                peer.close(1003, "binary packets are not supported")  # the loop ends on close
-            elif not packet.startswith(("2", "5", "6", "42")):
-                peer.close(1002, "unsupported packet")
+            if message.type != aiohttp.WSMsgType.TEXT:
+                session.close(1003, "binary packets are not supported")  # ends the loop
+            else:
+                session.receive(message.data)
     finally:
-        pinger.cancel()
-        hub.detach(peer)
-        if not peer.closing:
-            await ws.close()
+        task = session.close(1000, "")
+        if task is not None:
+            await task
     return ws
 
 
-async def _socketio_connect_packet(ws: web.WebSocketResponse) -> dict | None:
-    """Wait for the client's CONNECT to the main namespace; its auth object, or None."""
+async def _engineio_upgrade(ws: web.WebSocketResponse, session: EngineIOSession) -> bool:
+    """The probe (`2probe` → `3probe`), then `5`: True once the session is upgraded."""
+    session.upgrading = True
     try:
-        message = await ws.receive(timeout=SIO_CONNECT_TIMEOUT)
-    except TimeoutError:
-        await ws.close(code=1002, message=b"no Socket.IO CONNECT packet")
-        return None
-    text = message.data if message.type == aiohttp.WSMsgType.TEXT else ""
-    if not text.startswith("40") or text.startswith("40/"):
-        if text.startswith("40/"):
-            namespace = text[2:].split(",", 1)[0]
-            await ws.send_str(f'44{namespace},{{"message":"Invalid namespace"}}')
-        await ws.close(code=1002, message=b"expected a CONNECT packet for /")
-        return None
-    try:
-        auth = json.loads(text[2:]) if len(text) > 2 else {}
-    except ValueError:
-        auth = None
-    if not isinstance(auth, dict):
-        await ws.send_str('44{"message":"the CONNECT payload must be a JSON object"}')
-        await ws.close(code=1002, message=b"bad CONNECT payload")
-        return None
-    return auth
-
-
-async def _engineio_ping(peer: Peer, pong: asyncio.Event) -> None:
-    """Engine.IO v4: the server pings, and a client that does not answer is dropped."""
-    try:
-        while True:
-            await asyncio.sleep(EIO_PING_INTERVAL)
-            pong.clear()
-            await peer.ws.send_str("2")
-            await asyncio.wait_for(pong.wait(), EIO_PING_TIMEOUT)
-    except TimeoutError:
-        peer.close(1000, "ping timeout")
-    except (ConnectionError, RuntimeError):
-        peer.close(1011, "send failed")
+        async with asyncio.timeout(EIO_UPGRADE_TIMEOUT):
+            probe = await ws.receive()
+            if probe.type != aiohttp.WSMsgType.TEXT or probe.data != "2probe":
+                return False
+            await ws.send_str("3probe")
+            session.probed = True
+            session.wakeup.set()  # a poll waiting now is answered with a noop
+            while True:
+                message = await ws.receive()
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    return False
+                if message.data == "5":
+                    return not session.closing
+                if message.data != "6":
+                    return False
+    except (TimeoutError, ConnectionError, RuntimeError):
+        return False
+    finally:
+        if session.polling:
+            session.upgrading = session.probed = False
 
 
 INDEX_FILE = STATIC_DIR / "index.html"
@@ -1535,7 +1798,7 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         if not cors:
             response = error_response(403, "origin_not_allowed",
-                                      f"origin {origin} is not allowed")
+                                      _refused_origin(request.app, origin or "(none)"))
         else:
             response = web.Response(status=204, headers={
                 "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
@@ -1573,8 +1836,11 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
     if not response.prepared:
         headers = response.headers
         if cors:
-            headers["Access-Control-Allow-Origin"] = "*" if "*" in settings.cors_origins \
-                else origin
+            if origin in settings.cors_origins:  # listed by name: credentials may come
+                headers["Access-Control-Allow-Origin"] = origin
+                headers["Access-Control-Allow-Credentials"] = "true"
+            else:
+                headers["Access-Control-Allow-Origin"] = "*"
             headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
             headers.add("Vary", "Origin")
         headers["X-Content-Type-Options"] = "nosniff"
@@ -1592,14 +1858,17 @@ STORE = web.AppKey("store", JobStore)
 IMAGES = web.AppKey("images", object)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 HUB = web.AppKey("hub", EventHub)
+ENGINE = web.AppKey("engine", EngineIO)
 CSP = web.AppKey("csp", str)
 INDEX_HTML = web.AppKey("index_html", str)
+REFUSED_ORIGINS = web.AppKey("refused_origins", set)
 
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app[CSP] = content_security_policy(settings)
+    app[REFUSED_ORIGINS] = set()
     app[INDEX_HTML] = INDEX_FILE.read_text("utf-8").replace(
         "__IMAGE_ORIGINS__", image_origins(settings))
     app.router.add_get("/", index)
@@ -1610,8 +1879,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", health)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/ws", events_socket)
-    app.router.add_route("*", "/socket.io/", socketio_socket)
-    app.router.add_route("*", "/socket.io", socketio_socket)
+    app.router.add_route("*", "/socket.io/", socketio_endpoint)
+    app.router.add_route("*", "/socket.io", socketio_endpoint)
     app.router.add_get("/static/{path:.+}", static_file)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_sockets)
@@ -1630,7 +1899,8 @@ async def _lifecycle(app: web.Application):
     else:
         images = CatalogImages()
     app[STORE], app[IMAGES] = store, images
-    app[HUB] = EventHub(store)
+    app[HUB] = hub = EventHub(store)
+    app[ENGINE] = EngineIO(hub)
     app[SCHEDULER] = scheduler = Scheduler(store, images, settings)
     await store.open(replayed)
     scheduler.start()
@@ -1643,6 +1913,7 @@ async def _lifecycle(app: web.Application):
 
 
 async def _close_sockets(app: web.Application) -> None:
+    await app[ENGINE].close_all(1001, "server shutting down")
     await app[HUB].close_all(1001, "server shutting down")
 
 

@@ -11,7 +11,9 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,10 +21,12 @@ import aiohttp
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+NODE_DIR = ROOT / "tests" / "node"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from fake_unsplash import FakeUnsplash  # noqa: E402
+from netproxy import TcpProxy  # noqa: E402
 
 import jobservice  # noqa: E402
 
@@ -203,3 +207,135 @@ async def service_process(jobs_file):
     """Start real service processes (`await service_process(env, path, args)`)."""
     async with running_services(jobs_file) as start:
         yield start
+
+
+# --- socket.io-client from npm, run by Node --------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def node_dir() -> Path:
+    """tests/node with its node_modules: `npm ci` once if they are missing. No Node or
+    npm is a failure, not a skip: these tests are the proof for stock clients."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.fail("tests/test_socketio.py needs Node.js (18+) and npm on PATH to run the "
+                    "stock socket.io-client; install them (e.g. apt-get install nodejs npm), "
+                    "then run: npm ci --prefix tests/node", pytrace=False)
+    if not (NODE_DIR / "node_modules" / "socket.io-client" / "package.json").is_file():
+        verb = "ci" if (NODE_DIR / "package-lock.json").is_file() else "install"
+        command = [npm, verb, "--no-audit", "--no-fund"]
+        try:
+            result = subprocess.run(command, cwd=NODE_DIR, capture_output=True, text=True,
+                                    timeout=300, check=False)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`npm {verb}` in {NODE_DIR} took over 300 s", pytrace=False)
+        if result.returncode != 0:
+            pytest.fail(f"`npm {verb}` in {NODE_DIR} failed ({result.returncode}):\n"
+                        f"{result.stdout}\n{result.stderr}", pytrace=False)
+    return NODE_DIR
+
+
+class NodeClient:
+    """One `node sio_client.mjs URL`: its JSON lines, awaited one by one."""
+
+    def __init__(self, process: asyncio.subprocess.Process):
+        self.process = process
+        self.lines: list[dict] = []
+        self.stderr: list[str] = []
+        self._stderr_reader = asyncio.create_task(self._read_stderr())
+
+    async def _read_stderr(self) -> None:
+        async for raw in self.process.stderr:
+            self.stderr.append(raw.decode(errors="replace").rstrip())
+
+    async def next(self, limit: float = 15.0) -> dict:
+        raw = await asyncio.wait_for(self.process.stdout.readline(), limit)
+        if not raw:
+            code = await self.process.wait()
+            await self._stderr_reader
+            raise AssertionError(f"the node client exited ({code}); lines: {self.lines}; "
+                                 "stderr:\n" + "\n".join(self.stderr))
+        line = json.loads(raw)
+        self.lines.append(line)
+        return line
+
+    async def until(self, predicate, limit: float = 20.0, since: int | None = None) -> dict:
+        """The first line matching predicate: among the lines already read from index
+        `since` on (if given), else the next ones."""
+        if since is not None:
+            for line in self.lines[since:]:
+                if predicate(line):
+                    return line
+        try:
+            async with asyncio.timeout(limit):
+                while True:
+                    line = await self.next(limit)
+                    if predicate(line):
+                        return line
+        except TimeoutError:
+            raise AssertionError(f"no such line within {limit} s; got {self.lines}") from None
+
+    async def connected(self, limit: float = 20.0) -> dict:
+        return await self.until(lambda line: line["type"] == "connect", limit)
+
+    async def event(self, name: str, job_id: str, since: int = 0, limit: float = 20.0):
+        """The event `name` of job `job_id`, read already (from index `since`) or next."""
+        return await self.until(lambda line: line["type"] == "event" and line["name"] == name
+                                and line["job"]["id"] == job_id, limit, since)
+
+    async def send(self, command: str) -> None:
+        self.process.stdin.write(command.encode() + b"\n")
+        await self.process.stdin.drain()
+
+    async def quit(self) -> int:
+        if self.process.returncode is None:
+            self.process.stdin.write(b"quit\n")
+            await self.process.stdin.drain()
+        code = await asyncio.wait_for(self.process.wait(), 10)
+        await self._stderr_reader
+        return code
+
+
+@pytest.fixture
+async def node_client(node_dir):
+    started: list[NodeClient] = []
+
+    async def start(url: str, options: dict | None = None) -> NodeClient:
+        """`options` are merged into io()'s; {"transports": "default"} keeps its own."""
+        env = {**os.environ, "SIO_OPTIONS": json.dumps(options or {})}
+        process = await asyncio.create_subprocess_exec(
+            shutil.which("node"), str(node_dir / "sio_client.mjs"), url, env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        client = NodeClient(process)
+        started.append(client)
+        return client
+
+    yield start
+    for client in started:
+        if client.process.returncode is None:
+            client.process.kill()
+            await client.process.wait()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+# --- A loopback TCP proxy: cut connections, refuse new ones ---------------------------
+
+
+@pytest.fixture
+async def tcp_proxy():
+    proxies: list[TcpProxy] = []
+
+    async def start(port: int) -> TcpProxy:
+        proxy = TcpProxy(port)
+        proxies.append(proxy)
+        return await proxy.start()
+
+    yield start
+    for proxy in proxies:
+        await proxy.close()

@@ -35,7 +35,8 @@ METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 # Documented and sent by no request a test can make: 503 needs a failing disk (checked
 # in-process below), 101 a WebSocket handshake (checked in test_ws / test_socketio).
 NOT_ON_THE_WIRE = {("POST", "/jobs", "503"), ("POST", "/jobs/{id}/retry", "503"),
-                   ("GET", "/ws", "101"), ("GET", "/socket.io/", "101")}
+                   ("GET", "/ws", "101"), ("GET", "/socket.io/", "101"),
+                   ("GET", "/socket.io/", "503")}  # 10,000 polling sessions open
 # Not fuzzed: the HTML page and the two WebSocket upgrades.
 NOT_FUZZED = {"/", "/ws", "/socket.io/"}
 FUZZ_KEY = "fuzz-key-0123456789"
@@ -58,8 +59,9 @@ def routed_operations(app) -> set[tuple[str, str]]:
             continue
         if path in ("/socket.io", "/socket.io/"):
             path = "/socket.io/"
-        # A catch-all route answers the one method that works; others get a JSON 400.
-        found.add(("GET" if route.method == "*" else route.method, path))
+        # A catch-all route (Socket.IO's) answers GET and POST; others get a JSON 400.
+        found.update((method, path) for method in (
+            ("GET", "POST") if route.method == "*" else (route.method,)))
     return found
 
 
@@ -273,11 +275,11 @@ def test_every_documented_status_conforms_on_the_live_server(live):
     unknown = str(uuid.uuid4())
 
     def check(method, path, *, status, path_parameters=None, query=None, body=None,
-              headers=None, data=None):
+              headers=None, data=None, media_type="application/json"):
         operation = schema[path][method]
         kwargs = {}
         if body is not None:
-            kwargs = {"body": body, "media_type": "application/json"}
+            kwargs = {"body": body, "media_type": media_type}
         case = operation.Case(path_parameters=path_parameters, query=query, headers=headers,
                               **kwargs)
         extra = {"data": data} if data is not None else {}
@@ -330,12 +332,25 @@ def test_every_documented_status_conforms_on_the_live_server(live):
     check("GET", "/ws", status=400)  # not a handshake
     check("GET", "/ws", status=403, headers={"Origin": "https://evil.example"})
     sio = {"EIO": "4", "transport": "websocket"}
-    check("GET", "/socket.io/", status=400, query={**sio, "transport": "polling"})
+    check("GET", "/socket.io/", status=400, query={**sio, "transport": "webtransport"})
     check("GET", "/socket.io/", status=400, query={**sio, "EIO": "3"})
     check("GET", "/socket.io/", status=400, query=sio)  # no Upgrade header
     check("GET", "/socket.io/", status=403, query=sio,
           headers={"Origin": "https://evil.example", "Upgrade": "websocket",
                    "Connection": "Upgrade"})
+
+    polling = {"EIO": "4", "transport": "polling"}
+    opened = check("GET", "/socket.io/", status=200, query=polling).text
+    sid = json.loads(opened[1:])["sid"]
+    assert check("POST", "/socket.io/", status=200, query={**polling, "sid": sid},
+                 body="40", media_type="text/plain").text == "ok"
+    assert check("GET", "/socket.io/", status=200, query={**polling, "sid": sid}).text
+    check("POST", "/socket.io/", status=400, query={**polling, "sid": "unknown"},
+          body="40", media_type="text/plain")
+    check("POST", "/socket.io/", status=403, query={**polling, "sid": sid}, body="3",
+          media_type="text/plain", headers={"Origin": "https://evil.example"})
+    check("POST", "/socket.io/", status=413, query={**polling, "sid": sid},
+          body="4" + "x" * 1_000_000, media_type="text/plain")
 
     documented = {(method.upper(), path, status) for path, item in DOC["paths"].items()
                   for method, operation in item.items() if method in METHODS

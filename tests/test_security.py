@@ -345,7 +345,8 @@ async def test_refused_websocket_handshakes_are_json(start_service):
     assert (await response.json())["error"]["code"] == "origin_not_allowed"
     response = await client.get("/socket.io/?EIO=4&transport=websocket", headers=headers)
     assert response.status == 403 and response.content_type == "application/json"
-    assert await response.json() == {"code": 4, "message": "Forbidden"}
+    assert await response.json() == {
+        "code": 4, "message": "origin https://evil.example is not allowed; add it to CORS_ORIGINS"}
 
 
 # --- Content-Security-Policy and nosniff ------------------------------------------------
@@ -434,7 +435,8 @@ async def test_error_responses_are_json_and_leak_nothing(service_process):
         ("GET", "/ws?since=x", {}),
         ("GET", "/ws?since=%C2%B2", {}),
         ("GET", "/ws", {}),
-        ("GET", "/socket.io/?EIO=4&transport=polling", {}),
+        ("GET", "/socket.io/?EIO=4&transport=polling&sid=nope", {}),
+        ("POST", "/socket.io/?EIO=4&transport=polling", {}),
         ("POST", "/socket.io/?EIO=4&transport=websocket", {}),
         ("GET", "/static/", {}),
         ("GET", "/static/nope.js", {}),

@@ -3,14 +3,17 @@
 //   node sio_client.mjs URL
 //
 // env SIO_AUTH     JSON object passed as the `auth` option (optional)
-// env SIO_OPTIONS  JSON object merged into the io() options (optional)
+// env SIO_OPTIONS  JSON object merged into the io() options (optional);
+//                  {"transports": "default"} leaves io()'s own default transports
 //
 // Prints one JSON line per thing that happens:
-//   {"type":"connect","recovered":bool,"id":"..."}
+//   {"type":"connect","recovered":bool,"id":"...","transport":"polling"|"websocket"}
+//   {"type":"upgrade","transport":"websocket"}
 //   {"type":"event","name":"...","job":{...},"offset":"..."|null,"args":[...]}
 //   {"type":"disconnect","reason":"..."}
 //   {"type":"connect_error","message":"...","data":...}
-// and exits on a "quit" line (or the end of stdin).
+// A "cut" line closes the Engine.IO connection under the client (as a network drop
+// would: it reconnects and recovers); a "quit" line (or the end of stdin) exits.
 
 import readline from "node:readline";
 import { io } from "socket.io-client";
@@ -24,12 +27,16 @@ if (!url) {
 const options = { transports: ["websocket"], reconnectionDelay: 100, reconnectionDelayMax: 500 };
 if (process.env.SIO_AUTH) options.auth = JSON.parse(process.env.SIO_AUTH);
 if (process.env.SIO_OPTIONS) Object.assign(options, JSON.parse(process.env.SIO_OPTIONS));
+if (options.transports === "default") delete options.transports;
 
 const print = (line) => process.stdout.write(JSON.stringify(line) + "\n");
 const socket = io(url, options);
 
 socket.on("connect", () => {
-  print({ type: "connect", recovered: socket.recovered, id: socket.id });
+  const engine = socket.io.engine;
+  print({ type: "connect", recovered: socket.recovered, id: socket.id,
+          transport: engine.transport.name });
+  engine.once("upgrade", (transport) => print({ type: "upgrade", transport: transport.name }));
 });
 socket.on("disconnect", (reason) => {
   print({ type: "disconnect", reason });
@@ -52,5 +59,6 @@ const quit = () => {
 const input = readline.createInterface({ input: process.stdin });
 input.on("line", (line) => {
   if (line.trim() === "quit") quit();
+  if (line.trim() === "cut") socket.io.engine.close();
 });
 input.on("close", quit);
