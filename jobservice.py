@@ -1231,9 +1231,9 @@ EIO_PING_TIMEOUT = 20.0
 EIO_UPGRADE_TIMEOUT = 10.0
 EIO_MAX_PAYLOAD = 1_000_000
 SIO_CONNECT_TIMEOUT = 45.0
-# Each idle polling session costs about 2 KB (tests/bench.py), so 10,000 cost ~20 MB;
-# sessions that have not sent their Socket.IO CONNECT are the cheap ones to flood, and
-# the oldest of them is dropped first once 1,000 are waiting.
+# An idle polling session costs about 3 KB, and 17 KB with its long-poll held open
+# (tests/bench.py), so 10,000 of them stay under 200 MB. Sessions that have not sent
+# their Socket.IO CONNECT are the cheap ones to flood: once 1,000 wait, the oldest goes.
 EIO_MAX_POLLING_SESSIONS = 10_000
 EIO_MAX_HALF_OPEN = 1_000
 

@@ -15,7 +15,8 @@ What it measures (see --help for the knobs):
   comparison, after loading them from the file).
 * Restart: process start to /healthz 200 with 100,000 and 1,000,000 jobs in the file.
 * Fan-out: one resolution to 1,000 /ws clients (4 client processes x 250 sockets),
-  time until the last one has it.
+  time until the last one has it; the same to 1,000 Socket.IO clients on long-polling,
+  and the service's RSS per idle polling session.
 * Unsplash efficiency: API calls per resolved job for a burst of 3,000 jobs against
   tests/fake_unsplash.py.
 
@@ -640,12 +641,22 @@ def bench_restart(ctx, results: Results) -> None:
 # --- Fan-out ----------------------------------------------------------------------------
 
 
-def _fanout_client(port: int, sockets: int, expected: int, ready, results, timeout: float):
-    asyncio.run(_fanout_client_async(port, sockets, expected, ready, results, timeout))
+def _fanout_client(transport: str, port: int, sockets: int, expected: int, ready, results,
+                   timeout: float):
+    reader = _ws_clients if transport == "ws" else _polling_clients
+    asyncio.run(reader(port, sockets, expected, ready, results, timeout))
 
 
-async def _fanout_client_async(port, sockets, expected, ready, out, timeout):
-    received: list[tuple[float, str]] = []
+def _by_job(received: list[tuple[float, dict]]) -> dict:
+    by_job: dict = {}
+    for when, job in received:
+        by_job.setdefault(job["id"], {"resolvedAt": job["resolvedAt"], "times": []})
+        by_job[job["id"]]["times"].append(when)
+    return by_job
+
+
+async def _ws_clients(port, sockets, expected, ready, out, timeout):
+    received: list[tuple[float, dict]] = []
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         peers = []
@@ -664,41 +675,83 @@ async def _fanout_client_async(port, sockets, expected, ready, out, timeout):
                 if message.type != aiohttp.WSMsgType.TEXT:
                     return
                 if message.data.startswith('["ON_RESOLVED_JOB"'):
-                    received.append((now, message.data))
+                    received.append((now, json.loads(message.data)[1]))
                     seen += 1
 
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*(read(ws) for ws in peers)), timeout)
         for ws in peers:
             await ws.close()
-    by_job: dict = {}
-    for when, text in received:
-        job = json.loads(text)[1]
-        by_job.setdefault(job["id"], {"resolvedAt": job["resolvedAt"], "times": []})
-        by_job[job["id"]]["times"].append(when)
-    out.put(by_job)
+    out.put(_by_job(received))
 
 
-def bench_fanout(ctx, results: Results) -> None:
-    clients, per_client = 4, 250
+async def _polling_clients(port, sockets, expected, ready, out, timeout):
+    """Socket.IO clients stuck on long-polling, as plain HTTP: a handshake, a CONNECT,
+    then one GET after another (answering pings), each on its own connection."""
+    received: list[tuple[float, dict]] = []
+    url = f"http://127.0.0.1:{port}/socket.io/?EIO=4&transport=polling"
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def open_session() -> str:
+            async with session.get(url) as response:
+                sid = json.loads((await response.text())[1:])["sid"]
+            async with session.post(f"{url}&sid={sid}", data="40") as response:
+                assert await response.text() == "ok"
+            return sid
+
+        sids = []
+        for start in range(0, sockets, 50):
+            sids += await asyncio.gather(*(open_session()
+                                           for _ in range(start, min(sockets, start + 50))))
+        ready.put(len(sids))
+
+        async def read(sid):
+            seen = 0
+            while seen < expected:
+                async with session.get(f"{url}&sid={sid}") as response:
+                    body = await response.text()
+                now = time.time()
+                for packet in body.split("\x1e"):
+                    if packet == "2":
+                        async with session.post(f"{url}&sid={sid}", data="3") as response:
+                            await response.read()
+                    elif packet.startswith('42["ON_RESOLVED_JOB"'):
+                        received.append((now, json.loads(packet[2:])[1]))
+                        seen += 1
+                    elif packet == "1" or response.status != 200:
+                        return
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(read(sid) for sid in sids)), timeout)
+    out.put(_by_job(received))
+
+
+def _fanout(ctx, transport: str, clients: int, per_client: int) -> dict:
+    """One resolution at a time to clients * per_client clients of `transport` ("ws" or
+    "polling"), each in its own process group of clients; per job, when each client had it.
+    Also the service's RSS before the clients came and once they were all connected."""
     resolutions = ctx.resolutions
     delay = 0.3
-    server = start_service(ctx.workdir, "fanout", None, {
+    server = start_service(ctx.workdir, f"fanout-{transport}", None, {
         "JOB_DELAY_MIN": str(delay), "JOB_DELAY_MAX": str(delay), "JOB_DELAY_STEP": "0.1"})
     mp = multiprocessing.get_context("fork")
     ready, out = mp.Queue(), mp.Queue()
     procs = []
     try:
         server.wait_healthy()
+        rss_before = server.rss()
         wait_for = resolutions * 1.5 + 60
         procs = [mp.Process(target=_fanout_client, daemon=True,
-                            args=(server.port, per_client, resolutions, ready, out, wait_for))
+                            args=(transport, server.port, per_client, resolutions, ready, out,
+                                  wait_for))
                  for _ in range(clients)]
         for proc in procs:
             proc.start()
         connected = sum(ready.get(timeout=120) for _ in procs)
         time.sleep(1.0)
-        log(f"fan-out: {connected} /ws clients connected")
+        rss_connected = server.rss()
+        log(f"fan-out: {connected} {transport} clients connected")
         for _ in range(resolutions):
             status, _, _ = request(server.port, "POST", "/jobs", b"{}")
             assert status == 201, status
@@ -723,15 +776,38 @@ def bench_fanout(ctx, results: Results) -> None:
         firsts.append((min(entry["times"]) - resolved_at) * 1000)
         medians.append((median(entry["times"]) - resolved_at) * 1000)
         counts.append(len(entry["times"]))
-    results.raw["fanout"] = {"clients": connected, "last_ms": lasts, "median_ms": medians,
-                             "first_ms": firsts, "received": counts}
-    complete = len(lasts) == resolutions and all(count == connected for count in counts)
-    results.add(f"Fan-out to {connected:,} /ws clients: last receiver", median(lasts), "ms",
-                "< 100 ms", bool(lasts) and median(lasts) < 100 and complete
-                and connected == clients * per_client, fmt="{:.1f}", resolutions=len(lasts),
+    complete = (len(lasts) == resolutions and all(count == connected for count in counts)
+                and connected == clients * per_client)
+    return {"clients": connected, "last_ms": lasts, "median_ms": medians, "first_ms": firsts,
+            "received": counts, "complete": complete, "rss_before": rss_before,
+            "rss_connected": rss_connected}
+
+
+def _fanout_row(results: Results, label: str, run: dict, target_ms: float) -> None:
+    lasts = run["last_ms"]
+    results.add(f"Fan-out to {run['clients']:,} {label}: last receiver", median(lasts), "ms",
+                f"< {target_ms:g} ms", bool(lasts) and median(lasts) < target_ms
+                and run["complete"], fmt="{:.1f}", resolutions=len(lasts),
                 worst_ms=max(lasts) if lasts else None,
-                first_receiver_ms=median(firsts), median_receiver_ms=median(medians),
-                every_client_got_every_event=complete)
+                first_receiver_ms=median(run["first_ms"]),
+                median_receiver_ms=median(run["median_ms"]),
+                every_client_got_every_event=run["complete"])
+
+
+def bench_fanout(ctx, results: Results) -> None:
+    run = _fanout(ctx, "ws", clients=4, per_client=250)
+    results.raw["fanout"] = run
+    _fanout_row(results, "/ws clients", run, 100)
+
+
+def bench_polling(ctx, results: Results) -> None:
+    run = _fanout(ctx, "polling", clients=4, per_client=250)
+    results.raw["polling"] = run
+    _fanout_row(results, "Socket.IO polling clients", run, 250)
+    per_session = (run["rss_connected"] - run["rss_before"]) / max(run["clients"], 1)
+    results.add("RSS per idle polling session (connected, one long-poll waiting)",
+                per_session / 1024, "KB", "", None, fmt="{:.1f}", clients=run["clients"],
+                rss_before=run["rss_before"], rss_connected=run["rss_connected"])
 
 
 # --- Unsplash efficiency -------------------------------------------------------------
@@ -794,7 +870,8 @@ def bench_unsplash(ctx, results: Results) -> None:
 
 
 SECTIONS = {"post": bench_post, "reads": bench_reads, "memory": bench_memory,
-            "restart": bench_restart, "fanout": bench_fanout, "unsplash": bench_unsplash}
+            "restart": bench_restart, "fanout": bench_fanout, "polling": bench_polling,
+            "unsplash": bench_unsplash}
 
 
 class Context:
