@@ -44,6 +44,14 @@ import aiofiles
 import aiofiles.os
 import aiohttp
 from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 __version__ = "1.0.0"
 
@@ -81,6 +89,9 @@ class Settings:
     retry_max_delay: float = 60.0
     job_max_attempts: int = 10
     cors_origins: tuple[str, ...] = ()
+    job_retention: float = 7 * 86400.0  # 0 keeps finished jobs forever
+    events_replay_window: float = 86400.0
+    max_pending_jobs: int = 1_000_000
 
     @property
     def unsplash_origin(self) -> str:
@@ -104,6 +115,33 @@ def _number(env, name: str, default: float, *, minimum: float = 0.0, integer=Fal
     if not math.isfinite(value) or value < minimum:
         raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
     return value
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(env, name: str, default: float) -> float:
+    """Seconds, written as plain seconds or with a unit: 90, 30m, 12h, 7d."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    unit = DURATION_UNITS.get(raw[-1].lower())
+    number = raw[:-1] if unit else raw
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name}={raw!r} is not a duration like 604800, 7d, 12h or 30m")
+    return value
+
+
+def describe_duration(seconds: float) -> str:
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds:g} seconds"
 
 
 def _origin(value: str, name: str) -> str:
@@ -171,7 +209,76 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         retry_max_delay=retry_max,
         job_max_attempts=_number(env, "JOB_MAX_ATTEMPTS", 10, minimum=1, integer=True),
         cors_origins=cors,
+        job_retention=_duration(env, "JOB_RETENTION", 7 * 86400.0),
+        events_replay_window=_duration(env, "EVENTS_REPLAY_WINDOW", 86400.0),
+        max_pending_jobs=_number(env, "MAX_PENDING_JOBS", 1_000_000, minimum=1, integer=True),
     )
+
+
+# --- Metrics ------------------------------------------------------------------------
+# Prometheus metrics, one registry per application (so that tests can run many). Each
+# part below counts what it does; gauges of current state are read at scrape time.
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                   30, 60)
+
+
+class Metrics:
+    def __init__(self):
+        registry = self.registry = CollectorRegistry()
+
+        def counter(name, text, labels=()):
+            return Counter(name, text, labels, registry=registry)
+
+        def gauge(name, text, labels=()):
+            return Gauge(name, text, labels, registry=registry)
+
+        def histogram(name, text, labels=(), buckets=LATENCY_BUCKETS):
+            return Histogram(name, text, labels, registry=registry, buckets=buckets)
+
+        self.jobs_created = counter("jobservice_jobs_created", "Jobs created by POST /jobs.")
+        self.jobs_resolved = counter("jobservice_jobs_resolved", "Jobs resolved with a photo.")
+        self.jobs_failed = counter("jobservice_jobs_failed", "Jobs that failed.")
+        self.jobs_deleted = counter("jobservice_jobs_deleted",
+                                    "Jobs deleted (by DELETE) or expired (JOB_RETENTION).",
+                                    ["reason"])
+        self.jobs = gauge("jobservice_jobs", "Jobs kept, by status.", ["status"])
+        self.lateness = histogram("jobservice_resolution_lateness_seconds",
+                                  "How long after its dueAt a job resolved.")
+        self.unsplash_requests = counter("jobservice_unsplash_requests",
+                                         "Calls to the Unsplash API, by outcome.", ["outcome"])
+        self.unsplash_rate_limited = counter("jobservice_unsplash_rate_limited_seconds",
+                                             "Seconds that Unsplash calls were paused by a "
+                                             "rate limit.")
+        self.photo_pool = gauge("jobservice_photo_pool_size",
+                                "Photos bought from Unsplash and not yet used.")
+        self.fsync = histogram("jobservice_journal_fsync_seconds",
+                               "Time to write and fsync one batch of changes.")
+        self.batch_size = histogram("jobservice_journal_batch_size",
+                                    "Changes written by one fsync (group commit).",
+                                    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000))
+        self.snapshot = histogram("jobservice_snapshot_seconds",
+                                  "Time to write one snapshot (jobs.json).")
+        self.peers = gauge("jobservice_peers", "Connected event clients, by protocol.",
+                           ["protocol"])
+        self.peers_dropped = counter("jobservice_peers_dropped",
+                                     "Event clients the server closed, by reason.", ["reason"])
+        self.http_requests = counter("jobservice_http_requests",
+                                     "HTTP requests, by route template, method and status.",
+                                     ["route", "method", "status"])
+        self.http_duration = histogram("jobservice_http_request_duration_seconds",
+                                       "HTTP request duration, by route template.", ["route"])
+        self.storage_ok = gauge("jobservice_storage_ok",
+                                "1 while the jobs file takes writes, 0 while it refuses them.")
+
+    def on_commit(self, record) -> None:
+        if record.status == "resolved":
+            self.jobs_resolved.inc()
+            self.lateness.observe(max(0.0, record.resolved_at - record.due_at))
+        elif record.status == "failed":
+            self.jobs_failed.inc()
+        elif record.status == "deleted":
+            self.jobs_deleted.labels(record.reason).inc()
 
 
 # --- Job model ----------------------------------------------------------------------
@@ -341,6 +448,44 @@ class Job:
                    image if status == "resolved" else None)
 
 
+class Tombstone:
+    """A job that was deleted or expired. It is a change like any other (it takes the
+    next seq and goes out as ON_DELETED_JOB), and it is kept for the replay window, so
+    a client that comes back with `since` hears that the job is gone."""
+
+    __slots__ = ("_json", "at", "id", "reason", "seq")
+    status = "deleted"
+
+    def __init__(self, id: str, reason: str, at: float, seq: int = 0):
+        self.id, self.reason, self.at, self.seq = id, reason, at, seq
+        self._json = None
+
+    @property
+    def json(self) -> str:
+        if self._json is None:
+            self._json = json.dumps({"id": self.id, "seq": self.seq, "reason": self.reason,
+                                     "deletedAt": iso(self.at)}, separators=(",", ":"))
+        return self._json
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Tombstone:
+        job_id, reason, seq = data.get("id"), data.get("reason"), data.get("seq")
+        if not isinstance(job_id, str) or reason not in DELETE_REASONS \
+                or not isinstance(seq, int) or seq < 0:
+            raise ValueError(f"deletion record {str(data)[:100]} is malformed")
+        return cls(job_id, reason, parse_time(data.get("deletedAt"), "deletedAt") or 0.0, seq)
+
+
+DELETE_REASONS = ("deleted", "expired")
+
+
+def record_from_dict(data) -> Job | Tombstone:
+    """One journal line: a job's new state, or its deletion."""
+    if isinstance(data, dict) and "reason" in data and "status" not in data:
+        return Tombstone.from_dict(data)
+    return Job.from_dict(data)
+
+
 # --- Store --------------------------------------------------------------------------
 # The registry is a dict in memory; the disk holds a snapshot (jobs.json) and a journal
 # beside it (jobs.json.journal, one job state per line). A change is appended to the
@@ -365,14 +510,28 @@ SNAPSHOT_SLICE = 500
 SNAPSHOT_VERSION = 1
 
 
+ORDER_TRIM = 1024
+
+
 class JobStore:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, replay_window: float = 86400.0,
+                 metrics: Metrics | None = None):
         self.path = path
+        self.replay_window = replay_window
+        self.metrics = metrics or Metrics()
         self.journal_path = path.with_name(path.name + ".journal")
         self.rotated_path = path.with_name(path.name + ".journal.old")
         self.jobs: dict[str, Job] = {}  # in seq order: a change moves its job to the end
-        self.order: list[str] = []  # ids in creation order, for listings and paging
-        self.position: dict[str, int] = {}
+        # Ids in creation order, for listings and paging. A deleted job's id stays in
+        # place (so a cursor naming it still works) until the dead ones at the front are
+        # cut off, which expiry, oldest first, makes the usual case.
+        self.order: list[str] = []
+        self.position: dict[str, int] = {}  # id -> index in order, plus order_base
+        self.order_base = 0
+        self._order_live_from = 0  # order[:this] are known to be deleted
+        self._order_dead = 0
+        self.tombstones: deque[Tombstone] = deque()  # in seq order, within the window
+        self.forgotten = 0  # the seq of the latest tombstone dropped: replays start above
         self.counts = dict.fromkeys(STATUSES, 0)
         self.seq = 0  # the highest seq that is on disk and visible
         self.in_flight: set[str] = set()  # jobs with a change written but not yet applied
@@ -396,14 +555,17 @@ class JobStore:
     async def load(self) -> int:
         """Read the snapshot and journals; returns how many journal records were replayed."""
         loop = asyncio.get_running_loop()
-        jobs, seq, replayed, migrated = await loop.run_in_executor(None, self._read_files)
+        jobs, deleted, seq, forgotten, replayed, migrated = await loop.run_in_executor(
+            None, self._read_files)
         for job in sorted(jobs.values(), key=lambda job: job.seq):
             self.jobs[job.id] = job
             self.counts[job.status] += 1
         # The snapshot is in creation order; jobs only the journal knows come after it.
-        for job_id in jobs:
-            self.position[job_id] = len(self.order)
-            self.order.append(job_id)
+        self.order = list(jobs)
+        self.position = {job_id: index for index, job_id in enumerate(self.order)}
+        self.tombstones = deque(sorted(deleted.values(), key=lambda tomb: tomb.seq))
+        self.forgotten = forgotten
+        self.forget_old_tombstones()
         self.seq = self._last_seq = seq
         if migrated:
             backup = self.path.with_name(self.path.name + ".old-service")
@@ -421,7 +583,8 @@ class JobStore:
 
     def _read_files(self):
         jobs: dict[str, Job] = {}
-        seq = 0
+        deleted: dict[str, Tombstone] = {}
+        seq = forgotten = 0
         migrated = False
         try:
             raw = self.path.read_bytes()
@@ -447,10 +610,16 @@ class JobStore:
                         raise ValueError(f"version {data.get('version')!r} is not one this "
                                          f"service knows ({SNAPSHOT_VERSION})")
                     seq = data.get("seq", 0) if isinstance(data.get("seq"), int) else 0
+                    if isinstance(data.get("forgotten"), int):
+                        forgotten = data["forgotten"]
                     for entry in data["jobs"]:
                         job = Job.from_dict(entry)
                         jobs[job.id] = job
                         seq = max(seq, job.seq)
+                    for entry in data.get("deleted") or ():
+                        tomb = Tombstone.from_dict(entry)
+                        deleted[tomb.id] = tomb
+                        seq = max(seq, tomb.seq)
                 else:
                     raise ValueError('expected {"version": 1, "seq": N, "jobs": [...]} or the '
                                      "old service's array of jobs")
@@ -459,15 +628,23 @@ class JobStore:
         replayed = 0
         journaled: dict[str, Job] = {}
         for journal in (self.rotated_path, self.journal_path):
-            for job in self._read_journal(journal):
+            for record in self._read_journal(journal):
                 replayed += 1
-                seq = max(seq, job.seq)
-                held = jobs.get(job.id) or journaled.get(job.id)
-                if held is None or held.seq < job.seq:
-                    (jobs if job.id in jobs else journaled)[job.id] = job
+                seq = max(seq, record.seq)
+                held = jobs.get(record.id) or journaled.get(record.id) or deleted.get(record.id)
+                if held is not None and held.seq >= record.seq:
+                    continue
+                if isinstance(record, Tombstone):
+                    jobs.pop(record.id, None)
+                    journaled.pop(record.id, None)
+                    deleted[record.id] = record
+                elif record.id in jobs:
+                    jobs[record.id] = record
+                elif record.id not in deleted:  # a deletion is final
+                    journaled[record.id] = record
         for job in sorted(journaled.values(), key=lambda job: (job.created_at, job.seq)):
             jobs[job.id] = job
-        return jobs, seq, replayed, migrated
+        return jobs, deleted, seq, forgotten, replayed, migrated
 
     @staticmethod
     def _read_journal(path: Path):
@@ -482,7 +659,7 @@ class JobStore:
             if not line.strip():
                 continue
             try:
-                yield Job.from_dict(json.loads(line))
+                yield record_from_dict(json.loads(line))
             except ValueError as exc:
                 # A torn last line is a write that was never acknowledged; anything else
                 # is damage worth a warning, but not worth refusing to start over.
@@ -504,10 +681,10 @@ class JobStore:
         self._compact_at = self._journal_records + self._compact_threshold()
         self._writer = asyncio.create_task(self._write_batches(), name="journal writer")
 
-    def commit(self, job: Job) -> asyncio.Future:
-        """Stage a new state of a job; the future resolves once it is on disk and applied.
-
-        All changes staged before the writer's next fsync share one future."""
+    def commit(self, job: Job | Tombstone) -> asyncio.Future:
+        """Stage a new state of a job, or its deletion; the future resolves once it is on
+        disk and applied. All changes staged before the writer's next fsync share one
+        future."""
         if self._closing:
             raise StorageError("the service is shutting down")
         self._last_seq += 1
@@ -531,6 +708,7 @@ class JobStore:
             staged, batch = self._staged, self._batch
             self._staged, self._batch = [], None
             data = ("\n".join(job.json for job in staged) + "\n").encode()
+            started = time.perf_counter()
             try:
                 await self._append(data)
             except OSError as exc:
@@ -541,6 +719,8 @@ class JobStore:
                 batch.set_exception(StorageError(f"jobs cannot be stored right now: {exc}"))
                 batch.exception()  # retrieved here, so no one has to await it
                 continue
+            self.metrics.fsync.observe(time.perf_counter() - started)
+            self.metrics.batch_size.observe(len(staged))
             if self.fault is not None:
                 log.warning("storage works again: %s", self.path)
                 self.fault = None
@@ -597,23 +777,60 @@ class JobStore:
                       "wait until writing works again", self.journal_path, exc)
         self.fault = exc
 
-    def _apply(self, staged: list[Job]) -> None:
-        for job in staged:
-            held = self.jobs.pop(job.id, None)
-            if held is None:
-                self.position[job.id] = len(self.order)
-                self.order.append(job.id)
-            else:
+    def _apply(self, staged: list[Job | Tombstone]) -> None:
+        deletions = 0
+        for record in staged:
+            held = self.jobs.pop(record.id, None)
+            self.in_flight.discard(record.id)
+            self.seq = record.seq
+            if isinstance(record, Tombstone):
+                if held is None:
+                    continue  # deleted twice at once: the first one told everybody
                 self.counts[held.status] -= 1
-            self.jobs[job.id] = job
-            self.counts[job.status] += 1
-            self.in_flight.discard(job.id)
-            self.seq = job.seq
+                self.tombstones.append(record)
+                deletions += 1
+            else:
+                if held is None:
+                    self.position[record.id] = self.order_base + len(self.order)
+                    self.order.append(record.id)
+                else:
+                    self.counts[held.status] -= 1
+                self.jobs[record.id] = record
+                self.counts[record.status] += 1
             for listener in self.listeners:
                 try:
-                    listener(job)
+                    listener(record)
                 except Exception:
-                    log.exception("a listener failed on job %s", job.id)
+                    log.exception("a listener failed on job %s", record.id)
+        if deletions:
+            self._order_dead += deletions
+            self._trim_order()
+            self.forget_old_tombstones()
+
+    def _trim_order(self) -> None:
+        """Cut the deleted ids at the front of the order off (each id is looked at once
+        on its way out); rebuild it only when most of what is left is dead."""
+        order, jobs = self.order, self.jobs
+        live_from = self._order_live_from
+        while live_from < len(order) and order[live_from] not in jobs:
+            live_from += 1
+        if live_from >= ORDER_TRIM or live_from == len(order):
+            for job_id in order[:live_from]:
+                del self.position[job_id]
+            del order[:live_from]
+            self.order_base += live_from
+            self._order_dead -= live_from
+            live_from = 0
+        self._order_live_from = live_from
+        if self._order_dead > ORDER_TRIM and self._order_dead * 2 > len(order):
+            self.order = [job_id for job_id in order if job_id in jobs]
+            self.order_base, self._order_dead, self._order_live_from = 0, 0, 0
+            self.position = {job_id: index for index, job_id in enumerate(self.order)}
+
+    def forget_old_tombstones(self) -> None:
+        cutoff = time.time() - self.replay_window
+        while self.tombstones and self.tombstones[0].at <= cutoff:
+            self.forgotten = self.tombstones.popleft().seq
 
     # Compaction
 
@@ -654,10 +871,15 @@ class JobStore:
 
     async def write_snapshot(self) -> None:
         # Taken in one step, so it is the registry at one seq; Job objects never change.
-        jobs, seq = [self.jobs[job_id] for job_id in self.order], self.seq
+        started = time.perf_counter()
+        registry = self.jobs
+        jobs = [job for job_id in self.order if (job := registry.get(job_id)) is not None]
+        seq, forgotten, deleted = self.seq, self.forgotten, list(self.tombstones)
         temp = self.path.with_name(self.path.name + ".tmp")
         async with aiofiles.open(temp, "wb") as out:
-            await out.write(f'{{"version":{SNAPSHOT_VERSION},"seq":{seq},"jobs":['.encode())
+            await out.write(
+                f'{{"version":{SNAPSHOT_VERSION},"seq":{seq},"forgotten":{forgotten},'
+                f'"deleted":[{",".join(tomb.json for tomb in deleted)}],"jobs":['.encode())
             # In slices, so a large registry never holds the event loop for long.
             for start in range(0, len(jobs), SNAPSHOT_SLICE):
                 text = ",\n".join(job.json for job in jobs[start:start + SNAPSHOT_SLICE])
@@ -667,6 +889,7 @@ class JobStore:
             await aiofiles.os.wrap(os.fsync)(out.fileno())
         await aiofiles.os.replace(temp, self.path)
         await self._sync_directory()
+        self.metrics.snapshot.observe(time.perf_counter() - started)
 
     async def close(self) -> None:
         """Write what is staged, fold the journal into the snapshot, close the files."""
@@ -697,15 +920,44 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
 
-    def changed_since(self, seq: int) -> list[Job]:
-        """Jobs whose latest change is above seq, in seq order; O(what changed)."""
+    def changed_since(self, seq: int) -> list[Job | Tombstone]:
+        """Jobs and deletions whose latest change is above seq, in seq order; O(what
+        changed). Only exact from `forgotten` on: below that, deletions were let go."""
         changed = []
         for job in reversed(self.jobs.values()):
             if job.seq <= seq:
                 break
             changed.append(job)
-        changed.reverse()
+        for tomb in reversed(self.tombstones):
+            if tomb.seq <= seq:
+                break
+            changed.append(tomb)
+        changed.sort(key=lambda record: record.seq)
         return changed
+
+    def listing(self, status: str | None = None, limit: int | None = None,
+                cursor: str | None = None, newest_first: bool = False):
+        """(the jobs' JSON texts, the id to go on from or None): in creation order, or
+        newest first, starting past the cursor. KeyError if the cursor names no job."""
+        order, jobs, base = self.order, self.jobs, self.order_base
+        step = -1 if newest_first else 1
+        if cursor is None:
+            index = len(order) - 1 if newest_first else 0
+        else:
+            position = self.position.get(cursor)
+            if position is None:
+                raise KeyError(cursor)
+            index = position - base + step
+        page, last = [], None
+        while 0 <= index < len(order):
+            job = jobs.get(order[index])
+            if job is not None and (status is None or job.status == status):
+                if len(page) == limit:
+                    return page, last
+                page.append(job.json)
+                last = job.id
+            index += step
+        return page, None
 
 
 def _complete_length(path: Path) -> int:
@@ -786,6 +1038,10 @@ class CatalogImages:
     def describe(self) -> str:
         return f"built-in catalog of {len(self.photos)} Unsplash food photos"
 
+    @property
+    def pool_size(self) -> int:
+        return 0  # nothing is bought
+
     async def take(self) -> Photo:
         return random.choice(self.photos)
 
@@ -796,9 +1052,11 @@ class CatalogImages:
 class UnsplashImages:
     batch_size = UNSPLASH_BATCH
 
-    def __init__(self, session: aiohttp.ClientSession, settings: Settings):
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings,
+                 metrics: Metrics | None = None):
         self._session = session
         self._settings = settings
+        self._metrics = metrics or Metrics()
         self._pool: deque[Photo] = deque()
         self._paused_until = 0.0
 
@@ -814,8 +1072,23 @@ class UnsplashImages:
         if not self._pool:
             if now < self._paused_until:
                 raise RateLimited(self._paused_until - now)
-            self._pool.extend(await self._fetch())
+            outcome = "error"
+            try:
+                self._pool.extend(await self._fetch())
+                outcome = "ok"
+            except RateLimited:
+                outcome = "rate_limited"
+                raise
+            except KeyRejected:
+                outcome = "key_rejected"
+                raise
+            finally:
+                self._metrics.unsplash_requests.labels(outcome).inc()
         return self._pool.popleft()
+
+    @property
+    def pool_size(self) -> int:
+        return len(self._pool)
 
     def put_back(self, photo: Photo) -> None:
         self._pool.appendleft(photo)  # keeps its age: an hour is an hour since bought
@@ -903,7 +1176,11 @@ class UnsplashImages:
 # One heap of (dueAt, job id) and one timer for the earliest; due jobs move to a ready
 # queue that one resolver drains, so 100,000 pending jobs cost no tasks. Transient
 # failures back off with full jitter and count an attempt against the jobs the failed
-# call was for; rate limits only pause.
+# call was for; rate limits only pause. Finished jobs wait in a second heap, by when
+# they resolved, for the same timer to expire them after JOB_RETENTION: no scans, and
+# each expiry costs O(log n).
+
+EXPIRE_BATCH = 5000  # expiries per timer tick, so a backlog never holds the loop long
 
 
 class Scheduler:
@@ -912,6 +1189,7 @@ class Scheduler:
         self.images = images
         self.settings = settings
         self._heap: list[tuple[float, int, str]] = []
+        self._expiries: list[tuple[float, int, str]] = []  # (resolvedAt, seq, id)
         self._tiebreak = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = math.inf
@@ -921,11 +1199,15 @@ class Scheduler:
         store.listeners.append(self._on_commit)
 
     def start(self) -> None:
-        for job in self.store.jobs.values():
-            if job.status == "pending":
-                heapq.heappush(self._heap, (job.due_at, next(self._tiebreak), job.id))
-        if self._heap:
-            self._arm(self._heap[0][0])
+        jobs = self.store.jobs.values()
+        self._heap = [(job.due_at, next(self._tiebreak), job.id)
+                      for job in jobs if job.status == "pending"]
+        heapq.heapify(self._heap)
+        if self.settings.job_retention:
+            self._expiries = [(job.resolved_at or job.created_at, job.seq, job.id)
+                              for job in jobs if job.status != "pending"]
+            heapq.heapify(self._expiries)
+        self._wake_at(self._next_wake())
         self._task = asyncio.create_task(self._resolve_ready(), name="resolver")
 
     async def stop(self) -> None:
@@ -938,14 +1220,30 @@ class Scheduler:
             except asyncio.CancelledError:
                 pass
 
-    def _on_commit(self, job: Job) -> None:
-        if job.status == "pending":
-            self.schedule(job.id, job.due_at)
+    def _on_commit(self, record: Job | Tombstone) -> None:
+        if record.status == "pending":
+            self.schedule(record.id, record.due_at)
+        elif record.status != "deleted" and self.settings.job_retention:
+            heapq.heappush(self._expiries, (record.resolved_at, record.seq, record.id))
+            self._wake_at(record.resolved_at + self.settings.job_retention)
 
     def schedule(self, job_id: str, due_at: float) -> None:
         heapq.heappush(self._heap, (due_at, next(self._tiebreak), job_id))
-        if due_at < self._timer_due:
-            self._arm(due_at)
+        self._wake_at(due_at)
+
+    def next_due(self) -> float:
+        """When the earliest pending job is due (inf if none is)."""
+        return self._heap[0][0] if self._heap else math.inf
+
+    def _next_wake(self) -> float:
+        wake = self._heap[0][0] if self._heap else math.inf
+        if self._expiries:
+            wake = min(wake, self._expiries[0][0] + self.settings.job_retention)
+        return wake
+
+    def _wake_at(self, when: float) -> None:
+        if when < self._timer_due:
+            self._arm(when)
 
     def _arm(self, due_at: float) -> None:
         if self._timer is not None:
@@ -959,10 +1257,33 @@ class Scheduler:
         now = time.time()
         while self._heap and self._heap[0][0] <= now:
             self._ready.append(heapq.heappop(self._heap)[2])
-        if self._heap:
-            self._arm(self._heap[0][0])
+        self._expire(now)
+        self._wake_at(self._next_wake())
         if self._ready:
             self._wakeup.set()
+
+    def _expire(self, now: float) -> None:
+        """Delete the finished jobs whose retention is over (a job changed since its
+        entry was made, retried say, has a newer entry: the old one is let go)."""
+        store, cutoff = self.store, now - self.settings.job_retention
+        for _ in range(EXPIRE_BATCH):
+            if not self._expiries or self._expiries[0][0] > cutoff:
+                return
+            entry = heapq.heappop(self._expiries)
+            job = store.get(entry[2])
+            if job is None or job.seq != entry[1] or job.id in store.in_flight:
+                continue
+            try:
+                done = store.commit(Tombstone(job.id, "expired", now))
+            except StorageError:
+                return  # shutting down: it expires at the next start
+            done.add_done_callback(functools.partial(self._after_expire, entry))
+
+    def _after_expire(self, entry: tuple, done: asyncio.Future) -> None:
+        if done.exception() is not None:  # not on disk: try again a little later
+            retention, later = self.settings.job_retention, self.settings.retry_max_delay
+            heapq.heappush(self._expiries, (time.time() - retention + later, *entry[1:]))
+            self._wake_at(time.time() + later)
 
     def _next_ready(self) -> Job | None:
         while self._ready:
@@ -985,6 +1306,7 @@ class Scheduler:
                 photo = await self.images.take()
             except RateLimited as exc:
                 log.warning("%s", exc)
+                self.store.metrics.unsplash_rate_limited.inc(exc.retry_after)
                 await asyncio.sleep(exc.retry_after)
                 continue
             except KeyRejected as exc:
@@ -1053,10 +1375,17 @@ class Scheduler:
 # SYNCED, then live events: the registry is the log, so nothing extra grows.
 
 PEER_BACKLOG_BYTES = 8 * 1024 * 1024
+# Close codes that mean the server dropped a peer, as jobservice_peers_dropped_total counts.
+DROP_REASONS = {1013: "too_far_behind", 1011: "send_failed", 1002: "protocol_error",
+                1003: "protocol_error", 1008: "too_many_sessions", 1009: "too_large"}
 
 
-def event_name(job: Job) -> str:
-    return "ON_CREATED_JOB" if job.status == "pending" else "ON_RESOLVED_JOB"
+EVENT_NAMES = {"pending": "ON_CREATED_JOB", "resolved": "ON_RESOLVED_JOB",
+               "failed": "ON_RESOLVED_JOB", "deleted": "ON_DELETED_JOB"}
+
+
+def event_name(record: Job | Tombstone) -> str:
+    return EVENT_NAMES[record.status]
 
 
 class NativeFrames:
@@ -1101,6 +1430,7 @@ class Peer:
         self.writer: asyncio.Task | None = None
         self.closing = False
         self.last_words = ""  # a packet that goes out just before the close
+        self.drop_reason: str | None = None
 
     def push(self, text: str) -> None:
         if self.closing:
@@ -1153,6 +1483,7 @@ class Peer:
             return None
         self.closing = True
         self.last_words = last_words
+        self.drop_reason = DROP_REASONS.get(code)
         self.replay.clear()
         self.backlog.clear()
         self.backlog_bytes = 0
@@ -1199,7 +1530,8 @@ class EventHub:
         CONNECT reply) follows the replay."""
         first = []
         if since is not None:
-            if since > self.store.seq:
+            self.store.forget_old_tombstones()
+            if since > self.store.seq or since < self.store.forgotten:
                 first.append(peer.frames.control("RESET", self.store.seq))
             else:
                 first.extend(peer.frames.event(job) for job in self.store.changed_since(since))
@@ -1210,7 +1542,10 @@ class EventHub:
         peer.start(first)
 
     def detach(self, peer: Peer) -> None:
-        self.peers.discard(peer)
+        if peer in self.peers:
+            self.peers.discard(peer)
+            if peer.drop_reason is not None:
+                self.store.metrics.peers_dropped.labels(peer.drop_reason).inc()
         if peer.writer is not None:
             peer.writer.cancel()
 
@@ -1245,13 +1580,15 @@ def socketio_sid(pid: str) -> str:
 
 def socketio_resume(store: JobStore, auth: dict) -> tuple[str, int]:
     """(pid, since) for a CONNECT: the same pid and its offset when the client recovers,
-    else a new pid from now on (or, if its offset is beyond the store, from a RESET)."""
+    else a new pid from now on (or, if its offset is out of the store's replay, from a
+    RESET)."""
     pid, offset = auth.get("pid"), auth.get("offset")
     recovering = (isinstance(pid, str) and 16 <= len(pid) <= 64 and isinstance(offset, str)
                   and is_ascii_number(offset) and len(offset) <= 18)
-    if recovering and int(offset) <= store.seq:
+    store.forget_old_tombstones()
+    if recovering and store.forgotten <= int(offset) <= store.seq:
         return pid, int(offset)
-    if recovering:  # the store was replaced: a fresh session, told to RESET
+    if recovering:  # the store was replaced, or the window passed: a fresh session, RESET
         return secrets.token_urlsafe(15), int(offset)
     return secrets.token_urlsafe(15), store.seq
 
@@ -1392,6 +1729,7 @@ class EngineIO:
             for session in list(self.sessions.values()):
                 if session.pong_by is not None and now >= session.pong_by:
                     session.close(1000, "ping timeout")
+                    self.hub.store.metrics.peers_dropped.labels("ping_timeout").inc()
                 elif not session.connected and now >= session.opened_at + SIO_CONNECT_TIMEOUT:
                     session.close(1002, "no Socket.IO CONNECT packet")
                 elif session.pong_by is None and now >= session.ping_at:
@@ -1454,12 +1792,27 @@ async def create_job(request: web.Request) -> web.Response:
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_body", "the body must be a JSON object")
     store = request.app[STORE]
+    _admit(request)
     job = Job.new(request.app[SETTINGS], time.time())
     await _committed(store, job)
+    store.metrics.jobs_created.inc()
     return json_response(json.dumps({"id": job.id}), 201, {"Location": f"/jobs/{job.id}"})
 
 
-async def _committed(store: JobStore, job: Job) -> None:
+def _admit(request: web.Request) -> None:
+    """MAX_PENDING_JOBS: past it, a new pending job is refused until some resolve."""
+    store, settings = request.app[STORE], request.app[SETTINGS]
+    if store.counts["pending"] + len(store.in_flight) < settings.max_pending_jobs:
+        return
+    wait = request.app[SCHEDULER].next_due() - time.time()
+    retry_after = str(max(1, math.ceil(min(wait, settings.job_delay_max))))
+    raise ApiError(429, "too_many_pending_jobs",
+                   f"{settings.max_pending_jobs} jobs are pending, the most this service "
+                   f"takes (MAX_PENDING_JOBS); try again when some have resolved",
+                   {"Retry-After": retry_after})
+
+
+async def _committed(store: JobStore, job: Job | Tombstone) -> None:
     try:
         # Shielded: the future is shared by a whole batch, and one request going away
         # must not cancel it for the others.
@@ -1471,7 +1824,7 @@ async def _committed(store: JobStore, job: Job) -> None:
 async def list_jobs(request: web.Request) -> web.Response:
     store = request.app[STORE]
     query = request.query
-    unknown = set(query) - {"status", "limit", "after"}
+    unknown = set(query) - {"status", "limit", "after", "before", "order"}
     if unknown:
         raise ApiError(400, "invalid_parameter",
                        f"unknown query parameter {sorted(unknown)[0]!r}")
@@ -1479,6 +1832,9 @@ async def list_jobs(request: web.Request) -> web.Response:
     if status is not None and status not in STATUSES:
         raise ApiError(400, "invalid_parameter",
                        f"status must be one of {', '.join(STATUSES)}")
+    order = query.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, "invalid_parameter", "order must be asc or desc")
     limit = None
     if "limit" in query:
         raw = query["limit"]
@@ -1486,29 +1842,24 @@ async def list_jobs(request: web.Request) -> web.Response:
             raise ApiError(400, "invalid_parameter",
                            f"limit must be a whole number from 1 to {MAX_PAGE}")
         limit = int(raw)
-    start = 0
-    if "after" in query:
-        position = store.position.get(query["after"])
-        if position is None:
-            raise ApiError(400, "invalid_parameter", "after names no job")
-        start = position + 1
-
+    cursor_name = "before" if order == "desc" else "after"
+    wrong = "after" if order == "desc" else "before"
+    if wrong in query:
+        raise ApiError(400, "invalid_parameter",
+                       f"{wrong} goes with order={'asc' if order == 'desc' else 'desc'}; "
+                       f"use {cursor_name}")
+    try:
+        page, last = store.listing(status, limit, query.get(cursor_name), order == "desc")
+    except KeyError:
+        raise ApiError(400, "invalid_parameter", f"{cursor_name} names no job") from None
     headers = {"X-Jobs-Seq": str(store.seq)}
-    jobs, order, page = store.jobs, store.order, []
-    end = len(order)
-    index = start
-    while index < end and (limit is None or len(page) < limit):
-        job = jobs[order[index]]
-        if status is None or job.status == status:
-            page.append(job.json)
-        index += 1
-    if limit is not None and len(page) == limit:
-        more = any(status is None or jobs[order[i]].status == status for i in range(index, end))
-        if more:
-            params = {"limit": limit, "after": order[index - 1]}
-            if status:
-                params["status"] = status
-            headers["Link"] = f'</jobs?{urlencode(params)}>; rel="next"'
+    if last is not None:
+        params = {"limit": limit, cursor_name: last}
+        if order == "desc":
+            params["order"] = order
+        if status:
+            params["status"] = status
+        headers["Link"] = f'</jobs?{urlencode(params)}>; rel="next"'
     return json_response("[" + ",".join(page) + "]", headers=headers)
 
 
@@ -1527,19 +1878,40 @@ async def retry_job(request: web.Request) -> web.Response:
     if job.status != "failed" or job.id in store.in_flight:
         raise ApiError(409, "not_failed", f"only a failed job can be retried; this one is "
                                           f"{job.status}")
+    _admit(request)
     retried = job.retried(time.time() + request.app[SETTINGS].retry_base_delay)
     await _committed(store, retried)
     return json_response(retried.json, 202, {"Location": f"/jobs/{job.id}"})
 
 
-async def health(request: web.Request) -> web.Response:
+async def delete_job(request: web.Request) -> web.Response:
+    """Cancel a pending job (it never resolves and costs no photo) or remove a finished
+    one; 204 once the deletion is on disk."""
     store = request.app[STORE]
+    job = store.get(request.match_info["id"])
+    if job is None:
+        raise ApiError(404, "not_found", "no job with that id")
+    await _committed(store, Tombstone(job.id, "deleted", time.time()))
+    return web.Response(status=204)
+
+
+async def job_stats(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    return json_response(json.dumps({"total": len(store.jobs), **store.counts,
+                                     "seq": store.seq}),
+                         headers={"X-Jobs-Seq": str(store.seq)})
+
+
+async def health(request: web.Request) -> web.Response:
+    store, settings = request.app[STORE], request.app[SETTINGS]
     return json_response(json.dumps({
         "status": "ok",
         "version": __version__,
         "jobs": len(store.jobs),
         **store.counts,
         "seq": store.seq,
+        "maxPendingJobs": settings.max_pending_jobs,
+        "pendingFill": round(store.counts["pending"] / settings.max_pending_jobs, 4),
         "storage": "failing" if store.fault else "ok",
         "images": request.app[IMAGES].describe(),
     }))
@@ -1792,6 +2164,7 @@ EXPOSED_HEADERS = "Location, Link, X-Jobs-Seq, Retry-After"
 
 @web.middleware
 async def guard(request: web.Request, handler) -> web.StreamResponse:
+    started = time.perf_counter()
     settings = request.app[SETTINGS]
     origin = request.headers.get("Origin")
     cors = origin is not None and settings.allows_origin(origin)
@@ -1801,7 +2174,7 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
                                       _refused_origin(request.app, origin or "(none)"))
         else:
             response = web.Response(status=204, headers={
-                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
                 "Access-Control-Allow-Headers": request.headers.get(
                     "Access-Control-Request-Headers", "Content-Type"),
                 "Access-Control-Max-Age": "600",
@@ -1846,7 +2219,34 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
         headers["X-Content-Type-Options"] = "nosniff"
         headers["Content-Security-Policy"] = request.app[CSP]
         headers["Referrer-Policy"] = "strict-origin-when-cross-origin"
+    # Labelled by route template and a known method, never by raw path: bounded sets.
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    method = request.method if request.method in HTTP_METHODS else "OTHER"
+    metrics = request.app[METRICS]
+    metrics.http_requests.labels(route, method, str(response.status)).inc()
+    metrics.http_duration.labels(route).observe(time.perf_counter() - started)
     return response
+
+
+HTTP_METHODS = frozenset(("GET", "POST", "DELETE", "OPTIONS", "HEAD", "PUT", "PATCH"))
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Prometheus's text format; gauges of current state are read now."""
+    app, metrics = request.app, request.app[METRICS]
+    store = app[STORE]
+    for status, count in store.counts.items():
+        metrics.jobs.labels(status).set(count)
+    metrics.photo_pool.set(app[IMAGES].pool_size)
+    native = sum(peer.frames is NativeFrames for peer in app[HUB].peers)
+    polling = app[ENGINE].polling_count
+    metrics.peers.labels("websocket").set(native)
+    metrics.peers.labels("socketio_websocket").set(len(app[ENGINE].sessions) - polling)
+    metrics.peers.labels("socketio_polling").set(polling)
+    metrics.storage_ok.set(0 if store.fault else 1)
+    return web.Response(body=generate_latest(metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 # --- Application factory ------------------------------------------------------------
@@ -1858,6 +2258,7 @@ STORE = web.AppKey("store", JobStore)
 IMAGES = web.AppKey("images", object)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 HUB = web.AppKey("hub", EventHub)
+METRICS = web.AppKey("metrics", Metrics)
 ENGINE = web.AppKey("engine", EngineIO)
 CSP = web.AppKey("csp", str)
 INDEX_HTML = web.AppKey("index_html", str)
@@ -1869,14 +2270,19 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[CSP] = content_security_policy(settings)
     app[REFUSED_ORIGINS] = set()
+    app[METRICS] = Metrics()
     app[INDEX_HTML] = INDEX_FILE.read_text("utf-8").replace(
         "__IMAGE_ORIGINS__", image_origins(settings))
     app.router.add_get("/", index)
     app.router.add_post("/jobs", create_job)
     app.router.add_get("/jobs", list_jobs)
-    app.router.add_get("/jobs/{id}", get_job)
+    app.router.add_get("/jobs/stats", job_stats)
+    job = "/jobs/{id:(?!stats$)[^{}/]+}"  # /jobs/{id}, but not /jobs/stats
+    app.router.add_get(job, get_job)
+    app.router.add_delete(job, delete_job)
     app.router.add_post("/jobs/{id}/retry", retry_job)
     app.router.add_get("/healthz", health)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/ws", events_socket)
     app.router.add_route("*", "/socket.io/", socketio_endpoint)
@@ -1889,13 +2295,15 @@ def create_app(settings: Settings) -> web.Application:
 
 async def _lifecycle(app: web.Application):
     settings = app[SETTINGS]
-    store = JobStore(settings.jobs_file)
+    metrics = app[METRICS]
+    store = JobStore(settings.jobs_file, settings.events_replay_window, metrics)
+    store.listeners.append(metrics.on_commit)
     replayed = await store.load()
     session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=settings.unsplash_timeout),
         headers={"User-Agent": f"jobservice/{__version__}"})
     if settings.unsplash_access_key:
-        images = UnsplashImages(session, settings)
+        images = UnsplashImages(session, settings, metrics)
     else:
         images = CatalogImages()
     app[STORE], app[IMAGES] = store, images
@@ -1940,12 +2348,17 @@ async def serve(settings: Settings) -> None:
                         "UNSPLASH_ACCESS_KEY to an Unsplash access key for fresh random photos")
         log.info(
             "jobservice %s listening on http://%s:%d; %d jobs (%d pending) in %s; delays "
-            "%g-%g s step %g; retries %g-%g s, %d attempts; CORS %s; images: %s",
+            "%g-%g s step %g; retries %g-%g s, %d attempts; CORS %s; images: %s; "
+            "finished jobs are kept %s (JOB_RETENTION); deletions are replayed for %s "
+            "(EVENTS_REPLAY_WINDOW); at most %d jobs pending (MAX_PENDING_JOBS)",
             __version__, host if ":" not in host else f"[{host}]", port, len(store.jobs),
             store.counts["pending"], settings.jobs_file, settings.job_delay_min,
             settings.job_delay_max, settings.job_delay_step, settings.retry_base_delay,
             settings.retry_max_delay, settings.job_max_attempts,
-            ", ".join(settings.cors_origins) or "same origin only", images.describe())
+            ", ".join(settings.cors_origins) or "same origin only", images.describe(),
+            describe_duration(settings.job_retention) if settings.job_retention
+            else "forever", describe_duration(settings.events_replay_window),
+            settings.max_pending_jobs)
         await stop.wait()
         log.info("shutting down")
     finally:
