@@ -1,10 +1,12 @@
 // jobservice page: wires the list, the live connection, the buttons and the viewer.
 
-import { createJob, getJob, listJobs, retryJob } from './js/api.js';
+import {
+  createJob, deleteJob, firstPageUrl, getJob, getStats, listPage, retryJob,
+} from './js/api.js';
 import { Announcer } from './js/announcer.js';
 import { Connection } from './js/connection.js';
 import { JobList } from './js/list.js';
-import { altText } from './js/rows.js';
+import { altText, closeConfirm, openConfirm } from './js/rows.js';
 import { onTick } from './js/ticker.js';
 import { now, shortId } from './js/util.js';
 import { Viewer } from './js/viewer.js';
@@ -19,7 +21,9 @@ const ui = {
   badge: $('[data-testid="conn-badge"]'),
   badgeLabel: $('[data-testid="conn-badge"] .conn-label'),
   retryNow: $('[data-action="reconnect"]'),
+  stats: $('[data-testid="stats"]'),
   counts: {
+    total: $('[data-testid="count-total"]'),
     pending: $('[data-testid="count-pending"]'),
     resolved: $('[data-testid="count-resolved"]'),
     failed: $('[data-testid="count-failed"]'),
@@ -48,6 +52,8 @@ function describe(job) {
 }
 
 const list = new JobList(ui.list, ui.tail, {
+  fetchPage: listPage,
+  firstUrl: firstPageUrl,
   onTransition(prev, job) {
     if (!announceChanges) return;
     if (!prev) {
@@ -59,10 +65,17 @@ const list = new JobList(ui.list, ui.tail, {
         kind === 'retried' ? `Job ${shortId(job.id)} is pending again.` : describe(job));
     }
   },
+  onRemoved(job, reason) {
+    if (!announceChanges || !job) return;
+    const name = `Job ${shortId(job.id)}`;
+    let detail = `${name} was deleted.`;
+    if (reason === 'expired') detail = `${name} expired and was removed.`;
+    else if (job.status === 'pending') detail = `${name} was cancelled.`;
+    announcer.job(job.id, 'deleted', detail);
+  },
   onSummary: renderSummary,
 });
 
-const shown = { pending: -1, resolved: -1, failed: -1 };
 const EMPTY_TEXT = {
   all: 'No jobs yet. Press “New job” and a food photo will be on its way.',
   pending: 'Nothing pending right now.',
@@ -71,22 +84,24 @@ const EMPTY_TEXT = {
 };
 
 function renderSummary() {
-  for (const key of ['pending', 'resolved', 'failed']) {
-    const n = list.counts[key];
-    if (shown[key] !== n) {
-      shown[key] = n;
-      ui.counts[key].textContent = String(n);
-    }
-  }
   const filter = list.filter;
   if (ui.filter.value !== filter) ui.filter.value = filter;
   for (const btn of ui.statButtons) {
     const pressed = String(btn.dataset.filterValue === filter);
     if (btn.getAttribute('aria-pressed') !== pressed) btn.setAttribute('aria-pressed', pressed);
   }
-  const more = list.hasMore ? 'Scroll for older jobs…' : '';
-  if (ui.tail.textContent !== more) ui.tail.textContent = more;
-  const empty = list.loaded && list.shownCount() === 0;
+  let tail = '';
+  if (list.error) {
+    tail = `Could not load ${list.loaded ? 'older ' : 'the '}jobs: ${list.error.message} Trying again…`;
+  } else if (!list.loaded || (list.fetching && list.edge >= list.order.length)) {
+    tail = list.loaded ? 'Loading older jobs…' : 'Loading jobs…';
+  } else if (list.hasMore) {
+    tail = 'Scroll for older jobs…';
+  }
+  if (ui.tail.textContent !== tail) ui.tail.textContent = tail;
+  const busy = String(!list.loaded);
+  if (ui.list.getAttribute('aria-busy') !== busy) ui.list.setAttribute('aria-busy', busy);
+  const empty = list.complete && list.shownCount() === 0;
   if (ui.empty.hidden === empty) ui.empty.hidden = !empty;
   if (empty) ui.emptyText.textContent = EMPTY_TEXT[filter] || EMPTY_TEXT.all;
 }
@@ -102,6 +117,76 @@ for (const btn of ui.statButtons) {
     const v = btn.dataset.filterValue;
     setFilter(list.filter === v ? 'all' : v);
   });
+}
+
+// ---------- totals (the server counts; refetched, at most every 500 ms, as things change) ----------
+
+const TOTALS_EVERY = 500;
+const numberFormat = new Intl.NumberFormat();
+const totals = {
+  seq: -1, shown: {}, timer: null, inflight: false, again: false, lastStart: -Infinity,
+};
+
+function renderTotals(stats) {
+  for (const key of ['total', 'pending', 'resolved', 'failed']) {
+    const n = stats[key];
+    if (totals.shown[key] !== n) {
+      totals.shown[key] = n;
+      ui.counts[key].textContent = numberFormat.format(n);
+      ui.counts[key].dataset.value = String(n);
+    }
+  }
+  if (ui.stats.getAttribute('aria-busy') !== 'false') ui.stats.setAttribute('aria-busy', 'false');
+}
+
+async function fetchTotals() {
+  totals.timer = null;
+  totals.inflight = true;
+  totals.lastStart = Date.now();
+  let retryIn = 0;
+  try {
+    const stats = await getStats();
+    const seq = Number.isFinite(stats.seq) ? stats.seq : totals.seq;
+    if (seq >= totals.seq) {
+      totals.seq = seq;
+      renderTotals(stats);
+      if (!performance.getEntriesByName('jobservice:totals-shown').length) {
+        performance.mark('jobservice:totals-shown');
+      }
+    }
+  } catch {
+    retryIn = 3000; // the next change, or this retry, brings them
+  } finally {
+    totals.inflight = false;
+  }
+  if (totals.again) {
+    totals.again = false;
+    refreshTotals();
+  } else if (retryIn) {
+    refreshTotals(retryIn);
+  }
+}
+
+/** Refetches the totals soon: a burst of changes is one request, at most every 500 ms. */
+function refreshTotals(delay = 50) {
+  if (totals.inflight) {
+    totals.again = true;
+    return;
+  }
+  if (totals.timer !== null) return;
+  const wait = Math.max(delay, totals.lastStart + TOTALS_EVERY - Date.now());
+  totals.timer = setTimeout(fetchTotals, wait);
+}
+
+/** At once (first load, RESET): a store may have been replaced, so any seq goes. */
+function reloadTotals() {
+  totals.seq = -1;
+  if (totals.timer !== null) {
+    clearTimeout(totals.timer);
+    totals.timer = null;
+  }
+  if (totals.inflight) totals.again = true;
+  else fetchTotals();
 }
 
 // ---------- creating jobs (optimistic) ----------
@@ -170,6 +255,42 @@ async function retry(id, button) {
   refreshSoon(id, () => list.jobs.get(id)?.status === 'failed');
 }
 
+async function remove(id, row, button) {
+  if (button.getAttribute('aria-disabled') === 'true') return;
+  const cancel = button.dataset.verb === 'cancel';
+  button.setAttribute('aria-disabled', 'true');
+  button.textContent = cancel ? 'Cancelling…' : 'Deleting…';
+  try {
+    await deleteJob(id);
+  } catch (err) {
+    if (err.status !== 404) {
+      // Still there: the card says why, and focus goes back to its Delete button.
+      if (row.isConnected) {
+        const hadFocus = row.contains(document.activeElement);
+        closeConfirm(row, hadFocus);
+      }
+      const what = cancel ? 'Cancel' : 'Delete';
+      list.setRowMessage(id, `${what} did not go through: ${err.message}`);
+      announcer.say(`${what} failed: ${err.message}`);
+      return;
+    }
+    // 404: it is gone already (deleted elsewhere, or expired).
+  }
+  list.remove(id, 'deleted');
+  refreshTotals();
+}
+
+// Escape inside a card's confirmation is "Keep".
+ui.list.addEventListener('keydown', (ev) => {
+  if (ev.key !== 'Escape' || !(ev.target instanceof Element)) return;
+  const box = ev.target.closest('.confirm');
+  const row = box && box.closest('li.job');
+  if (row) {
+    ev.preventDefault();
+    closeConfirm(row, true);
+  }
+});
+
 ui.list.addEventListener('click', (ev) => {
   const target = ev.target instanceof Element ? ev.target.closest('[data-action]') : null;
   if (!target || !ui.list.contains(target)) return;
@@ -189,6 +310,18 @@ ui.list.addEventListener('click', (ev) => {
       break;
     case 'dismiss':
       list.dropOptimistic(row);
+      break;
+    case 'delete':
+      if (id) {
+        list.setRowMessage(id, null);
+        openConfirm(row);
+      }
+      break;
+    case 'keep':
+      closeConfirm(row, true);
+      break;
+    case 'confirm-delete':
+      if (id) remove(id, row, target);
       break;
     default:
       break;
@@ -230,18 +363,20 @@ function renderBadge() {
 
 let lastAnnouncedState = null;
 let everLive = false;
+let everLoaded = false;
 
 const connection = new Connection({
   async load() {
-    const first = !list.loaded;
-    const { jobs, seq } = await listJobs();
-    list.replaceAll(jobs);
+    const first = !list.loaded && !everLoaded;
+    reloadTotals();
+    const page = await list.reload();
+    everLoaded = true;
     performance.mark('jobservice:list-rendered');
     requestAnimationFrame(() => setTimeout(() => performance.mark('jobservice:list-painted'), 0));
     let maxSeq = 0;
     for (const job of list.jobs.values()) if (Number.isFinite(job.seq) && job.seq > maxSeq) maxSeq = job.seq;
     // The header is the counter at listing time; replay from there (duplicates are harmless).
-    state.lastSeq = seq !== null ? seq : maxSeq;
+    state.lastSeq = page.seq !== null ? page.seq : maxSeq;
     ui.notice.hidden = true;
     if (!first) announcer.say('The job list was reloaded.');
     announceChanges = true;
@@ -250,6 +385,12 @@ const connection = new Connection({
   onJob(_event, job) {
     if (Number.isFinite(job.seq) && job.seq > state.lastSeq) state.lastSeq = job.seq;
     list.apply(job);
+    refreshTotals();
+  },
+  onDeleted(info) {
+    if (Number.isFinite(info.seq) && info.seq > state.lastSeq) state.lastSeq = info.seq;
+    list.remove(info.id, info.reason === 'expired' ? 'expired' : 'deleted');
+    refreshTotals();
   },
   onSynced(seq) {
     if (seq > state.lastSeq) state.lastSeq = seq;
@@ -261,6 +402,10 @@ const connection = new Connection({
     if (!list.loaded && info && info.error) {
       ui.notice.textContent = `Could not load the jobs: ${info.error.message || 'the server did not answer'}. Trying again…`;
       ui.notice.hidden = false;
+    }
+    if (s === 'live' && everLive) {
+      list.retrySoon(); // a page that failed while we were away
+      refreshTotals(); // what changed while we were away
     }
     if (s !== lastAnnouncedState) {
       if (s === 'live' && everLive) announcer.say('Live updates are back.');
@@ -288,6 +433,11 @@ Object.defineProperty(window, '__jobservice', {
     jobs: list.jobs,
     rows: list.rows,
     get lastSeq() { return state.lastSeq; },
+    get next() { return list.next; },
+    get loaded() { return list.loaded; },
+    get complete() { return list.complete; },
+    get loadedCount() { return list.order.length; },
+    get totals() { return { ...totals.shown }; },
     get connection() { return connection.state; },
   }),
   writable: false,

@@ -7,11 +7,18 @@ its own, which also serves the small PNGs its photos point at.
 - a failed job shows its error and a Retry button that brings it back;
 - the server stops while jobs are pending and restarts after they fell due: the page
   reconnects by itself and shows every resolution it missed, without a reload;
-- 10,000 jobs: the list is painted within a second of the `/jobs` response (best of up
-  to three page loads on this shared box; every number is printed), only the first 48
-  cards are built, and one resolution mutates that one row and nothing else;
-- no console or page errors anywhere (the restart test allows exactly Chromium's reports
-  of the connections refused while the server is down);
+- 100,000 jobs stored: the page fetches only the newest page (`GET /jobs?order=desc&
+  limit=100`) and the totals (`GET /jobs/stats`) and shows both within a second of the
+  navigation (best of up to three page loads on this shared box; every number is printed);
+  only the first 48 cards are built; one resolution mutates that one row and nothing else;
+  scrolling down fetches older pages by their `Link` header, in newest-first order; the
+  status filter is the server's and starts over from its own first page;
+- Cancel (pending) and Delete (finished) ask inside the card (Confirm / Keep), by keyboard
+  or mouse; the card goes, the API says 404, the totals follow; a failed DELETE says why;
+- a job deleted through the API, and one the server expires, vanish from the open page;
+- no console or page errors and no native dialogs anywhere (the restart test allows
+  exactly Chromium's reports of the connections refused while the server is down, the
+  delete test its reports of the 404 and 500 it provokes);
 - screenshots at desktop and phone width under tests/artifacts/ (git-ignored).
 
 Every test runs on this module's event loop, the one the browser was launched on, so
@@ -35,16 +42,13 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from conftest import ROOT, running_services
+from page_timing import CHROMIUM, CHROMIUM_ARGS, READ_TIMING_JS, TIMING_JS, TIMING_READY_JS
 from playwright.async_api import Browser, Page, async_playwright
 
 import jobservice
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync"]
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -131,16 +135,30 @@ class Watched:
         self.page = page
         self.errors: list[str] = []
         self.navigations = 0
+        self.api: list[str] = []  # "METHOD /jobs...?query" of every /jobs request, in order
+        page.on("request", self._request)
         page.on("console", self._console)
         page.on("pageerror", lambda error: self.errors.append(f"pageerror: {error}"))
         page.on("framenavigated",
                 lambda frame: self._navigated() if frame == page.main_frame else None)
+        # The page asks inside itself; a native alert/confirm/prompt is an error.
+        page.on("dialog", self._dialog)
+
+    async def _dialog(self, dialog) -> None:
+        self.errors.append(f"dialog: {dialog.type} {dialog.message!r}")
+        await dialog.dismiss()
 
     def _console(self, message) -> None:
         # The page reports a failing ticker subscriber with console.warn: an error too.
         if message.type == "error" or (message.type == "warning"
                                        and "subscriber failed" in message.text):
             self.errors.append(message.text)
+
+    def _request(self, request) -> None:
+        parts = urlsplit(request.url)
+        if parts.path.startswith("/jobs"):
+            self.api.append(f"{request.method} {parts.path}"
+                            + (f"?{parts.query}" if parts.query else ""))
 
     def _navigated(self) -> None:
         self.navigations += 1
@@ -190,23 +208,45 @@ SUMMARY_JS = """() => {
   const rows = [...document.querySelectorAll('[data-testid="job-list"] > li')];
   const statuses = {};
   for (const li of rows) statuses[li.dataset.status] = (statuses[li.dataset.status] || 0) + 1;
-  const n = (k) => Number(document.querySelector(`[data-testid="count-${k}"]`).textContent);
+  const n = (k) => {
+    const v = document.querySelector(`[data-testid="count-${k}"]`).dataset.value;
+    return v === undefined ? null : Number(v);
+  };
   return {
     statuses,
     counts: {pending: n('pending'), resolved: n('resolved'), failed: n('failed')},
+    total: n('total'),
     ids: rows.map((li) => li.dataset.jobId || null),
   };
 }"""
 
 
 async def summary(page: Page) -> dict:
-    """Rows by data-status, the three counters and the row ids, read in one go."""
+    """Rows by data-status, the counters (null until the totals came) and the row ids."""
     return await page.evaluate(SUMMARY_JS)
 
 
-def assert_counters_match(s: dict) -> None:
-    for status in ("pending", "resolved", "failed"):
-        assert s["counts"][status] == s["statuses"].get(status, 0), s
+async def wait_counts(page: Page, expected: dict, timeout: float = 5_000) -> dict:
+    """Waits until the counters show `expected` (a subset of pending/resolved/failed and
+    `total`); the totals come from `GET /jobs/stats`, refetched as events arrive."""
+    try:
+        await page.wait_for_function(
+            f"""(want) => {{ const s = ({SUMMARY_JS})();
+              return Object.entries(want).every(([k, v]) =>
+                (k === 'total' ? s.total : s.counts[k]) === v); }}""",
+            arg=expected, timeout=timeout)
+    except Exception:
+        raise AssertionError(f"counters {await summary(page)} never became {expected}") from None
+    return await summary(page)
+
+
+async def wait_counters_match(page: Page, timeout: float = 5_000) -> dict:
+    """Every job is on the page: the server's totals equal the cards, status by status."""
+    s = await summary(page)
+    expected = {status: s["statuses"].get(status, 0) for status in ("pending", "resolved",
+                                                                      "failed")}
+    expected["total"] = sum(expected.values())
+    return await wait_counts(page, expected, timeout)
 
 
 class HeldPosts:
@@ -309,44 +349,58 @@ def write_snapshot(path: Path, jobs: list[jobservice.Job]) -> None:
                                 "jobs": [job.to_dict() for job in jobs]}))
 
 
-RENDER_BUDGET_MS = 1000
+OPEN_BUDGET_MS = 1000
 
-# Test instrumentation (an init script, so the page is unchanged): marks around the
-# parse of the big /jobs body, to split the render portion into its parts.
-PARSE_MARKS_JS = """(() => {
-  const parse = JSON.parse;
-  JSON.parse = function (text, reviver) {
-    const big = typeof text === 'string' && text.length > 1e6;
-    if (big) performance.mark('test:jobs-parse-start');
-    const value = parse.call(this, text, reviver);
-    if (big) performance.mark('test:jobs-parse-end');
-    return value;
-  };
-})();"""
 
-RENDER_TIMING_JS = """() => {
-  const at = (name) => performance.getEntriesByName(name)[0].startTime;
-  const jobs = performance.getEntriesByType('resource')
-    .find((e) => new URL(e.name).pathname === '/jobs');
-  return {
-    navigation_to_painted: at('jobservice:list-painted'),
-    fetch: jobs.responseEnd - jobs.startTime,
-    response_to_painted: at('jobservice:list-painted') - jobs.responseEnd,
-    parse: at('test:jobs-parse-end') - at('test:jobs-parse-start'),
-    build: at('jobservice:list-rendered') - at('test:jobs-parse-end'),
-    first_frame: at('jobservice:list-painted') - at('jobservice:list-rendered'),
-    megabytes: jobs.encodedBodySize / 1e6,
-  };
+async def open_timing(page: Page) -> dict:
+    """tests/page_timing.py's numbers for a page opened with `instrument=TIMING_JS`: ms from
+    navigation start to the first card and to the totals shown, and the /jobs requests."""
+    await page.wait_for_function(TIMING_READY_JS, timeout=15_000)
+    return await page.evaluate(READ_TIMING_JS)
+
+
+async def next_links(base: str, first: str, pages: int) -> list[str]:
+    """The URLs of the first `pages` pages, following the server's Link headers."""
+    urls = [first]
+    async with aiohttp.ClientSession() as http:
+        while len(urls) < pages:
+            async with http.get(base + urls[-1]) as response:
+                assert response.status == 200
+                link = response.headers.get("Link")
+            assert link, f"no Link after {urls[-1]}"
+            match = re.fullmatch(r'<([^>]+)>; rel="next"', link)
+            assert match, link
+            urls.append(match.group(1))
+    return urls
+
+
+SHOWN_JS = """() => [...document.querySelectorAll('[data-testid="job-list"] > li[data-job-id]')]
+  .filter((li) => !li.hidden).map((li) => li.dataset.jobId)"""
+
+DOM_JS = """() => {
+  const li = [...document.querySelectorAll('[data-testid="job-list"] > li')];
+  return {rows: li.map((x) => x.dataset.jobId), shown: li.filter((x) => !x.hidden).length,
+          built: li.filter((x) => x.childElementCount > 0).length,
+          pendingShown: li.filter((x) => !x.hidden && x.dataset.status === 'pending')
+            .map((x) => x.dataset.jobId)};
 }"""
 
 
-async def render_timing(page: Page) -> dict:
-    """From the performance marks: the render portion is from the end of the /jobs
-    response to the list painted (parse, build the rows, first frame)."""
-    await page.wait_for_function(
-        "() => performance.getEntriesByName('jobservice:list-painted').length > 0",
-        timeout=15_000)
-    return await page.evaluate(RENDER_TIMING_JS)
+async def scroll_until_shown(page: Page, job_id: str, limit: int = 12) -> list[str]:
+    """Scrolls to the bottom, each time waiting for more cards, until job_id's card is
+    displayed; the displayed ids, top to bottom."""
+    for _ in range(limit):
+        shown = await page.evaluate(SHOWN_JS)
+        if job_id in shown:
+            return shown
+        await page.evaluate("() => window.scrollTo(0, document.body.scrollHeight)")
+        await page.wait_for_function(f"(n) => ({SHOWN_JS})().length > n", arg=len(shown),
+                                     timeout=10_000)
+    raise AssertionError(f"{job_id} not shown after {limit} scrolls")
+
+
+def requested(timing_requests: list[dict]) -> list[str]:
+    return [r["url"] for r in timing_requests]
 
 
 # ---------- tests ----------
@@ -397,7 +451,6 @@ async def test_create_count_down_resolve_and_view(service_process, fake, open_pa
         " return li.length === 11 && li.every((x) => x.dataset.jobId"
         " && x.dataset.status !== 'creating'); }", timeout=5_000)
     s = await summary(page)
-    assert_counters_match(s)
     ids = s["ids"]
     assert len(set(ids)) == 11 and ids[-1] == first
     created = await page.evaluate(
@@ -409,9 +462,7 @@ async def test_create_count_down_resolve_and_view(service_process, fake, open_pa
         "() => { const li = [...document.querySelectorAll('[data-testid=\"job-list\"] > li')];"
         " return li.length === 11 && li.every((x) => x.dataset.status === 'resolved'); }",
         timeout=15_000)
-    s = await summary(page)
-    assert_counters_match(s)
-    assert s["counts"] == {"pending": 0, "resolved": 11, "failed": 0}
+    await wait_counts(page, {"pending": 0, "resolved": 11, "failed": 0, "total": 11})
 
     # Every photo loads, from the fake's origin, with its credit.
     for job_id in ids:
@@ -478,9 +529,7 @@ async def test_failed_job_shows_error_and_retries(service_process, fake, open_pa
     assert error == (await api_job(service.url, job_id))["error"]
     retry = failed.locator('[data-testid="retry"]')
     assert await retry.is_visible() and await retry.text_content() == "Retry"
-    s = await summary(page)
-    assert_counters_match(s)
-    assert s["counts"] == {"pending": 0, "resolved": 0, "failed": 1}
+    await wait_counts(page, {"pending": 0, "resolved": 0, "failed": 1, "total": 1})
     # Told to screen readers too, with the reason: one job is never just counted.
     await page.wait_for_function(
         "(id) => document.querySelector('[data-testid=\"announcer\"]').textContent"
@@ -503,9 +552,7 @@ async def test_failed_job_shows_error_and_retries(service_process, fake, open_pa
     transitions = [old for old, _ in await page.evaluate("() => window.__statuses")]
     assert transitions == ["failed", "pending"], transitions  # failed -> pending -> resolved
     await assert_thumb_loaded(page, job_id, fake.url)
-    s = await summary(page)
-    assert_counters_match(s)
-    assert s["counts"] == {"pending": 0, "resolved": 1, "failed": 0}
+    await wait_counts(page, {"pending": 0, "resolved": 1, "failed": 0, "total": 1})
     assert await page.locator(f'{row(job_id)} [data-testid="error"]').count() == 0
     await page.wait_for_function(
         "(id) => /is ready/.test("
@@ -571,9 +618,7 @@ async def test_reconnects_after_restart_and_shows_missed_resolutions(
         job = await api_job(restarted.url, job_id)
         assert job["status"] == "resolved"
         assert jobservice.parse_time(job["resolvedAt"], "resolvedAt") >= stopped_at
-    s = await summary(page)
-    assert_counters_match(s)
-    assert s["counts"] == {"pending": 0, "resolved": 10, "failed": 0}
+    await wait_counts(page, {"pending": 0, "resolved": 10, "failed": 0, "total": 10})
     for job_id in ids[:3]:
         await assert_thumb_loaded(page, job_id, fake.url)
 
@@ -587,52 +632,55 @@ async def test_reconnects_after_restart_and_shows_missed_resolutions(
     print(f"allowed console errors while down: {len(allowed)}")
 
 
-async def test_ten_thousand_jobs_render_fast_and_one_resolution_patches_one_row(
-        service_process, fake, open_page, artifacts, jobs_file):
-    count, due_in = 10_000, 10.0
+def big_store(fake_url: str, count: int, due_in: float) -> list[jobservice.Job]:
+    """count jobs, oldest first, one every 2 s: mostly resolved, every 97th pending (due
+    tomorrow), every 211th failed, and the newest pending, due in `due_in` seconds."""
     t0 = time.time()
     jobs = []
     for i in range(count):
-        created = t0 - (count - i) * 5
+        created = t0 - (count - i) * 2
         if i == count - 1:  # the newest, on top: due a few seconds from now
-            jobs.append(jobservice.Job(f"job-{i:05d}", "pending", None, t0 - 1, t0 + due_in))
+            jobs.append(jobservice.Job(f"job-{i:06d}", "pending", None, t0 - 1, t0 + due_in))
         elif i < count - 500 and i % 97 == 0:  # far down the list, due tomorrow
-            jobs.append(jobservice.Job(f"job-{i:05d}", "pending", None, created, t0 + 86400))
+            jobs.append(jobservice.Job(f"job-{i:06d}", "pending", None, created, t0 + 86400))
         elif i < count - 500 and i % 211 == 5:
-            jobs.append(jobservice.Job(f"job-{i:05d}", "failed", None, created, created + 5,
+            jobs.append(jobservice.Job(f"job-{i:06d}", "failed", None, created, created + 5,
                                        created + 6, 10, "gave up after 10 attempts: "
                                        "Unsplash answered HTTP 500"))
         else:
-            result, image = fake_image(fake.url, i)
-            jobs.append(jobservice.Job(f"job-{i:05d}", "resolved", result, created,
+            result, image = fake_image(fake_url, i)
+            jobs.append(jobservice.Job(f"job-{i:06d}", "resolved", result, created,
                                        created + 5, created + 5, 1, None, image))
+    return jobs
+
+
+async def test_hundred_thousand_jobs_open_at_once_and_load_older_pages_on_scroll(
+        service_process, fake, open_page, artifacts, jobs_file):
+    count, due_in = 100_000, 10.0
+    jobs = big_store(fake.url, count, due_in)
     write_snapshot(jobs_file, jobs)
-    special = jobs[-1].id
+    newest = [job.id for job in reversed(jobs)]
+    special = newest[0]
     expected = {status: sum(job.status == status for job in jobs)
                 for status in ("pending", "resolved", "failed")}
 
-    service = await service_process(service_env(fake))
-    watched = await open_page(service.url, instrument=PARSE_MARKS_JS)
+    service = await service_process(service_env(fake, JOB_RETENTION="0"))
+    watched = await open_page(service.url, instrument=TIMING_JS)
     page = watched.page
-    loads = [await render_timing(page)]
+    loads = [await open_timing(page)]
 
-    # Every job has its <li>; only the first window of 48 cards is shown and built.
-    dom = await page.evaluate(
-        """() => {
-          const li = [...document.querySelectorAll('[data-testid="job-list"] > li')];
-          return {rows: li.length, withId: li.filter((x) => x.dataset.jobId).length,
-                  shown: li.filter((x) => !x.hidden).length,
-                  built: li.filter((x) => x.childElementCount > 0).length,
-                  pendingShown: li.filter((x) => !x.hidden && x.dataset.status === 'pending')
-                    .map((x) => x.dataset.jobId)};
-        }""")
-    assert dom["rows"] == dom["withId"] == count, dom
+    # One page of 100 (newest first) and the totals: nothing else was downloaded.
+    assert watched.api == ["GET /jobs?order=desc&limit=100", "GET /jobs/stats"] or \
+        watched.api == ["GET /jobs/stats", "GET /jobs?order=desc&limit=100"], watched.api
+    await page.wait_for_function("() => window.__jobservice.loaded", timeout=5_000)
+    dom = await page.evaluate(DOM_JS)
+    assert dom["rows"] == newest[:100], dom["rows"][:5]
     assert dom["shown"] == dom["built"] == 48, dom
     assert dom["pendingShown"] == [special], dom  # no other ticking row on screen
-    s = await summary(page)
-    assert s["counts"] == expected, s
+    await wait_counts(page, {**expected, "total": count})
+    assert await page.text_content('[data-testid="count-total"]') == f"{count:,}"
     await wait_live(page)
-    for job_id in (jobs[-2].id, jobs[-3].id):
+    for job_id in newest[1:3]:
         await page.wait_for_function(THUMB_LOADED_JS, arg=job_id, timeout=5_000)
     assert await page.get_attribute(row(special), "data-status") == "pending", \
         "the job resolved before the observer was in place; raise due_in"
@@ -659,6 +707,9 @@ async def test_ten_thousand_jobs_render_fast_and_one_resolution_patches_one_row(
     await page.wait_for_selector(f'{row(special)}[data-status="resolved"]',
                                  timeout=(due_in + 10) * 1000)
     await assert_thumb_loaded(page, special, fake.url)
+    expected["pending"] -= 1
+    expected["resolved"] += 1
+    await wait_counts(page, {**expected, "total": count})  # refetched after the event
     await page.wait_for_timeout(1_200)  # a whole ticker second more: nothing else moves
     mutations = await page.evaluate("() => window.__mutations")
     at = await page.evaluate("() => window.__resolvedAt")
@@ -670,32 +721,219 @@ async def test_ten_thousand_jobs_render_fast_and_one_resolution_patches_one_row(
     assert await page.evaluate(
         "(id) => window.__jobservice.rows.get(id) === window.__row && window.__row.isConnected",
         special)
-    s = await summary(page)
-    expected["pending"] -= 1
-    expected["resolved"] += 1
-    assert s["counts"] == expected, s
-    await page.screenshot(path=artifacts / "ten-thousand-desktop.png")
+    await page.screenshot(path=artifacts / "hundred-thousand-desktop.png")
 
-    # Scrolling to the end grows the window.
-    await page.evaluate("() => window.scrollTo(0, document.body.scrollHeight)")
+    # Scrolling down shows more cards and fetches older pages by the Link header, as-is:
+    # a card of the third page shows, every card in newest-first order, none twice.
+    pages = await next_links(service.url, "/jobs?order=desc&limit=100", 4)
+    shown = await scroll_until_shown(page, newest[250])
+    assert shown == newest[:len(shown)], shown[:3]
+    lists = [u.removeprefix("GET ") for u in watched.api if u.startswith("GET /jobs?")]
+    # (the fourth page is fetched ahead when fewer than a window's worth are left)
+    assert lists == pages[:len(lists)] and len(lists) in (3, 4), lists
+
+    # The filter is the server's: "Failed" starts over with its own first page and pages.
+    failed = [job.id for job in reversed(jobs) if job.status == "failed"]
+    await page.evaluate("() => window.scrollTo(0, 0)")
+    before_filter = len(watched.api)
+    await page.select_option('[data-testid="filter"]', "failed")
     await page.wait_for_function(
-        "() => [...document.querySelectorAll('[data-testid=\"job-list\"] > li')]"
-        ".filter((x) => !x.hidden).length > 48", timeout=5_000)
+        "(id) => { const li = document.querySelector('[data-testid=\"job-list\"] > li');"
+        " return li && li.dataset.jobId === id && !li.hidden; }", arg=failed[0], timeout=5_000)
+    assert watched.api[-1] == "GET /jobs?order=desc&limit=100&status=failed", watched.api[-3:]
+    assert await page.get_attribute('.stat-failed', "aria-pressed") == "true"
+    shown = await scroll_until_shown(page, failed[120])
+    assert shown == failed[:len(shown)]
+    failed_pages = await next_links(service.url, "/jobs?order=desc&limit=100&status=failed", 3)
+    lists = [u.removeprefix("GET ") for u in watched.api[before_filter:]
+             if u.startswith("GET /jobs?")]
+    assert lists == failed_pages[:len(lists)] and len(lists) in (2, 3), lists
+    assert {s for s in (await summary(page))["statuses"]} == {"failed"}
+    # Back to everything: the newest job on top again.
+    await page.evaluate("() => window.scrollTo(0, 0)")
+    await page.click('.stat-total')
+    await page.wait_for_function(
+        "(id) => document.querySelector('[data-testid=\"job-list\"] > li')?.dataset.jobId === id",
+        arg=special, timeout=5_000)
+    assert watched.api[-1] == "GET /jobs?order=desc&limit=100"
     watched.assert_clean()
 
-    # First render: on this shared two-core box other processes steal whole time slices,
-    # so when the first load is over budget up to two more fresh loads (own context, own
-    # cache) are measured, and the best one counts.
-    while min(load["response_to_painted"] for load in loads) >= RENDER_BUDGET_MS \
-            and len(loads) < 3:
-        again = await open_page(service.url, instrument=PARSE_MARKS_JS)
-        loads.append(await render_timing(again.page))
+    # Opening the page: on this shared two-core box other processes steal whole time
+    # slices, so when the first load is over budget up to two more fresh loads (own
+    # context, own cache) are measured, and the best one counts.
+    def worst(load: dict) -> float:
+        return max(load["first_card_ms"], load["totals_ms"])
+
+    while min(worst(load) for load in loads) >= OPEN_BUDGET_MS and len(loads) < 3:
+        again = await open_page(service.url, instrument=TIMING_JS)
+        loads.append(await open_timing(again.page))
         again.assert_clean()
         await again.page.context.close()
-    print(f"10,000 jobs ({loads[0]['megabytes']:.1f} MB), ms per page load: " + "; ".join(
-        ", ".join(f"{k} {v:.0f}" for k, v in load.items() if k != "megabytes")
+    print(f"{count:,} jobs stored; ms from navigation start, per page load: " + "; ".join(
+        f"first card {load['first_card_ms']:.0f}, totals {load['totals_ms']:.0f} ("
+        + ", ".join(f"{r['url']} {r['ms']:.0f}" for r in load["requests"]) + ")"
         for load in loads))
-    assert min(load["response_to_painted"] for load in loads) < RENDER_BUDGET_MS, loads
+    assert min(worst(load) for load in loads) < OPEN_BUDGET_MS, loads
+
+
+def small_store(fake_url: str) -> list[jobservice.Job]:
+    """Oldest first: five resolved jobs, a failed one, and the newest, pending for an hour."""
+    t0 = time.time()
+    jobs = []
+    for n in range(5):
+        result, image = fake_image(fake_url, n)
+        jobs.append(jobservice.Job(str(uuid.uuid4()), "resolved", result, t0 - 600 + n * 60,
+                                   t0 - 590 + n * 60, t0 - 590 + n * 60, 1, None, image))
+    jobs.append(jobservice.Job(str(uuid.uuid4()), "failed", None, t0 - 120, t0 - 110,
+                               t0 - 100, 3, "gave up after 3 attempts: Unsplash answered "
+                               "HTTP 500"))
+    jobs.append(jobservice.Job(str(uuid.uuid4()), "pending", None, t0 - 5, t0 + 3600))
+    return jobs
+
+
+async def api_status(base: str, job_id: str) -> int:
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/jobs/{job_id}") as response:
+        return response.status
+
+
+ACTIVE_JS = """() => { const a = document.activeElement;
+  const li = a && a.closest('li[data-job-id]');
+  return {action: a && a.dataset ? a.dataset.action || null : null,
+          row: li ? li.dataset.jobId : null, tag: a ? a.tagName : null}; }"""
+
+# Chromium's console line for a fetch answered with an error status (the page handles it).
+HTTP_ERROR = r"^Failed to load resource: the server responded with a status of (404|500)"
+
+
+async def test_cancel_and_delete_ask_inside_the_page(service_process, fake, open_page,
+                                                     artifacts, jobs_file):
+    jobs = small_store(fake.url)
+    write_snapshot(jobs_file, jobs)
+    ids = [job.id for job in reversed(jobs)]  # newest first
+    pending, failed, resolved = ids[0], ids[1], ids[2:]
+    service = await service_process(service_env(fake))
+    watched = await open_page(service.url)
+    page = watched.page
+    await wait_live(page)
+    await wait_counts(page, {"total": 7, "pending": 1, "resolved": 5, "failed": 1})
+    assert (await summary(page))["ids"] == ids
+
+    # Cancel, by keyboard: Enter opens the card's own confirmation with focus on Keep;
+    # Escape keeps the job and focus goes back to Cancel.
+    cancel = page.locator(f'{row(pending)} [data-testid="delete"]')
+    assert await cancel.text_content() == "Cancel"
+    assert await page.get_attribute(f'{row(failed)} [data-testid="delete"]',
+                                    "aria-label") == f"Delete job {failed[:8]}"
+    await cancel.focus()
+    await page.keyboard.press("Enter")
+    confirm = page.locator(f'{row(pending)} [data-testid="confirm"]')
+    await confirm.wait_for()
+    assert await confirm.get_attribute("role") == "group"
+    assert "Cancel this job?" in await confirm.text_content()
+    assert await page.evaluate(ACTIVE_JS) == {"action": "keep", "row": pending, "tag": "BUTTON"}
+    await page.screenshot(path=artifacts / "confirm-cancel-desktop.png")
+    await page.keyboard.press("Escape")
+    await confirm.wait_for(state="detached")
+    assert await page.evaluate(ACTIVE_JS) == {"action": "delete", "row": pending,
+                                              "tag": "BUTTON"}
+    assert await api_status(service.url, pending) == 200
+    # Enter again, Shift+Tab to Confirm, Enter: the card goes, the job is gone.
+    await page.keyboard.press("Enter")
+    await confirm.wait_for()
+    await page.keyboard.press("Shift+Tab")
+    assert (await page.evaluate(ACTIVE_JS))["action"] == "confirm-delete"
+    await page.keyboard.press("Enter")
+    await page.locator(row(pending)).wait_for(state="detached", timeout=5_000)
+    assert await api_status(service.url, pending) == 404
+    # Focus went to the neighbouring card, not to the top of the document.
+    assert (await page.evaluate(ACTIVE_JS))["row"] == failed
+    await wait_counts(page, {"total": 6, "pending": 0, "resolved": 5, "failed": 1})
+    await page.wait_for_function(
+        "(id) => document.querySelector('[data-testid=\"announcer\"]').textContent"
+        ".includes(`Job ${id.slice(0, 8)} was cancelled.`)", arg=pending, timeout=5_000)
+
+    # Delete a resolved job, by mouse; "Keep" first, then "Confirm".
+    target = resolved[1]
+    await page.click(f'{row(target)} [data-testid="delete"]')
+    await page.click(f'{row(target)} [data-testid="keep"]')
+    await page.locator(f'{row(target)} [data-testid="confirm"]').wait_for(state="detached")
+    await page.click(f'{row(target)} [data-testid="delete"]')
+    assert "Delete this job" in await page.text_content(f'{row(target)} [data-testid="confirm"]')
+    await page.click(f'{row(target)} [data-testid="confirm-delete"]')
+    await page.locator(row(target)).wait_for(state="detached", timeout=5_000)
+    assert await api_status(service.url, target) == 404
+    await wait_counts(page, {"total": 5, "pending": 0, "resolved": 4, "failed": 1})
+    assert (await summary(page))["ids"] == [failed, resolved[0], *resolved[2:]]
+
+    # A server error: the card stays and says why; Delete is back.
+    target = resolved[0]
+
+    async def boom(route):
+        if route.request.method != "DELETE":
+            await route.continue_()
+            return
+        await route.fulfill(status=500, content_type="application/json", body=json.dumps(
+            {"error": {"code": "internal", "message": "The kitchen is on fire."}}))
+
+    await page.route(f"**/jobs/{target}", boom)
+    await page.click(f'{row(target)} [data-testid="delete"]')
+    await page.click(f'{row(target)} [data-testid="confirm-delete"]')
+    message = page.locator(f"{row(target)} .row-msg")
+    await message.wait_for()
+    assert await message.text_content() == "Delete did not go through: The kitchen is on fire."
+    assert await page.locator(f'{row(target)} [data-testid="confirm"]').count() == 0
+    assert await page.locator(f'{row(target)} [data-testid="delete"]').is_visible()
+    assert await api_status(service.url, target) == 200
+    await page.unroute(f"**/jobs/{target}")
+
+    # A 404 (gone already): the card goes too.
+    async def gone(route):
+        if route.request.method != "DELETE":
+            await route.continue_()
+            return
+        await route.fulfill(status=404, content_type="application/json", body=json.dumps(
+            {"error": {"code": "not_found", "message": "no job with that id"}}))
+
+    await page.route(f"**/jobs/{target}", gone)
+    await page.click(f'{row(target)} [data-testid="delete"]')
+    await page.click(f'{row(target)} [data-testid="confirm-delete"]')
+    await page.locator(row(target)).wait_for(state="detached", timeout=5_000)
+    await page.unroute(f"**/jobs/{target}")
+    assert f"DELETE /jobs/{target}" in watched.api
+    watched.assert_clean((HTTP_ERROR,))
+
+
+async def test_jobs_deleted_elsewhere_or_expired_vanish(service_process, fake, open_page,
+                                                         jobs_file):
+    jobs = small_store(fake.url)
+    # One resolved job is at the end of its retention 4 s from now: it expires while the
+    # page is open (ON_DELETED_JOB, reason "expired"); the others stay for most of an hour.
+    expiring = jobs[0]
+    expiring.resolved_at = time.time() - 3596
+    write_snapshot(jobs_file, jobs)
+    ids = [job.id for job in reversed(jobs)]
+    service = await service_process(service_env(fake, JOB_RETENTION="3600"))
+    watched = await open_page(service.url)
+    page = watched.page
+    await wait_live(page)
+    await page.locator(row(expiring.id)).wait_for(timeout=3_000)
+    await wait_counts(page, {"total": 7})
+
+    # Deleted through the API: the open page drops the card.
+    victim = ids[2]
+    async with aiohttp.ClientSession() as http, \
+            http.delete(f"{service.url}/jobs/{victim}") as response:
+        assert response.status == 204, await response.text()
+    await page.locator(row(victim)).wait_for(state="detached", timeout=5_000)
+    # Expired by the server: that card goes too.
+    await page.locator(row(expiring.id)).wait_for(state="detached", timeout=15_000)
+    await wait_counts(page, {"total": 5, "pending": 1, "resolved": 3, "failed": 1})
+    assert (await summary(page))["ids"] == [i for i in ids if i not in (victim, expiring.id)]
+    await page.wait_for_function(
+        "(id) => document.querySelector('[data-testid=\"announcer\"]').textContent"
+        ".includes(`Job ${id.slice(0, 8)} expired`)", arg=expiring.id, timeout=5_000)
+    assert not [u for u in watched.api if u.startswith("DELETE")]  # the page sent none
+    watched.assert_clean()
 
 
 async def test_readme_screenshot(service_process, fake, open_page, artifacts, jobs_file):

@@ -13,7 +13,7 @@ export class Announcer {
     this.lastFlush = 0;
   }
 
-  /** kind: created | resolved | failed | retried; detail: a short sentence about the job. */
+  /** kind: created | resolved | failed | retried | deleted; detail: a short sentence about the job. */
   job(id, kind, detail) {
     this.changes.delete(id); // one job changing twice is told once, as it is now
     this.changes.set(id, { kind, detail });
@@ -39,9 +39,11 @@ export class Announcer {
     if (changes.length === 1) {
       parts.push(changes[0].detail);
     } else if (changes.length > 1) {
-      const counts = { created: 0, retried: 0, resolved: 0, failed: 0 };
+      const counts = { created: 0, retried: 0, resolved: 0, failed: 0, deleted: 0 };
       for (const { kind } of changes) counts[kind] += 1;
-      const labels = { created: 'new', retried: 'retried', resolved: 'resolved', failed: 'failed' };
+      const labels = {
+        created: 'new', retried: 'retried', resolved: 'resolved', failed: 'failed', deleted: 'removed',
+      };
       const bits = Object.entries(counts).filter(([, n]) => n).map(([k, n]) => `${n} ${labels[k]}`);
       parts.push(`Jobs updated: ${bits.join(', ')}.`);
     }

@@ -55,12 +55,57 @@ async function request(method, path, { body, timeout = 15000 } = {}) {
   return { data, headers: res.headers, status: res.status };
 }
 
-/** All jobs (oldest first) and the change counter at listing time. */
-export async function listJobs() {
-  const { data, headers } = await request('GET', '/jobs', { timeout: 60000 });
+export const PAGE_SIZE = 100;
+
+/** The listing's first page, newest first, for a filter ('all' or a status). */
+export function firstPageUrl(filter) {
+  const status = filter && filter !== 'all' ? `&status=${encodeURIComponent(filter)}` : '';
+  return `/jobs?order=desc&limit=${PAGE_SIZE}${status}`;
+}
+
+/** The target of `Link: <...>; rel="next"`, if it is a path on this server; else null. */
+export function nextLink(header) {
+  if (!header) return null;
+  for (const part of header.split(/,(?=\s*<)/)) {
+    const m = /^\s*<([^>]*)>(.*)$/.exec(part);
+    const rel = m ? /;\s*rel\s*=\s*(?:"([^"]*)"|([^;\s]+))/i.exec(m[2]) : null;
+    if (!rel || !(rel[1] ?? rel[2]).toLowerCase().split(/\s+/).includes('next')) continue;
+    let url;
+    try {
+      url = new URL(m[1], window.location.href);
+    } catch {
+      return null;
+    }
+    // Used as-is, but only ever against this origin's listing.
+    if (url.origin !== window.location.origin || url.pathname !== '/jobs') return null;
+    return m[1];
+  }
+  return null;
+}
+
+/**
+ * One page of the listing: its jobs, the URL of the next (older) page or null at
+ * the end, and the change counter at listing time.
+ */
+export async function listPage(url) {
+  const { data, headers } = await request('GET', url, { timeout: 30000 });
   if (!Array.isArray(data)) throw new ApiError(200, 'bad_response', 'The job list was not understood.');
   const seq = Number.parseInt(headers.get('X-Jobs-Seq') || '', 10);
-  return { jobs: data, seq: Number.isFinite(seq) ? seq : null };
+  return { jobs: data, next: nextLink(headers.get('Link')), seq: Number.isFinite(seq) ? seq : null };
+}
+
+/** The totals: {total, pending, resolved, failed, seq}. */
+export async function getStats() {
+  const { data } = await request('GET', '/jobs/stats');
+  const ok = data && typeof data === 'object'
+    && ['total', 'pending', 'resolved', 'failed'].every((k) => Number.isFinite(data[k]));
+  if (!ok) throw new ApiError(200, 'bad_response', 'The job totals were not understood.');
+  return data;
+}
+
+/** Deletes (or, for a pending job, cancels) a job. A 404 is an ApiError with status 404. */
+export async function deleteJob(id) {
+  await request('DELETE', `/jobs/${encodeURIComponent(id)}`);
 }
 
 export async function createJob() {

@@ -14,6 +14,7 @@ export class Connection {
    * @param {() => Promise<void>} opts.load        (re)loads the job list; throws on failure
    * @param {() => number} opts.getSince           the seq to resume from
    * @param {(event: string, job: object) => void} opts.onJob
+   * @param {(info: {id: string, seq: number, reason: string}) => void} opts.onDeleted
    * @param {(seq: number) => void} opts.onSynced
    * @param {(state: string, info: object) => void} opts.onState
    */
@@ -149,6 +150,11 @@ export class Connection {
       case 'ON_CREATED_JOB':
       case 'ON_RESOLVED_JOB':
         if (payload && typeof payload === 'object') this.opts.onJob(event, payload);
+        break;
+      case 'ON_DELETED_JOB':
+        if (payload && typeof payload === 'object' && typeof payload.id === 'string') {
+          this.opts.onDeleted(payload);
+        }
         break;
       case 'SYNCED':
         this.synced = true;

@@ -1,16 +1,23 @@
-// The job list: one <li> per job, built once and patched in place.
+// The job list: the newest page first, older pages as the user scrolls.
 //
-// - jobs: Map id -> job (the latest state, by seq); rows: Map id -> <li>.
-// - Order is newest first by createdAt; a new job is inserted at its place with a
-//   binary search, so nothing else moves. A status change patches that one <li>.
-// - Every job has its <li> from the first render (carrying data-job-id and
-//   data-status, so any job can be found in the DOM), but only a window at the top is
-//   displayed: the rest are `hidden` shells, which cost no layout, paint or observer
-//   work. The window grows by BATCH cards when the end of the list comes within
-//   TAIL_MARGIN of the viewport (infinite scroll), so 10,000 jobs render at once.
-// - A card's content is built when it enters the window (or, in a burst such as a
-//   long replay, when it first comes near the viewport).
-// - The status filter hides non-matching cards; the window then counts matching ones.
+// - The server filters and pages (`GET /jobs?order=desc&limit=100[&status=...]`, then
+//   the `Link: rel="next"` URL as-is); so every loaded job matches the filter, and a new
+//   filter starts over from the first page.
+// - jobs: Map id -> job (the latest state, by seq); rows: Map id -> <li>; order: the
+//   loaded jobs, newest first (pages are appended; a job that appears live is inserted
+//   at its place by createdAt with a binary search, so nothing else moves).
+// - Every loaded job has its <li> (carrying data-job-id and data-status), but only a
+//   window at the top is displayed: the rest are `hidden` shells, which cost no layout,
+//   paint or observer work. The window grows by BATCH cards when the end of the list
+//   comes within TAIL_MARGIN of the viewport; when fewer than BATCH loaded cards are left
+//   outside it, the next page is fetched.
+// - A card's content is built when it enters the window (or, in a burst such as a long
+//   replay, when it first comes near the viewport).
+// - Live changes: a loaded job is patched in place (and removed if it no longer matches
+//   the filter); a job not loaded is inserted if it matches and is not older than the
+//   last page fetched (older ones come with their page); a deleted job's card goes.
+//   Changes that arrive while a page is being fetched are applied again when it lands,
+//   so a page never brings back an older state (seq decides) or a deleted job.
 // - Only pending cards on screen (an IntersectionObserver) are touched by the shared
 //   one-second ticker.
 
@@ -24,6 +31,8 @@ const STATUSES = new Set(['pending', 'resolved', 'failed']);
 const BATCH = 48; // cards shown at first, and added each time the end comes near
 const TAIL_MARGIN = '1200px 0px';
 const NEAR_MARGIN = '600px 0px';
+const TOMBSTONES = 10000; // ids of deleted jobs remembered, so stale data cannot revive them
+const RETRY_DELAYS = [1000, 2000, 5000, 10000, 30000];
 
 function isJob(value) {
   return value && typeof value === 'object' && typeof value.id === 'string' && value.id !== ''
@@ -35,26 +44,45 @@ function createdTime(job) {
   return Number.isFinite(t) ? t : now();
 }
 
+function isNewer(job, prev) {
+  return !prev || !Number.isFinite(job.seq) || !Number.isFinite(prev.seq) || job.seq > prev.seq;
+}
+
 export class JobList {
   /**
    * @param {HTMLUListElement} root  the list
    * @param {HTMLElement} tail       an element right after the list (infinite-scroll sentinel)
-   * @param {{onTransition?: Function, onSummary?: Function}} hooks
+   * @param {object} hooks
+   * @param {(url: string) => Promise<{jobs: object[], next: string|null, seq: number|null}>} hooks.fetchPage
+   * @param {(filter: string) => string} hooks.firstUrl
+   * @param {(prev: object|undefined, job: object) => void} [hooks.onTransition]
+   * @param {(job: object, reason: string) => void} [hooks.onRemoved]
+   * @param {() => void} [hooks.onSummary]
    */
-  constructor(root, tail, hooks = {}) {
+  constructor(root, tail, hooks) {
     this.root = root;
     this.tail = tail;
     this.hooks = hooks;
     this.jobs = new Map();
     this.rows = new Map();
     this.order = []; // [{id, t}] newest first
-    this.edge = 0; // order[0 .. edge-1] are inside the window
-    this.inWindow = new WeakSet();
-    this.counts = { pending: 0, resolved: 0, failed: 0 };
+    this.edge = 0; // order[0 .. edge-1] are displayed
+    this.inWindow = new WeakSet(); // their <li>s
     this.optimistic = new Set(); // <li> of jobs being created
     this.awaiting = new Map(); // id -> optimistic <li> whose POST answered, job not seen yet
     this.localIds = 0;
-    this.loaded = false;
+    this.gone = new Set(); // ids of deleted jobs (the newest TOMBSTONES)
+    // paging
+    this.gen = 0; // bumped by every fresh start (filter change, reload)
+    this.loaded = false; // the current filter's first page is in
+    this.next = null; // URL of the next (older) page; null at the end
+    this.boundary = null; // createdAt of the last job of the last page placed
+    this.fetching = false;
+    this.log = null; // changes seen while a page is on its way: applied again when it lands
+    this.current = null; // the latest first-page load (a promise)
+    this.error = null; // the last failed fetch (cleared when one succeeds)
+    this.retryTimer = null;
+    this.retries = 0;
     this.visible = new Set();
     this.summaryQueued = false;
     this.buildBudget = BATCH;
@@ -67,11 +95,15 @@ export class JobList {
     this.near = new IntersectionObserver((entries) => this.onNear(entries), {
       rootMargin: NEAR_MARGIN,
     });
-    // The end of the list: when it comes near, the window grows.
+    // The end of the list: when it comes near, the window grows (and pages load).
     this.tailObserver = new IntersectionObserver((entries) => {
       if (entries.some((entry) => entry.isIntersecting)) this.growWindow();
     }, { rootMargin: TAIL_MARGIN });
     this.tailObserver.observe(tail);
+  }
+
+  get filter() {
+    return this.root.dataset.filter || 'all';
   }
 
   matches(status) {
@@ -79,91 +111,236 @@ export class JobList {
     return filter === 'all' || filter === status;
   }
 
+  /** Every job of the filter is loaded (no older page left). */
+  get complete() {
+    return this.loaded && this.next === null;
+  }
+
+  /** Whether older cards are still to come: outside the window, or on the server. */
+  get hasMore() {
+    return this.loaded && (this.edge < this.order.length || this.next !== null);
+  }
+
   // ---------- whole-list loads ----------
 
-  /** Replaces everything with a fresh listing (first load, or after RESET). */
-  replaceAll(list) {
-    const jobs = Array.isArray(list) ? list.filter(isJob) : [];
+  /**
+   * Starts over from the filter's first page (first load, RESET, a new filter). Resolves
+   * with that page once it is shown (if another start overtakes it, with that one's);
+   * rejects if it cannot be fetched.
+   */
+  reload() {
+    this.gen += 1;
+    const gen = this.gen;
+    this.clearRetry();
+    this.clearRows();
+    this.loaded = false;
+    this.next = null;
+    this.boundary = null;
+    this.fetching = true;
+    this.log = [];
+    this.queueSummary();
+    const load = this.hooks.fetchPage(this.hooks.firstUrl(this.filter)).then((page) => {
+      if (gen !== this.gen) return this.current;
+      this.fetching = false;
+      this.error = null;
+      this.retries = 0;
+      this.placeFirst(page);
+      return page;
+    }, (err) => {
+      if (gen !== this.gen) return this.current;
+      this.fetching = false;
+      this.log = null;
+      this.error = err;
+      this.queueSummary();
+      throw err;
+    });
+    this.current = load;
+    return load;
+  }
+
+  /** A reload of our own (a new filter): on failure it is tried again after a while. */
+  restart() {
+    const gen = this.gen + 1;
+    this.reload().catch(() => {
+      if (gen === this.gen) this.scheduleRetry(() => this.restart());
+    });
+  }
+
+  clearRows() {
     this.io.disconnect();
     this.near.disconnect();
     this.visible.clear();
     this.jobs.clear();
     this.rows.clear();
+    this.order = [];
+    this.edge = 0;
     this.inWindow = new WeakSet();
-    this.counts = { pending: 0, resolved: 0, failed: 0 };
-    // A listing is oldest first: reversed, it is newest first (sort only if it is not).
-    const entries = jobs.map((job, i) => ({ job, t: createdTime(job), i }));
-    entries.reverse();
-    let sorted = true;
-    for (let k = 1; k < entries.length && sorted; k += 1) sorted = entries[k - 1].t >= entries[k].t;
-    if (!sorted) entries.sort((a, b) => (b.t - a.t) || (b.i - a.i));
-    const frag = document.createDocumentFragment();
-    const order = [];
-    let shown = 0;
-    let edge = -1;
-    for (const { job, t } of entries) {
-      if (this.jobs.has(job.id)) continue;
-      const el = buildShell(job);
-      if (edge < 0) {
-        this.inWindow.add(el);
-        if (this.matches(job.status)) {
-          renderRow(el, job);
-          shown += 1;
-        } else {
-          el.hidden = true;
-        }
-        if (shown >= BATCH) edge = order.length + 1;
-      } else {
-        el.hidden = true;
-      }
-      this.jobs.set(job.id, job);
-      this.rows.set(job.id, el);
-      order.push({ id: job.id, t });
-      this.counts[job.status] += 1;
-      frag.append(el);
-    }
-    this.order = order;
-    this.edge = edge < 0 ? order.length : edge;
+    this.root.replaceChildren(...[...this.optimistic].reverse()); // newest on top
+  }
+
+  /** The first page: its cards replace whatever was there (optimistic rows stay on top). */
+  placeFirst(page) {
+    this.clearRows();
+    this.loaded = true;
+    this.appendJobs(page);
     // Optimistic rows whose job is in the listing are done; the others stay on top.
     for (const [id, el] of this.awaiting) {
       if (this.jobs.has(id)) {
         this.awaiting.delete(id);
         this.optimistic.delete(el);
+        el.remove();
       }
     }
-    this.root.replaceChildren(...this.optimistic, frag);
-    const t = now();
-    for (let i = 0; i < this.edge; i += 1) {
-      const el = this.rows.get(order[i].id);
-      const job = this.jobs.get(order[i].id);
-      if (job.status === 'pending' && isBuilt(el)) {
-        tickRow(el, job, t);
-        this.io.observe(el);
-      }
-    }
-    this.loaded = true;
+    this.showMore(BATCH);
+    this.replayLog();
     this.recheckTail();
     this.queueSummary();
   }
 
-  /** Adds the next BATCH matching cards to the window. */
-  growWindow() {
-    if (!this.loaded || this.edge >= this.order.length) return;
+  /** Adds a page's jobs at the end (hidden shells, shown as the window grows). */
+  appendJobs(page) {
+    const frag = document.createDocumentFragment();
+    let last = null;
+    for (const job of Array.isArray(page.jobs) ? page.jobs : []) {
+      if (!isJob(job)) continue;
+      last = job;
+      if (this.gone.has(job.id)) continue;
+      if (this.rows.has(job.id)) {
+        // Already here (it appeared live, or pages overlap): keep the newer state.
+        this.applyNow(job);
+        continue;
+      }
+      if (!this.matches(job.status)) continue;
+      const el = buildShell(job);
+      el.hidden = true;
+      this.jobs.set(job.id, job);
+      this.rows.set(job.id, el);
+      this.order.push({ id: job.id, t: createdTime(job) });
+      frag.append(el);
+    }
+    this.root.append(frag);
+    if (last) this.boundary = createdTime(last);
+    this.next = page.next || null;
+  }
+
+  /** Shows up to n more cards of the loaded ones. */
+  showMore(n) {
     let shown = 0;
-    while (this.edge < this.order.length && shown < BATCH) {
+    const t = now();
+    while (this.edge < this.order.length && shown < n) {
       const { id } = this.order[this.edge];
       this.edge += 1;
       const el = this.rows.get(id);
       const job = this.jobs.get(id);
+      if (!isBuilt(el)) renderRow(el, job);
       this.inWindow.add(el);
-      if (this.matches(job.status)) {
-        if (!isBuilt(el)) this.fill(el, job);
-        el.hidden = false;
-        shown += 1;
+      el.hidden = false;
+      if (job.status === 'pending') {
+        tickRow(el, job, t);
+        this.io.observe(el);
       }
+      shown += 1;
     }
-    this.recheckTail();
+    return shown;
+  }
+
+  /** The end of the list came near: show the next BATCH; fetch a page when few are left. */
+  growWindow() {
+    if (!this.loaded) return;
+    if (this.showMore(BATCH) > 0) this.recheckTail();
+    if (this.order.length - this.edge < BATCH) this.loadMore();
     this.queueSummary();
+  }
+
+  /** Fetches the next (older) page, if there is one and none is on its way. */
+  loadMore() {
+    if (!this.loaded || this.next === null || this.fetching || this.retryTimer !== null) return;
+    const gen = this.gen;
+    const url = this.next;
+    this.fetching = true;
+    this.log = [];
+    this.queueSummary();
+    this.hooks.fetchPage(url).then((page) => {
+      if (gen !== this.gen) return;
+      this.fetching = false;
+      this.error = null;
+      this.retries = 0;
+      this.appendJobs(page);
+      this.replayLog();
+      this.recheckTail();
+      this.queueSummary();
+    }, (err) => {
+      if (gen !== this.gen) return;
+      this.fetching = false;
+      this.log = null;
+      const instead = err.status === 400 ? this.cursorFallback(url) : null;
+      if (instead) {
+        // The job the cursor names is gone for good: go on from our oldest card instead.
+        this.next = instead;
+        this.loadMore();
+        return;
+      }
+      if (err.status === 400) {
+        // No cursor left to go on from: what is shown is all there is to show.
+        this.next = null;
+        this.queueSummary();
+        return;
+      }
+      this.error = err;
+      this.scheduleRetry(() => this.loadMore());
+      this.queueSummary();
+    });
+  }
+
+  /**
+   * The next-page URL with its cursor (before/after) moved to our oldest loaded card,
+   * when the server turned the cursor down (400: it names no job any more, e.g. it was
+   * deleted and the server forgot it). null if that would be the same cursor again.
+   */
+  cursorFallback(url) {
+    const oldest = this.order.length ? this.order[this.order.length - 1].id : null;
+    if (!oldest) return null;
+    const u = new URL(url, window.location.href);
+    const key = u.searchParams.has('before') ? 'before' : 'after';
+    if (!u.searchParams.has(key) || u.searchParams.get(key) === oldest) return null;
+    u.searchParams.set(key, oldest);
+    return `${u.pathname}${u.search}`;
+  }
+
+  scheduleRetry(fn) {
+    this.clearRetry();
+    const delay = RETRY_DELAYS[Math.min(this.retries, RETRY_DELAYS.length - 1)];
+    this.retries += 1;
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = null;
+      fn();
+    }, delay);
+  }
+
+  clearRetry() {
+    if (this.retryTimer !== null) {
+      clearTimeout(this.retryTimer);
+      this.retryTimer = null;
+    }
+  }
+
+  /** Skips the wait of a failed fetch (e.g. the live connection is back). */
+  retrySoon() {
+    if (this.retryTimer === null) return;
+    this.clearRetry();
+    this.retries = 0;
+    if (this.loaded) this.loadMore();
+    else this.restart();
+  }
+
+  replayLog() {
+    const log = this.log;
+    this.log = null;
+    if (!log) return;
+    for (const change of log) {
+      if (change.deleted) this.removeNow(change.id, change.reason);
+      else this.applyNow(change);
+    }
   }
 
   /** Observing again gets a fresh report: if the end is still near, grow again. */
@@ -172,9 +349,9 @@ export class JobList {
     this.tailObserver.observe(this.tail);
   }
 
-  /** Shows or hides one card for the window and the filter. */
+  /** Shows or hides one card for the window. */
   place(el, job) {
-    const show = this.inWindow.has(el) && this.matches(job.status);
+    const show = this.inWindow.has(el);
     if (show && !isBuilt(el)) {
       if (this.takeBuildBudget()) this.fill(el, job);
       else this.near.observe(el);
@@ -182,46 +359,120 @@ export class JobList {
     if (el.hidden === show) el.hidden = !show;
   }
 
+  indexOf(id) {
+    for (let i = 0; i < this.order.length; i += 1) if (this.order[i].id === id) return i;
+    return -1;
+  }
+
   // ---------- single changes ----------
 
   /**
-   * Applies a job's new state if it is newer than what we hold (by seq).
-   * Returns true when something changed.
+   * A job's new state (an event, or a REST answer). Applied if it is newer than what we
+   * hold (by seq). Returns true when something changed.
    */
   apply(job) {
     if (!isJob(job)) return false;
+    if (this.log) this.log.push(job);
+    return this.applyNow(job);
+  }
+
+  applyNow(job) {
+    if (this.gone.has(job.id)) return false;
     const prev = this.jobs.get(job.id);
-    if (prev && Number.isFinite(job.seq) && Number.isFinite(prev.seq) && job.seq <= prev.seq) {
+    if (!isNewer(job, prev)) return false;
+    let el = this.rows.get(job.id);
+    if (el) {
+      this.jobs.set(job.id, job);
+      if (!this.matches(job.status)) {
+        // It left the filter (e.g. a pending job resolved while showing "Pending").
+        this.drop(job.id);
+      } else {
+        this.patch(el, job);
+        this.place(el, job);
+        this.observe(el, job);
+      }
+      if (this.hooks.onTransition) this.hooks.onTransition(prev, job);
+      this.queueSummary();
+      return true;
+    }
+    if (!this.loaded) return false; // the first page is on its way; replayed after it
+    const mine = this.awaiting.get(job.id);
+    if (!this.matches(job.status)) {
+      if (mine) this.dropOptimistic(mine);
+      return false;
+    }
+    // Older than the last page fetched: it comes with its page.
+    if (!mine && this.next !== null && this.boundary !== null && createdTime(job) < this.boundary) {
       return false;
     }
     this.jobs.set(job.id, job);
-    let el = this.rows.get(job.id);
-    if (el) {
-      if (prev.status !== job.status) {
-        this.counts[prev.status] -= 1;
-        this.counts[job.status] += 1;
-      }
-      this.patch(el, job);
-      this.place(el, job);
+    if (mine) {
+      // Our own optimistic row becomes the real one: same element, filled in.
+      el = mine;
+      this.awaiting.delete(job.id);
+      this.optimistic.delete(el);
+      patchRow(el, job);
+      this.insert(job, el, true);
+      this.rows.set(job.id, el);
+      this.fill(el, job);
+      el.hidden = !this.inWindow.has(el);
     } else {
-      this.counts[job.status] += 1;
-      el = this.awaiting.get(job.id);
-      if (el) {
-        // Our own optimistic row becomes the real one: same element, filled in.
-        this.awaiting.delete(job.id);
-        this.optimistic.delete(el);
-        patchRow(el, job);
-        this.fill(el, job);
-        this.insert(job, el, true);
-      } else {
-        el = buildShell(job);
-        this.insert(job, el, false);
-      }
+      el = buildShell(job);
+      this.insert(job, el, false);
       this.rows.set(job.id, el);
       this.place(el, job);
     }
     this.observe(el, job);
     if (this.hooks.onTransition) this.hooks.onTransition(prev, job);
+    this.queueSummary();
+    return true;
+  }
+
+  /**
+   * The job is gone from the server (deleted, cancelled, expired): its card goes, and
+   * nothing later (a page, a REST answer) brings it back. Idempotent.
+   */
+  remove(id, reason) {
+    if (this.log) this.log.push({ deleted: true, id, reason });
+    return this.removeNow(id, reason);
+  }
+
+  removeNow(id, reason) {
+    if (!this.gone.has(id)) {
+      this.gone.add(id);
+      if (this.gone.size > TOMBSTONES) this.gone.delete(this.gone.values().next().value);
+    }
+    const mine = this.awaiting.get(id);
+    if (mine) this.dropOptimistic(mine);
+    const job = this.jobs.get(id);
+    if (!this.drop(id)) return false;
+    if (this.hooks.onRemoved) this.hooks.onRemoved(job, reason);
+    return true;
+  }
+
+  /** Takes a card out of the list; focus, if it was in the card, moves to a neighbour. */
+  drop(id) {
+    const el = this.rows.get(id);
+    if (!el) return false;
+    const i = this.indexOf(id);
+    if (i >= 0) {
+      this.order.splice(i, 1);
+      if (i < this.edge) this.edge -= 1;
+    }
+    this.jobs.delete(id);
+    this.rows.delete(id);
+    this.io.unobserve(el);
+    this.near.unobserve(el);
+    this.visible.delete(el);
+    const hadFocus = el.contains(document.activeElement);
+    el.remove();
+    if (hadFocus) {
+      const near = (i >= 0 && i < this.edge ? this.order[i] : null) || (i > 0 ? this.order[i - 1] : null);
+      const target = (near && this.rows.get(near.id)) || this.root;
+      target.tabIndex = -1;
+      target.focus({ preventScroll: true });
+    }
+    this.recheckTail();
     this.queueSummary();
     return true;
   }
@@ -269,8 +520,6 @@ export class JobList {
     if (lo < this.edge || all) {
       this.edge += 1;
       this.inWindow.add(el);
-    } else {
-      this.inWindow.delete(el);
     }
     if (lo === 0) {
       // Above every known job: an optimistic row already sits up there, leave it.
@@ -337,7 +586,7 @@ export class JobList {
 
   /** The POST answered with an id. */
   confirmOptimistic(el, id) {
-    if (this.rows.has(id)) {
+    if (this.rows.has(id) || this.gone.has(id)) {
       // The server's event got here first: its row is the job; drop ours.
       this.dropOptimistic(el);
       return true;
@@ -361,8 +610,8 @@ export class JobList {
   keepFocus(el, fn) {
     const hadFocus = el.contains(document.activeElement);
     fn();
-    if (hadFocus) {
-      const target = el.querySelector('button, a[href]') || el;
+    if (hadFocus && !el.contains(document.activeElement)) {
+      const target = el.querySelector('button:not([hidden]), a[href]') || el;
       if (target === el) el.tabIndex = -1;
       target.focus({ preventScroll: true });
     }
@@ -389,44 +638,14 @@ export class JobList {
 
   // ---------- filter and summary ----------
 
-  /**
-   * A new filter starts a new window: the first BATCH matching cards. Only cards
-   * whose visibility changes are touched.
-   */
+  /** A new filter starts over from its first page (the server filters). */
   setFilter(value) {
     if (this.root.dataset.filter === value) return;
     this.root.dataset.filter = value;
-    this.inWindow = new WeakSet();
-    let shown = 0;
-    let edge = -1;
-    for (let i = 0; i < this.order.length; i += 1) {
-      const { id } = this.order[i];
-      const el = this.rows.get(id);
-      const job = this.jobs.get(id);
-      if (edge < 0) {
-        this.inWindow.add(el);
-        if (this.matches(job.status)) shown += 1;
-        if (shown >= BATCH) edge = i + 1;
-      }
-      const show = edge < 0 || i < edge ? this.matches(job.status) : false;
-      if (show && !isBuilt(el)) this.fill(el, job);
-      if (el.hidden === show) el.hidden = !show;
-    }
-    this.edge = edge < 0 ? this.order.length : edge;
-    this.recheckTail();
-    this.queueSummary();
+    this.restart();
   }
 
-  /** Whether older cards are still outside the window. */
-  get hasMore() {
-    return this.edge < this.order.length;
-  }
-
-  get filter() {
-    return this.root.dataset.filter || 'all';
-  }
-
-  /** How many cards the current filter shows. */
+  /** How many cards the current filter shows (loaded ones and optimistic ones). */
   shownCount() {
     let creating = 0;
     let errors = 0;
@@ -435,10 +654,10 @@ export class JobList {
       else creating += 1;
     }
     switch (this.filter) {
-      case 'pending': return this.counts.pending + creating;
-      case 'resolved': return this.counts.resolved;
-      case 'failed': return this.counts.failed + errors;
-      default: return this.jobs.size + creating + errors;
+      case 'pending': return this.order.length + creating;
+      case 'resolved': return this.order.length;
+      case 'failed': return this.order.length + errors;
+      default: return this.order.length + creating + errors;
     }
   }
 

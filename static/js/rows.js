@@ -54,11 +54,25 @@ function head(status, job) {
     job && job.createdAt ? timeEl(job.createdAt, 'job-time') : null);
 }
 
+/** Delete, or for a pending job Cancel: the first step; the card then asks to confirm. */
+function deleteButton(job) {
+  const verb = job.status === 'pending' ? 'Cancel' : 'Delete';
+  return h('button', {
+    className: 'btn btn-link job-delete',
+    type: 'button',
+    'data-action': 'delete',
+    'data-testid': 'delete',
+    'aria-label': `${verb} job ${shortId(job.id)}`,
+    text: verb,
+  });
+}
+
 function foot(job) {
   const bits = [h('span', { className: 'job-id', title: job.id, text: `#${shortId(job.id)}` })];
   if (Number.isInteger(job.attempts) && job.attempts > 0) {
     bits.push(h('span', { className: 'job-attempts', text: `${job.attempts} ${job.attempts === 1 ? 'attempt' : 'attempts'}` }));
   }
+  bits.push(deleteButton(job));
   return h('div', { className: 'job-foot' }, ...bits);
 }
 
@@ -289,4 +303,55 @@ export function setRowMessage(el, message) {
     (actions || el.lastElementChild || el).after(msg);
   }
   msg.textContent = message;
+}
+
+// ---- the in-card confirmation of Delete / Cancel ----
+
+/**
+ * Opens the card's confirmation (Confirm / Keep) in place of its Delete button and
+ * moves focus to Keep, the safe choice. Returns the confirmation.
+ */
+export function openConfirm(el) {
+  const open = el.querySelector('.confirm');
+  if (open) {
+    open.querySelector('[data-action="keep"]').focus();
+    return open;
+  }
+  const trigger = el.querySelector('[data-action="delete"]');
+  const pending = el.dataset.status === 'pending';
+  const question = pending ? 'Cancel this job? No photo will be fetched.' : 'Delete this job for good?';
+  const keep = h('button', {
+    className: 'btn btn-small', type: 'button', 'data-action': 'keep', 'data-testid': 'keep', text: 'Keep',
+  });
+  const box = h('div', {
+    className: 'confirm', role: 'group', 'aria-label': question, 'data-testid': 'confirm',
+  },
+  h('p', { className: 'confirm-text', text: question }),
+  h('div', { className: 'confirm-actions' },
+    h('button', {
+      className: 'btn btn-small btn-danger',
+      type: 'button',
+      'data-action': 'confirm-delete',
+      'data-testid': 'confirm-delete',
+      'data-verb': pending ? 'cancel' : 'delete',
+      text: 'Confirm',
+    }),
+    keep));
+  if (trigger) trigger.hidden = true;
+  const anchor = el.querySelector('.job-foot');
+  if (anchor) anchor.before(box);
+  else el.append(box);
+  keep.focus();
+  return box;
+}
+
+/** Closes the confirmation; with refocus, focus goes back to the Delete button. */
+export function closeConfirm(el, refocus) {
+  const box = el.querySelector('.confirm');
+  if (box) box.remove();
+  const trigger = el.querySelector('[data-action="delete"]');
+  if (trigger) {
+    trigger.hidden = false;
+    if (refocus) trigger.focus();
+  }
 }
