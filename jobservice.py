@@ -313,6 +313,13 @@ def parse_time(value, what: str) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value) / 1000.0
     if isinstance(value, str):
+        # Our own `2026-11-28T23:17:42.624Z`, by far the most common: each second is
+        # parsed once, which makes loading a million jobs seconds faster.
+        if len(value) == 24 and value[19] == "." and value[23] == "Z" \
+                and value[20:23].isdigit() and value[20:23].isascii():
+            second = _epoch_second(value[:19])
+            if second is not None:
+                return (second * 1000 + int(value[20:23])) / 1000
         try:
             moment = datetime.fromisoformat(value)
         except ValueError:
@@ -322,6 +329,15 @@ def parse_time(value, what: str) -> float | None:
                 moment = moment.replace(tzinfo=UTC)
             return moment.timestamp()
     raise ValueError(f"{what} is not a time: {value!r}")
+
+
+@functools.lru_cache(maxsize=8192)
+def _epoch_second(text: str) -> int | None:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return int(moment.replace(tzinfo=UTC).timestamp())
 
 
 class Job:
@@ -406,8 +422,12 @@ class Job:
             raise ValueError(f"job id {job_id!r} is not a non-empty string")
         if status not in STATUSES:
             raise ValueError(f"job {job_id}: status {status!r} is not one of {', '.join(STATUSES)}")
-        created_at = parse_time(data.get("createdAt"), f"job {job_id}: createdAt")
-        due_at = parse_time(data.get("dueAt"), f"job {job_id}: dueAt")
+        try:
+            created_at = parse_time(data.get("createdAt"), "createdAt")
+            due_at = parse_time(data.get("dueAt"), "dueAt")
+            resolved_at = parse_time(data.get("resolvedAt"), "resolvedAt")
+        except ValueError as exc:
+            raise ValueError(f"job {job_id}: {exc}") from None
         if created_at is None or due_at is None:
             raise ValueError(f"job {job_id}: createdAt and dueAt are required")
         attempts, seq = data.get("attempts", 0), data.get("seq", 0)
@@ -416,8 +436,7 @@ class Job:
         image = data.get("image")
         if image is not None and not isinstance(image, dict):
             raise ValueError(f"job {job_id}: image is not an object")
-        return cls(job_id, status, data.get("result"), created_at, due_at,
-                   parse_time(data.get("resolvedAt"), f"job {job_id}: resolvedAt"),
+        return cls(job_id, status, data.get("result"), created_at, due_at, resolved_at,
                    attempts, data.get("error"), image, seq)
 
     @classmethod
@@ -549,14 +568,21 @@ class JobStore:
         self._compact_at = COMPACT_MIN_RECORDS
         self._writer: asyncio.Task | None = None
         self._closing = False
+        self._migrated = False  # loaded from the old service's file
 
     # Loading
 
     async def load(self) -> int:
         """Read the snapshot and journals; returns how many journal records were replayed."""
         loop = asyncio.get_running_loop()
-        jobs, deleted, seq, forgotten, replayed, migrated = await loop.run_in_executor(
-            None, self._read_files)
+        # A million jobs are a few million new objects that all live on: collecting
+        # while they are made only walks them again and again (a quarter of the time).
+        gc.disable()
+        try:
+            jobs, deleted, seq, forgotten, replayed, migrated = await loop.run_in_executor(
+                None, self._read_files)
+        finally:
+            gc.enable()
         for job in sorted(jobs.values(), key=lambda job: job.seq):
             self.jobs[job.id] = job
             self.counts[job.status] += 1
@@ -573,7 +599,7 @@ class JobStore:
                 await out.write(await loop.run_in_executor(None, self.path.read_bytes))
                 await out.flush()
                 await aiofiles.os.wrap(os.fsync)(out.fileno())
-            await self.write_snapshot()
+            self._migrated = True
             log.warning("carried over %d jobs from the old service's file; its original is "
                         "kept as %s", len(jobs), backup)
         # Long-lived job objects would otherwise be rescanned by every full collection.
@@ -677,6 +703,10 @@ class JobStore:
                 self._journal_records = replayed
             else:
                 await aiofiles.os.replace(self.journal_path, self.rotated_path)
+            self._compaction = asyncio.create_task(self._compact())
+        elif self._migrated:
+            # Written in our format in the background: until then the old file (kept
+            # aside too) and the journal are a complete record, read the same way.
             self._compaction = asyncio.create_task(self._compact())
         self._compact_at = self._journal_records + self._compact_threshold()
         self._writer = asyncio.create_task(self._write_batches(), name="journal writer")
