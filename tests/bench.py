@@ -629,13 +629,206 @@ def bench_restart(ctx, results: Results) -> None:
                 fmt="{:.2f}", note="less sensitive to machine load than wall time")
     if ctx.million:
         results.add("Restart to /healthz @ 1,000,000 jobs", median(timings[1_000_000]), "s",
-                    fmt="{:.2f}", cpu_s=median(cpu[1_000_000]),
-                    rss_mb=median(rss[1_000_000]) / 2**20)
+                    "<= 7 s", median(timings[1_000_000]) <= 7, fmt="{:.2f}",
+                    cpu_s=median(cpu[1_000_000]), rss_mb=median(rss[1_000_000]) / 2**20)
+        _million_old_format_and_page(ctx, results)
     else:
         results.add("Restart to /healthz @ 1,000,000 jobs", None, "s", "(skipped)")
     per_job = (median(rss[100_000]) - median(rss[0])) / 100_000
     results.add("RSS per pending job (100k loaded from the file)", per_job, "B", fmt="{:,.0f}",
                 rss_empty_mb=median(rss[0]) / 2**20, rss_loaded_mb=median(rss[100_000]) / 2**20)
+
+
+def write_old_service_file(path: Path, count: int) -> None:
+    """The NestJS service's jobs.json: a bare array of {id, status, result, createdAt},
+    half completed and half waiting, created a minute ago."""
+    created = iso(time.time() - 60)
+    with open(path, "w", encoding="utf-8") as out:
+        out.write("[")
+        for n in range(count):
+            job_id = str(uuid.UUID(bytes=os.urandom(16), version=4))
+            entry = ({"id": job_id, "status": "completed", "createdAt": created,
+                      "result": "https://images.unsplash.com/photo-1512621776951-a57141f2eefd"}
+                     if n % 2 else {"id": job_id, "status": "waiting", "result": None,
+                                    "createdAt": created})
+            out.write(("," if n else "") + json.dumps(entry))
+        out.write("]")
+
+
+def _million_old_format_and_page(ctx, results: Results) -> None:
+    """Start-up from the old service's file with 1,000,000 jobs, and how fast the page
+    opens with 1,000,000 jobs stored (first card and totals, from navigation)."""
+    old = ctx.workdir / "old-service.json"
+    write_old_service_file(old, 1_000_000)
+    server = start_service(ctx.workdir, "restart-old-format", old, LONG_DELAYS)
+    try:
+        seconds = server.wait_healthy(timeout=600)
+    finally:
+        server.stop()
+    log(f"restart from the old service's format @ 1,000,000: {seconds:.2f} s")
+    results.add("Restart to /healthz @ 1,000,000 jobs, old service's format", seconds, "s",
+                "<= 7 s", seconds <= 7, fmt="{:.2f}")
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import page_timing
+
+    server = start_service(ctx.workdir, "page-million", ctx.snapshots.get(1_000_000)[0],
+                           LONG_DELAYS)
+    try:
+        server.wait_healthy(timeout=600)
+        timing = asyncio.run(page_timing.measure(f"http://127.0.0.1:{server.port}", runs=3))
+    finally:
+        server.stop()
+    results.raw["page_million"] = timing
+    first = timing["median"]["first_card_ms"]
+    log(f"page with 1,000,000 jobs: first card {first:.0f} ms")
+    results.add("Page with 1,000,000 jobs: first card and totals, from navigation", first,
+                "ms", "< 1,000 ms", first < 1000, fmt="{:,.0f}",
+                totals_ms=timing["median"]["totals_ms"])
+
+
+# --- Soak: months at a steady rate, in ten minutes ---------------------------------------
+
+
+def _soak_load(port: int, rate: int, seconds: float, out) -> None:
+    asyncio.run(_soak_load_async(port, rate, seconds, out))
+
+
+async def _soak_load_async(port, rate, seconds, out):
+    """POST /jobs at a steady `rate` per second (each on time, not as fast as possible);
+    per minute, the latencies and the errors."""
+    url = f"http://127.0.0.1:{port}/jobs"
+    minutes: dict[int, dict] = {}
+    started = time.monotonic()
+    connector = aiohttp.TCPConnector(limit=256)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def post(minute: int) -> None:
+            entry = minutes.setdefault(minute, {"latencies": [], "errors": 0})
+            sent = time.monotonic()
+            try:
+                async with session.post(url) as response:
+                    await response.read()
+                    ok = response.status == 201
+            except (aiohttp.ClientError, TimeoutError):
+                ok = False
+            entry["latencies"].append(time.monotonic() - sent)
+            entry["errors"] += not ok
+
+        tasks = set()
+        n = 0
+        while (elapsed := time.monotonic() - started) < seconds:
+            due = started + n / rate
+            if due > time.monotonic():
+                await asyncio.sleep(due - time.monotonic())
+            task = asyncio.create_task(post(int(elapsed // 60)))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            n += 1
+        await asyncio.gather(*tasks)
+    out.put({minute: {"count": len(v["latencies"]), "errors": v["errors"],
+                      "p99_ms": percentile(v["latencies"], 0.99) * 1000}
+             for minute, v in minutes.items()})
+
+
+def _histogram_p99(samples: dict, name: str) -> float | None:
+    """The upper bound of the bucket holding the 99th percentile, from cumulative
+    Prometheus bucket counts."""
+    buckets = sorted((float(le), count) for (metric, le), count in samples.items()
+                     if metric == name)
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return None
+    return next(le for le, count in buckets if count >= 0.99 * total)
+
+
+def _lateness_buckets(port: int) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+    text = request(port, "GET", "/metrics")[2].decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "jobservice_resolution_lateness_seconds_bucket":
+                samples[(sample.name, sample.labels["le"])] = sample.value
+    return samples
+
+
+def _bytes_on_disk(folder: Path) -> int:
+    total = 0
+    for path in folder.glob("jobs.json*"):
+        with contextlib.suppress(FileNotFoundError):  # rotated or renamed meanwhile
+            total += path.stat().st_size
+    return total
+
+
+def bench_soak(ctx, results: Results) -> None:
+    """10 minutes at 1,000 jobs/s with JOB_RETENTION=60 and delays of 5-10 s: RSS, file
+    sizes (each minute's mean and peak), POST p99 and resolution lateness p99 each minute,
+    which must be flat (within 10 %) after the first two minutes, with no errors."""
+    rate, minutes = ctx.soak_rate, ctx.soak_minutes
+    server = start_service(ctx.workdir, "soak", None, {
+        "JOB_RETENTION": "60", "JOB_DELAY_MIN": "5", "JOB_DELAY_MAX": "10",
+        "JOB_DELAY_STEP": "1", "EVENTS_REPLAY_WINDOW": "60"})
+    mp = multiprocessing.get_context("fork")
+    out = mp.Queue()
+    rows = []
+    try:
+        server.wait_healthy()
+        folder = Path(server.log_path).parent
+        load = mp.Process(target=_soak_load, args=(server.port, rate, minutes * 60, out),
+                          daemon=True)
+        load.start()
+        previous = _lateness_buckets(server.port)
+        for minute in range(minutes):
+            # The journal grows until it is folded into the snapshot (every ~20 s
+            # here), so sizes are a sawtooth: each minute reports its mean and its peak.
+            rss, files = [], []
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                time.sleep(1)
+                rss.append(server.rss())
+                files.append(_bytes_on_disk(folder))
+            current = _lateness_buckets(server.port)
+            delta = {key: current[key] - previous.get(key, 0) for key in current}
+            previous = current
+            health = server.health()
+            row = {"minute": minute + 1, "rss_mb": statistics.mean(rss) / 2**20,
+                   "rss_peak_mb": max(rss) / 2**20, "files_mb": statistics.mean(files) / 2**20,
+                   "files_peak_mb": max(files) / 2**20, "jobs": health["jobs"],
+                   "lateness_p99_ms": (_histogram_p99(
+                       delta, "jobservice_resolution_lateness_seconds_bucket") or 0) * 1000}
+            rows.append(row)
+            log(f"soak minute {row['minute']}: RSS {row['rss_mb']:.0f} MiB (peak "
+                f"{row['rss_peak_mb']:.0f}), files {row['files_mb']:.1f} MiB (peak "
+                f"{row['files_peak_mb']:.1f}), {row['jobs']:,} jobs kept, lateness p99 <= "
+                f"{row['lateness_p99_ms']:.0f} ms")
+        load.join(120)
+        per_minute = out.get(timeout=60)
+    finally:
+        server.stop()
+    for row in rows:
+        stats = per_minute.get(row["minute"] - 1, {})
+        row.update(posts=stats.get("count", 0), errors=stats.get("errors", 0),
+                   post_p99_ms=stats.get("p99_ms"))
+    results.raw["soak"] = rows
+    steady = rows[2:] or rows  # a short run has no steady part: judge all of it
+
+    def flat(key: str) -> float:
+        values = [row[key] for row in steady]
+        return (max(values) - min(values)) / max(min(values), 1e-9)
+
+    errors = sum(row["errors"] for row in rows)
+    lateness = max(row["lateness_p99_ms"] for row in steady)
+    for key, label in (("rss_mb", "mean RSS"), ("files_mb", "mean file sizes"),
+                       ("rss_peak_mb", "peak RSS"), ("files_peak_mb", "peak file sizes"),
+                       ("post_p99_ms", "POST p99")):
+        results.add(f"Soak {minutes} min at {rate:,} jobs/s: {label} spread after minute 2",
+                    flat(key) * 100, "%", "within 10 %", flat(key) <= 0.10, fmt="{:.1f}",
+                    per_minute=[round(row[key], 1) for row in rows])
+    results.add(f"Soak {minutes} min: errors", errors, "", "0", errors == 0, fmt="{:,.0f}",
+                posts=sum(row["posts"] for row in rows))
+    results.add(f"Soak {minutes} min: resolution lateness p99 (bucket bound)", lateness, "ms",
+                "< 100 ms", lateness < 100, fmt="{:.0f}")
 
 
 # --- Fan-out ----------------------------------------------------------------------------
@@ -871,7 +1064,8 @@ def bench_unsplash(ctx, results: Results) -> None:
 
 SECTIONS = {"post": bench_post, "reads": bench_reads, "memory": bench_memory,
             "restart": bench_restart, "fanout": bench_fanout, "polling": bench_polling,
-            "unsplash": bench_unsplash}
+            "unsplash": bench_unsplash, "soak": bench_soak}
+DEFAULT_SECTIONS = [name for name in SECTIONS if name != "soak"]  # soak: --only soak
 
 
 class Context:
@@ -895,6 +1089,10 @@ def main(argv=None) -> int:
     parser.add_argument("--only", action="append", choices=sorted(SECTIONS),
                         help="run only these sections (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder and logs")
+    parser.add_argument("--soak-minutes", type=int, default=10,
+                        help="length of the soak run (--only soak; default 10)")
+    parser.add_argument("--soak-rate", type=int, default=1000,
+                        help="jobs per second in the soak run (default 1,000)")
     args = parser.parse_args(argv)
 
     if shutil.which("wrk") is None:
@@ -902,6 +1100,7 @@ def main(argv=None) -> int:
     ctx = Context()
     ctx.duration, ctx.repeats, ctx.resolutions = args.duration, args.repeats, args.resolutions
     ctx.million, ctx.memory_jobs = args.million, 100_000
+    ctx.soak_minutes, ctx.soak_rate = args.soak_minutes, args.soak_rate
     if args.quick:
         ctx.duration, ctx.repeats, ctx.resolutions, ctx.million = 1.0, 1, 3, False
         ctx.memory_jobs = 25_000
@@ -920,7 +1119,7 @@ def main(argv=None) -> int:
     results = Results()
     failures = []
     try:
-        for name in args.only or list(SECTIONS):
+        for name in args.only or DEFAULT_SECTIONS:
             log(f"--- {name}")
             try:
                 SECTIONS[name](ctx, results)
