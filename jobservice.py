@@ -21,6 +21,8 @@ import functools
 import gc
 import hashlib
 import heapq
+import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -32,7 +34,7 @@ import signal
 import sys
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -92,6 +94,10 @@ class Settings:
     job_retention: float = 7 * 86400.0  # 0 keeps finished jobs forever
     events_replay_window: float = 86400.0
     max_pending_jobs: int = 1_000_000
+    api_token: str = field(default="", repr=False)
+    api_tokens_file: Path | None = None
+    client_rate_limit: tuple[int, float] | None = None  # (requests, per seconds)
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property
     def unsplash_origin(self) -> str:
@@ -115,6 +121,12 @@ def _number(env, name: str, default: float, *, minimum: float = 0.0, integer=Fal
     if not math.isfinite(value) or value < minimum:
         raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
     return value
+
+
+def is_ascii_number(text: str) -> bool:
+    """Digits 0-9 only: str.isdigit() alone also takes superscript and full-width
+    digits, which int() refuses or reads differently."""
+    return text.isascii() and text.isdigit()
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -142,6 +154,52 @@ def describe_duration(seconds: float) -> str:
             count = int(seconds // size)
             return f"{count} {unit}{'s' if count != 1 else ''}"
     return f"{seconds:g} seconds"
+
+
+RATE_PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+                "h": 3600, "hour": 3600}
+
+
+def _rate(env, name: str) -> tuple[int, float] | None:
+    """`10/s`, `600/min`, `5000/h`: (requests, per seconds); empty is off."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    count, _, unit = raw.partition("/")
+    period = RATE_PERIODS.get(unit.strip().lower())
+    if not is_ascii_number(count.strip()) or period is None or int(count) < 1:
+        raise ConfigError(f"{name}={raw!r} is not a rate like 10/s or 600/min")
+    return int(count), float(period)
+
+
+def _networks(env, name: str) -> tuple:
+    networks = []
+    for item in (env.get(name) or "").split(","):
+        if item.strip():
+            try:
+                networks.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise ConfigError(f"{name} entry {item.strip()!r} is not an address or a "
+                                  "network like 10.0.0.0/8") from None
+    return tuple(networks)
+
+
+def read_tokens(settings: Settings) -> tuple[str, ...]:
+    """API_TOKEN, then API_TOKENS_FILE (a token a line; blank lines and #comments are
+    skipped). ConfigError if the file cannot be read or holds no token."""
+    tokens = [settings.api_token] if settings.api_token else []
+    if settings.api_tokens_file is not None:
+        try:
+            text = settings.api_tokens_file.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"API_TOKENS_FILE={settings.api_tokens_file}: cannot be "
+                              f"read ({exc.__class__.__name__})") from None
+        found = [line.strip() for line in text.splitlines()
+                 if line.strip() and not line.lstrip().startswith("#")]
+        if not found:
+            raise ConfigError(f"API_TOKENS_FILE={settings.api_tokens_file} holds no token")
+        tokens += found
+    return tuple(dict.fromkeys(tokens))
 
 
 def _origin(value: str, name: str) -> str:
@@ -195,7 +253,7 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         for item in (env.get("CORS_ORIGINS") or "").split(",")
         if item.strip()
     )
-    return Settings(
+    settings = Settings(
         host=args.host,
         port=port,
         jobs_file=Path(args.data),
@@ -212,7 +270,13 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         job_retention=_duration(env, "JOB_RETENTION", 7 * 86400.0),
         events_replay_window=_duration(env, "EVENTS_REPLAY_WINDOW", 86400.0),
         max_pending_jobs=_number(env, "MAX_PENDING_JOBS", 1_000_000, minimum=1, integer=True),
+        api_token=(env.get("API_TOKEN") or "").strip(),
+        api_tokens_file=Path(env["API_TOKENS_FILE"]) if env.get("API_TOKENS_FILE") else None,
+        client_rate_limit=_rate(env, "CLIENT_RATE_LIMIT"),
+        trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
     )
+    read_tokens(settings)  # a tokens file that is unreadable or empty stops start-up
+    return settings
 
 
 # --- Metrics ------------------------------------------------------------------------
@@ -1624,9 +1688,11 @@ def socketio_resume(store: JobStore, auth: dict) -> tuple[str, int]:
 
 
 class EngineIOSession(Peer):
-    def __init__(self, engine: EngineIO, polling: bool):
+    def __init__(self, engine: EngineIO, polling: bool, client: str, authorized: bool):
         super().__init__(SocketIOFrames)
         self.engine = engine
+        self.client = client  # the address, for the limit on wrong tokens
+        self.authorized = authorized  # by a Bearer header or the page's cookie
         self.sid = secrets.token_urlsafe(15)
         self.polling = polling  # false once the session is on a WebSocket
         self.upgrading = False  # a WebSocket is taking over
@@ -1685,12 +1751,31 @@ class EngineIOSession(Peer):
             self.close(1002, "bad CONNECT payload",
                        '44{"message":"the CONNECT payload must be a JSON object"}')
             return False
+        refusal = self._refusal(auth.get("token"))
+        if refusal:
+            self.push("44" + json.dumps({"message": refusal}))  # connect_error, as stock
+            return True
         self.connected = True
         self.engine.half_open.pop(self.sid, None)
         pid, since = socketio_resume(self.engine.hub.store, auth)
         handshake = "40" + json.dumps({"sid": socketio_sid(pid), "pid": pid})
         self.engine.hub.attach(self, since, handshake)
         return True
+
+    def _refusal(self, token) -> str | None:
+        """Why a CONNECT may not go on (the token is missing or wrong), or None."""
+        access = self.engine.access
+        if not access.required or self.authorized:
+            return None
+        now = time.time()
+        if not isinstance(token, str) or not token:
+            return "unauthorized: pass the token as auth: {token}"
+        if access.failures.peek(self.client, now) < 1:
+            return "too many wrong tokens; wait a minute"
+        if access.match(token) is None:
+            access.failures.take(self.client, now)
+            return "unauthorized: the token is wrong"
+        return None
 
     async def poll(self) -> str:
         """Wait until there is something to send (or the session ends, or is upgrading),
@@ -1721,14 +1806,16 @@ class EngineIOSession(Peer):
 class EngineIO:
     """The Engine.IO sessions by sid, and the one sweep that keeps their heartbeats."""
 
-    def __init__(self, hub: EventHub):
+    def __init__(self, hub: EventHub, access: Access):
         self.hub = hub
+        self.access = access
         self.sessions: dict[str, EngineIOSession] = {}
         self.half_open: dict[str, EngineIOSession] = {}  # no CONNECT yet, oldest first
         self.polling_count = 0
         self.sweeper: asyncio.Task | None = None
 
-    def open(self, polling: bool) -> EngineIOSession | None:
+    def open(self, polling: bool, client: str = "", authorized: bool = False
+             ) -> EngineIOSession | None:
         """A new session, or None if the polling sessions are at their cap."""
         if len(self.half_open) >= EIO_MAX_HALF_OPEN:
             next(iter(self.half_open.values())).close(1008, "too many sessions waiting")
@@ -1737,7 +1824,7 @@ class EngineIO:
             if oldest is None:
                 return None
             oldest.close(1008, "too many sessions waiting")
-        session = EngineIOSession(self, polling)
+        session = EngineIOSession(self, polling, client, authorized)
         self.sessions[session.sid] = self.half_open[session.sid] = session
         self.polling_count += polling
         if self.sweeper is None:
@@ -1789,12 +1876,6 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
-def is_ascii_number(text: str) -> bool:
-    """Digits 0-9 only: str.isdigit() alone also takes superscript and full-width
-    digits, which int() refuses or reads differently."""
-    return text.isascii() and text.isdigit()
-
-
 def json_response(text: str, status: int = 200, headers=None) -> web.Response:
     return web.Response(text=text, status=status, headers=headers,
                         content_type=JSON_TYPE, charset="utf-8")
@@ -1810,6 +1891,172 @@ HTTP_ERROR_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found",
                     431: "headers_too_large"}
 
 
+# Access: with API_TOKEN or API_TOKENS_FILE set, every door wants a token, by an
+# `Authorization: Bearer` header or by the page's session cookie. The cookie is signed
+# with the token it was traded for, so nothing about sessions is stored, and a token
+# rotated out of the file ends its sessions. Wrong tokens are limited per address, and
+# CLIENT_RATE_LIMIT limits job creation per client, with token buckets kept in memory.
+
+SESSION_COOKIE = "jobservice_session"
+SESSION_LIFETIME = 30 * 86400
+FAILED_ATTEMPTS = (10, 60.0)  # wrong tokens allowed per address: 10 a minute
+MUTATING = frozenset(("POST", "PUT", "PATCH", "DELETE"))
+
+
+class RateLimiter:
+    """Token buckets by client key, in memory. A bucket that has filled up again is the
+    same as no bucket, so idle ones are dropped (least recently used first), and at most
+    `max_clients` are kept whatever happens: a flood of addresses costs a bounded dict."""
+
+    def __init__(self, limit: int, period: float, max_clients: int = 100_000):
+        self.limit, self.period = limit, period
+        self.rate = limit / period
+        self.max_clients = max_clients
+        # key -> (tokens, at), least recently used first. An OrderedDict, because a dict
+        # that is emptied from the front makes finding its first item ever slower.
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str, now: float) -> tuple[bool, float]:
+        """(allowed, tokens left); the request is counted only if it is allowed."""
+        tokens, at = self.buckets.get(key) or (self.limit, now)
+        if key in self.buckets:
+            self.buckets.move_to_end(key)
+        tokens = min(self.limit, tokens + (now - at) * self.rate)
+        allowed = tokens >= 1
+        if allowed:
+            tokens -= 1
+        self.buckets[key] = (tokens, now)
+        self._drop_idle(now)
+        return allowed, tokens
+
+    def peek(self, key: str, now: float) -> float:
+        tokens, at = self.buckets.get(key, (self.limit, now))
+        return min(self.limit, tokens + (now - at) * self.rate)
+
+    def _drop_idle(self, now: float) -> None:
+        buckets = self.buckets
+        while buckets:
+            key = next(iter(buckets))
+            tokens, at = buckets[key]
+            if len(buckets) <= self.max_clients and tokens + (now - at) * self.rate < self.limit:
+                return
+            buckets.popitem(last=False)
+
+    def wait(self, tokens: float) -> int:
+        """Whole seconds until one request is allowed again."""
+        return max(1, math.ceil((1 - tokens) / self.rate))
+
+    def headers(self, tokens: float) -> dict:
+        """IETF draft RateLimit-* fields: the limit, what is left, and seconds until full."""
+        return {"RateLimit-Limit": str(self.limit), "RateLimit-Remaining": str(int(tokens)),
+                "RateLimit-Reset": str(math.ceil((self.limit - tokens) / self.rate))}
+
+
+class Access:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.tokens = read_tokens(settings)
+        self.failures = RateLimiter(*FAILED_ATTEMPTS)
+        self.creations = RateLimiter(*settings.client_rate_limit) \
+            if settings.client_rate_limit else None
+
+    @property
+    def required(self) -> bool:
+        return bool(self.tokens)
+
+    def reload(self) -> None:
+        """SIGHUP: read API_TOKENS_FILE again; on any problem keep the tokens in force."""
+        try:
+            self.tokens = read_tokens(self.settings)
+        except ConfigError as exc:
+            log.error("tokens not reloaded, the old ones stay in force: %s", exc)
+        else:
+            log.info("reloaded %d access tokens", len(self.tokens))
+
+    def match(self, candidate: str) -> str | None:
+        """The configured token equal to candidate, compared in constant time with each."""
+        found, given = None, candidate.encode()
+        for token in self.tokens:
+            if hmac.compare_digest(token.encode(), given):
+                found = token
+        return found
+
+    def cookie(self, token: str, now: float) -> str:
+        expires = int(now) + SESSION_LIFETIME
+        return f"{expires}.{self._sign(token, expires)}"
+
+    def cookie_token(self, value: str, now: float) -> str | None:
+        expires, _, signature = value.partition(".")
+        if not is_ascii_number(expires) or len(expires) > 12 or int(expires) < now:
+            return None
+        found = None
+        for token in self.tokens:
+            if hmac.compare_digest(self._sign(token, int(expires)), signature):
+                found = token
+        return found
+
+    @staticmethod
+    def _sign(token: str, expires: int) -> str:
+        return hmac.new(token.encode(), f"jobservice session until {expires}".encode(),
+                        hashlib.sha256).hexdigest()
+
+    def credential(self, request: web.Request) -> tuple[str | None, bool, bool]:
+        """(the token, came by cookie, something was presented) for a request."""
+        now = time.time()
+        header = request.headers.get("Authorization", "")
+        if header[:7].lower() == "bearer ":
+            return self.match(header[7:].strip()), False, True
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if cookie:
+            return self.cookie_token(cookie, now), True, True
+        return None, False, False
+
+    def client(self, request: web.Request) -> str:
+        """The client's address: the socket's peer, unless that is a trusted proxy, in
+        which case the nearest untrusted hop of X-Forwarded-For."""
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        address = peer[0] if isinstance(peer, tuple) else "local"
+        trusted = self.settings.trusted_proxies
+        if not trusted or not self._trusted(address):
+            return address
+        hops = [hop.strip() for value in request.headers.getall("X-Forwarded-For", ())
+                for hop in value.split(",")]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                return hop[:64]
+        return address
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.settings.trusted_proxies)
+
+    def scheme(self, request: web.Request) -> str:
+        """http or https as the client sees it: a trusted proxy's X-Forwarded-Proto."""
+        proto = request.headers.get("X-Forwarded-Proto", "").lower()
+        if proto in ("http", "https") and self.settings.trusted_proxies:
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            if isinstance(peer, tuple) and self._trusted(peer[0]):
+                return proto
+        return request.scheme
+
+    def refuse(self, request: web.Request, presented: bool) -> None:
+        """A missing or wrong token: 401, or 429 once an address has guessed too often."""
+        if presented:
+            allowed, tokens = self.failures.take(self.client(request), time.time())
+            if not allowed:
+                raise ApiError(429, "too_many_attempts", "too many wrong tokens; wait",
+                               {"Retry-After": str(self.failures.wait(tokens))})
+        raise ApiError(401, "unauthorized",
+                       "a token is needed: send Authorization: Bearer <token>",
+                       {"WWW-Authenticate": 'Bearer realm="jobservice"'})
+
+    def guessing(self, request: web.Request) -> bool:
+        return self.failures.peek(self.client(request), time.time()) < 1
+
+
 async def create_job(request: web.Request) -> web.Response:
     if request.content_length and request.content_length > MAX_BODY:
         raise ApiError(413, "payload_too_large", f"the body is over {MAX_BODY} bytes")
@@ -1823,10 +2070,32 @@ async def create_job(request: web.Request) -> web.Response:
             raise ApiError(400, "invalid_body", "the body must be a JSON object")
     store = request.app[STORE]
     _admit(request)
+    headers = _rate_limit(request)
     job = Job.new(request.app[SETTINGS], time.time())
     await _committed(store, job)
     store.metrics.jobs_created.inc()
-    return json_response(json.dumps({"id": job.id}), 201, {"Location": f"/jobs/{job.id}"})
+    headers["Location"] = f"/jobs/{job.id}"
+    return json_response(json.dumps({"id": job.id}), 201, headers)
+
+
+def _rate_limit(request: web.Request) -> dict:
+    """CLIENT_RATE_LIMIT for creations and retries, per token (or address); the
+    RateLimit-* headers to send either way."""
+    access = request.app[ACCESS]
+    limiter = access.creations
+    if limiter is None:
+        return {}
+    token = request.get(TOKEN)
+    key = f"token {hashlib.sha256(token.encode()).hexdigest()[:32]}" if token \
+        else access.client(request)
+    allowed, tokens = limiter.take(key, time.time())
+    headers = limiter.headers(tokens)
+    if not allowed:
+        raise ApiError(429, "rate_limited",
+                       f"over {limiter.limit} new jobs per {limiter.period:g} s "
+                       f"(CLIENT_RATE_LIMIT); try again later",
+                       {**headers, "Retry-After": str(limiter.wait(tokens))})
+    return headers
 
 
 def _admit(request: web.Request) -> None:
@@ -1909,9 +2178,11 @@ async def retry_job(request: web.Request) -> web.Response:
         raise ApiError(409, "not_failed", f"only a failed job can be retried; this one is "
                                           f"{job.status}")
     _admit(request)
+    headers = _rate_limit(request)
     retried = job.retried(time.time() + request.app[SETTINGS].retry_base_delay)
     await _committed(store, retried)
-    return json_response(retried.json, 202, {"Location": f"/jobs/{job.id}"})
+    headers["Location"] = f"/jobs/{job.id}"
+    return json_response(retried.json, 202, headers)
 
 
 async def delete_job(request: web.Request) -> web.Response:
@@ -1933,7 +2204,9 @@ async def job_stats(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    store, settings = request.app[STORE], request.app[SETTINGS]
+    store, settings, access = request.app[STORE], request.app[SETTINGS], request.app[ACCESS]
+    if access.required and access.credential(request)[0] is None:
+        return json_response('{"status": "ok"}')  # up, and nothing more without a token
     return json_response(json.dumps({
         "status": "ok",
         "version": __version__,
@@ -1945,6 +2218,49 @@ async def health(request: web.Request) -> web.Response:
         "storage": "failing" if store.fault else "ok",
         "images": request.app[IMAGES].describe(),
     }))
+
+
+async def session_status(request: web.Request) -> web.Response:
+    access = request.app[ACCESS]
+    authenticated = not access.required or access.credential(request)[0] is not None
+    return json_response(json.dumps({"required": access.required,
+                                     "authenticated": authenticated}))
+
+
+async def open_session(request: web.Request) -> web.Response:
+    """Trade a token (JSON {"token"} or a Bearer header) for an HttpOnly, SameSite=Strict
+    session cookie, so that the page never keeps the token where scripts can read it."""
+    access = request.app[ACCESS]
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except (ValueError, RecursionError):
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("token", ""), str):
+        raise ApiError(400, "invalid_body", 'the body must be {"token": "<token>"}')
+    if not access.required:
+        return json_response('{"required": false}')
+    given = ""
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        given = header[7:].strip()
+    else:
+        given = body.get("token", "").strip()
+    if access.guessing(request):
+        access.refuse(request, True)
+    token = access.match(given) if given else None
+    if token is None:
+        access.refuse(request, bool(given))
+    response = web.Response(status=204)
+    response.set_cookie(SESSION_COOKIE, access.cookie(token, time.time()),
+                        max_age=SESSION_LIFETIME, path="/", httponly=True, samesite="Strict",
+                        secure=access.scheme(request) == "https")
+    return response
+
+
+async def close_session(request: web.Request) -> web.Response:
+    response = web.Response(status=204)
+    response.del_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="Strict")
+    return response
 
 
 def _since(request: web.Request) -> int | None:
@@ -1962,7 +2278,7 @@ def _check_origin(request: web.Request) -> None:
     origin = request.headers.get("Origin")
     if origin is None:
         return
-    if origin == f"{request.scheme}://{request.host}":
+    if origin == own_origin(request):
         return
     if request.app[SETTINGS].allows_origin(origin):
         return
@@ -2047,7 +2363,7 @@ async def socketio_endpoint(request: web.Request) -> web.StreamResponse:
     if transport == "websocket":
         return await _engineio_websocket(request, engine, session)
     if session is None:
-        session = engine.open(polling=True)
+        session = engine.open(True, *_engineio_client(request))
         if session is None:
             return _engineio_refusal(503, 3, "too many polling sessions; try again later",
                                      {"Retry-After": "5"})
@@ -2057,6 +2373,12 @@ async def socketio_endpoint(request: web.Request) -> web.StreamResponse:
     if request.method == "POST":
         return await _engineio_post(request, session)
     return _engineio_refusal(400, 3, "Bad request")
+
+
+def _engineio_client(request: web.Request) -> tuple[str, bool]:
+    """(the client's address, whether a Bearer header or the page's cookie came)."""
+    access = request.app[ACCESS]
+    return access.client(request), access.required and access.credential(request)[0] is not None
 
 
 async def _engineio_poll(session: EngineIOSession) -> web.Response:
@@ -2103,7 +2425,7 @@ async def _engineio_websocket(request: web.Request, engine: EngineIO,
     ws = web.WebSocketResponse(max_msg_size=EIO_MAX_PAYLOAD)
     if session is None:
         await ws.prepare(request)
-        session = engine.open(polling=False)
+        session = engine.open(False, *_engineio_client(request))
         session.use_websocket(ws, request.transport)
         session.start([session.open_packet()])
     else:
@@ -2211,6 +2533,7 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
             })
     else:
         try:
+            _check_access(request, origin)
             response = await handler(request)
         except ApiError as exc:
             response = error_response(exc.status, exc.code, exc.message, exc.headers)
@@ -2260,6 +2583,45 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
 
 
 HTTP_METHODS = frozenset(("GET", "POST", "DELETE", "OPTIONS", "HEAD", "PUT", "PATCH"))
+# Open without a token: the page and its files (it asks for the token itself), the API
+# document, /healthz (which then says only "ok"), the session door, and Socket.IO, whose
+# clients pass the token in their CONNECT packet.
+PUBLIC_ROUTES = frozenset(("/", "/static/{path}", "/openapi.json", "/healthz", "/session",
+                           "/socket.io/", "/socket.io"))
+ENGINEIO_ROUTES = frozenset(("/socket.io/", "/socket.io"))
+TOKEN = web.RequestKey("token", str)
+
+
+def _check_access(request: web.Request, origin: str | None) -> None:
+    """The token, where one is needed; and for a change, an Origin that may make it."""
+    access = request.app[ACCESS]
+    by_cookie = False
+    resource = request.match_info.route.resource
+    if access.required and resource is not None and resource.canonical not in PUBLIC_ROUTES:
+        token, by_cookie, presented = access.credential(request)
+        if presented and access.guessing(request):
+            access.refuse(request, presented)
+        if token is None:
+            access.refuse(request, presented)
+        request[TOKEN] = token
+    if resource is not None and resource.canonical in ENGINEIO_ROUTES:
+        return  # Engine.IO checks its own, and answers in its own error format
+    if request.method in MUTATING and origin is not None:
+        # A form or fetch from another site is sent by the browser before any CORS
+        # check (only its answer is hidden): refuse it before anything changes.
+        own = origin == own_origin(request)
+        if not own and not request.app[SETTINGS].allows_origin(origin):
+            raise ApiError(403, "origin_not_allowed", _refused_origin(request.app, origin))
+        if by_cookie and not own:
+            raise ApiError(403, "origin_not_allowed",
+                           "a session cookie works only from the service's own page")
+    elif request.method in MUTATING and by_cookie:
+        raise ApiError(403, "origin_not_allowed",
+                       "a change with a session cookie needs the page's Origin header")
+
+
+def own_origin(request: web.Request) -> str:
+    return f"{request.app[ACCESS].scheme(request)}://{request.host}"
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -2289,6 +2651,7 @@ IMAGES = web.AppKey("images", object)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 HUB = web.AppKey("hub", EventHub)
 METRICS = web.AppKey("metrics", Metrics)
+ACCESS = web.AppKey("access", Access)
 ENGINE = web.AppKey("engine", EngineIO)
 CSP = web.AppKey("csp", str)
 INDEX_HTML = web.AppKey("index_html", str)
@@ -2301,6 +2664,7 @@ def create_app(settings: Settings) -> web.Application:
     app[CSP] = content_security_policy(settings)
     app[REFUSED_ORIGINS] = set()
     app[METRICS] = Metrics()
+    app[ACCESS] = Access(settings)
     app[INDEX_HTML] = INDEX_FILE.read_text("utf-8").replace(
         "__IMAGE_ORIGINS__", image_origins(settings))
     app.router.add_get("/", index)
@@ -2312,6 +2676,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_delete(job, delete_job)
     app.router.add_post("/jobs/{id}/retry", retry_job)
     app.router.add_get("/healthz", health)
+    app.router.add_get("/session", session_status)
+    app.router.add_post("/session", open_session)
+    app.router.add_delete("/session", close_session)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/ws", events_socket)
@@ -2338,7 +2705,7 @@ async def _lifecycle(app: web.Application):
         images = CatalogImages()
     app[STORE], app[IMAGES] = store, images
     app[HUB] = hub = EventHub(store)
-    app[ENGINE] = EngineIO(hub)
+    app[ENGINE] = EngineIO(hub, app[ACCESS])
     app[SCHEDULER] = scheduler = Scheduler(store, images, settings)
     await store.open(replayed)
     scheduler.start()
@@ -2371,8 +2738,17 @@ async def serve(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        access = app[ACCESS]
+        loop.add_signal_handler(signal.SIGHUP, access.reload)  # rotate API_TOKENS_FILE
         host, port = runner.addresses[0][:2]
         store, images = app[STORE], app[IMAGES]
+        if not access.required and not ipaddress.ip_address(
+                socket_host(host)).is_loopback:
+            log.warning("listening on %s with no API_TOKEN: anyone who can reach this port "
+                        "can create and delete jobs", settings.host)
+        elif access.required:
+            log.info("every door needs one of %d access tokens (API_TOKEN%s)",
+                     len(access.tokens), "S_FILE" if settings.api_tokens_file else "")
         if isinstance(images, CatalogImages):
             log.warning("no UNSPLASH_ACCESS_KEY: photos come from the built-in catalog; set "
                         "UNSPLASH_ACCESS_KEY to an Unsplash access key for fresh random photos")
@@ -2393,6 +2769,11 @@ async def serve(settings: Settings) -> None:
         log.info("shutting down")
     finally:
         await runner.cleanup()
+
+
+def socket_host(host: str) -> str:
+    """An address as ipaddress reads it (a listening socket may add a zone)."""
+    return host.split("%", 1)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

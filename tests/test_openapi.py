@@ -329,6 +329,19 @@ def test_every_documented_status_conforms_on_the_live_server(live):
     check("DELETE", "/jobs/{id}", status=204, path_parameters={"id": doomed})
     check("DELETE", "/jobs/{id}", status=404, path_parameters={"id": doomed})
     assert "jobservice_jobs_created_total" in check("GET", "/metrics", status=200).text
+    assert check("GET", "/session", status=200).json() == {"required": False,
+                                                           "authenticated": True}
+    check("POST", "/session", status=200, body={"token": "x"})
+    check("POST", "/session", status=400, data=b"{oops",
+          headers={"Content-Type": "application/json"})
+    check("POST", "/session", status=403, body={}, headers={"Origin": "https://evil.example"})
+    check("POST", "/jobs", status=403, headers={"Origin": "https://evil.example"})
+    check("POST", "/jobs/{id}/retry", status=403, path_parameters={"id": failed[0]},
+          headers={"Origin": "https://evil.example"})
+    check("DELETE", "/jobs/{id}", status=403, path_parameters={"id": failed[0]},
+          headers={"Origin": "https://evil.example"})
+    check("DELETE", "/session", status=204)
+    check("DELETE", "/session", status=403, headers={"Origin": "https://evil.example"})
 
     retried = check("POST", "/jobs/{id}/retry", status=202, path_parameters={"id": failed[1]})
     assert header(retried, "Location") == f"/jobs/{failed[1]}"
@@ -368,7 +381,11 @@ def test_every_documented_status_conforms_on_the_live_server(live):
     documented = {(method.upper(), path, status) for path, item in DOC["paths"].items()
                   for method, operation in item.items() if method in METHODS
                   for status in operation["responses"]}
-    assert documented - NOT_ON_THE_WIRE - seen == set(), "documented but never seen"
+    # 401 and the rate limits need API_TOKEN / CLIENT_RATE_LIMIT, which this live process
+    # does not set: tests/test_access.py checks those.
+    untested = {op for op in documented if op[2] == "401"} | {
+        ("POST", "/session", "429"), ("POST", "/session", "401"), ("POST", "/session", "204")}
+    assert documented - NOT_ON_THE_WIRE - untested - seen == set(), "documented but never seen"
 
 
 @pytest.mark.parametrize("query", [
@@ -417,10 +434,12 @@ def test_schemathesis_finds_no_5xx_and_no_nonconforming_response(case, live):
 
 
 def test_schemathesis_follows_links_from_created_jobs(live):
-    """Stateful: ids from `POST /jobs` 201s feed `GET /jobs/{id}` and the retry."""
+    """Stateful: ids from `POST /jobs` 201s feed `GET /jobs/{id}` and the retry. Without
+    the DELETEs: a random deletion changes what the next run of the same example finds,
+    which Hypothesis rightly calls inconsistent (the DELETEs are fuzzed above)."""
     seen = []
 
-    class Workflow(fuzz_schema.as_state_machine()):
+    class Workflow(fuzz_schema.exclude(method="DELETE").as_state_machine()):
         def get_call_kwargs(self, case):
             return {"base_url": live["url"]}
 
