@@ -33,7 +33,6 @@ import secrets
 import signal
 import sys
 import time
-import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -334,6 +333,18 @@ class Metrics:
                                        "HTTP request duration, by route template.", ["route"])
         self.storage_ok = gauge("jobservice_storage_ok",
                                 "1 while the jobs file takes writes, 0 while it refuses them.")
+        self._http: dict[tuple, tuple] = {}
+
+    def http(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One request; the labelled children are looked up once per label set (a
+        labels() call costs more than the count itself)."""
+        key = (route, method, status)
+        children = self._http.get(key)
+        if children is None:
+            children = self._http[key] = (self.http_requests.labels(route, method, str(status)),
+                                          self.http_duration.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def on_commit(self, record) -> None:
         if record.status == "resolved":
@@ -404,6 +415,28 @@ def _epoch_second(text: str) -> int | None:
     return int(moment.replace(tzinfo=UTC).timestamp())
 
 
+# Job ids are UUID4s from the OS's CSPRNG, drawn 4,096 at a time: uuid.uuid4() makes a
+# getrandom() system call per id, which was a tenth of a POST. A forked child drops the
+# ids it inherited, or two workers would hand out the same ones.
+ID_BATCH = 4096
+_job_ids: list[str] = []
+
+
+def new_job_id() -> str:
+    if not _job_ids:
+        raw = bytearray(os.urandom(16 * ID_BATCH))
+        raw[6::16] = bytes(byte & 0x0F | 0x40 for byte in raw[6::16])  # version 4
+        raw[8::16] = bytes(byte & 0x3F | 0x80 for byte in raw[8::16])  # RFC 4122 variant
+        text = raw.hex()
+        _job_ids.extend(f"{text[i:i + 8]}-{text[i + 8:i + 12]}-{text[i + 12:i + 16]}-"
+                        f"{text[i + 16:i + 20]}-{text[i + 20:i + 32]}"
+                        for i in range(0, len(text), 32))
+    return _job_ids.pop()
+
+
+os.register_at_fork(after_in_child=_job_ids.clear)
+
+
 class Job:
     __slots__ = (
         "_json",
@@ -438,7 +471,7 @@ class Job:
         steps = math.floor((settings.job_delay_max - settings.job_delay_min)
                            / settings.job_delay_step + 1e-9)
         delay = settings.job_delay_min + settings.job_delay_step * random.randint(0, steps)
-        return cls(str(uuid.uuid4()), "pending", None, now, now + delay)
+        return cls(new_job_id(), "pending", None, now, now + delay)
 
     def resolved(self, result: str, image: dict, now: float) -> Job:
         return Job(self.id, "resolved", result, self.created_at, self.due_at, now,
@@ -837,11 +870,7 @@ class JobStore:
             await self._journal.truncate(self._journal_size)
             self._journal_torn = False
         self._journal_torn = True
-        view = memoryview(data)
-        while view:
-            written = await self._journal.write(view)
-            view = view[written:]
-        await aiofiles.os.wrap(os.fsync)(self._journal.fileno())
+        await aiofiles.os.wrap(_write_and_sync)(self._journal.fileno(), data)
         self._journal_torn = False
         self._journal_size += len(data)
 
@@ -1042,6 +1071,12 @@ class JobStore:
             if position is None:
                 raise KeyError(cursor)
             index = position - base + step
+        if limit is None and not newest_first:
+            # The whole list, as the old frontend asks for after every job it creates:
+            # one comprehension over the cached texts, about three times the loop's speed.
+            rest = order[index:] if index else order
+            return [job.json for job_id in rest if (job := jobs.get(job_id)) is not None
+                    and (status is None or job.status == status)], None
         page, last = [], None
         while 0 <= index < len(order):
             job = jobs.get(order[index])
@@ -1052,6 +1087,15 @@ class JobStore:
                 last = job.id
             index += step
         return page, None
+
+
+def _write_and_sync(fd: int, data: bytes) -> None:
+    """Append a batch and fsync it, in one trip to a worker thread: each trip costs the
+    event loop a wake-up, and a batch used to take two."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
 
 
 def _complete_length(path: Path) -> int:
@@ -1868,6 +1912,7 @@ class EngineIO:
 MAX_BODY = 64 * 1024
 MAX_PAGE = 1000
 JSON_TYPE = "application/json"
+JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 
 
 class ApiError(Exception):
@@ -2075,7 +2120,9 @@ async def create_job(request: web.Request) -> web.Response:
     await _committed(store, job)
     store.metrics.jobs_created.inc()
     headers["Location"] = f"/jobs/{job.id}"
-    return json_response(json.dumps({"id": job.id}), 201, headers)
+    headers["Content-Type"] = JSON_CONTENT_TYPE
+    # An id is hex and hyphens: nothing to escape, so no json.dumps (2 us a request).
+    return web.Response(body=f'{{"id": "{job.id}"}}'.encode(), status=201, headers=headers)
 
 
 def _rate_limit(request: web.Request) -> dict:
@@ -2159,7 +2206,26 @@ async def list_jobs(request: web.Request) -> web.Response:
         if status:
             params["status"] = status
         headers["Link"] = f'</jobs?{urlencode(params)}>; rel="next"'
-    return json_response("[" + ",".join(page) + "]", headers=headers)
+    if limit is not None:
+        return json_response("[" + ",".join(page) + "]", headers=headers)
+    # Every job: sent in slices as it is joined, rather than joined whole and then
+    # copied: about half the time and 50 MB less at 100,000 jobs (tests/bench.py).
+    response = web.StreamResponse(headers=headers)
+    response.content_type, response.charset = JSON_TYPE, "utf-8"
+    add_headers(request, response)
+    await response.prepare(request)
+    if not page:
+        await response.write(b"[]")
+    for start in range(0, len(page), LIST_SLICE):
+        opening = "[" if start == 0 else ","
+        closing = "]" if start + LIST_SLICE >= len(page) else ""
+        await response.write(
+            (opening + ",".join(page[start:start + LIST_SLICE]) + closing).encode())
+    await response.write_eof()
+    return response
+
+
+LIST_SLICE = 2000
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -2560,26 +2626,29 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
             log.exception("%s %s failed", request.method, request.path)
             response = error_response(500, "internal_error", "the server failed; see its log")
     if not response.prepared:
-        headers = response.headers
-        if cors:
-            if origin in settings.cors_origins:  # listed by name: credentials may come
-                headers["Access-Control-Allow-Origin"] = origin
-                headers["Access-Control-Allow-Credentials"] = "true"
-            else:
-                headers["Access-Control-Allow-Origin"] = "*"
-            headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
-            headers.add("Vary", "Origin")
-        headers["X-Content-Type-Options"] = "nosniff"
-        headers["Content-Security-Policy"] = request.app[CSP]
-        headers["Referrer-Policy"] = "strict-origin-when-cross-origin"
+        add_headers(request, response)
     # Labelled by route template and a known method, never by raw path: bounded sets.
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     method = request.method if request.method in HTTP_METHODS else "OTHER"
-    metrics = request.app[METRICS]
-    metrics.http_requests.labels(route, method, str(response.status)).inc()
-    metrics.http_duration.labels(route).observe(time.perf_counter() - started)
+    request.app[METRICS].http(route, method, response.status, time.perf_counter() - started)
     return response
+
+
+def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """CORS and the security headers, on a response not yet sent (the guard does it for
+    every response, a handler that streams does it before it starts)."""
+    headers, settings = response.headers, request.app[SETTINGS]
+    origin = request.headers.get("Origin")
+    if origin is not None and settings.allows_origin(origin):
+        if origin in settings.cors_origins:  # listed by name: credentials may come
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Access-Control-Allow-Credentials"] = "true"
+        else:
+            headers["Access-Control-Allow-Origin"] = "*"
+        headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+        headers.add("Vary", "Origin")
+    headers.update(request.app[SECURITY_HEADERS])
 
 
 HTTP_METHODS = frozenset(("GET", "POST", "DELETE", "OPTIONS", "HEAD", "PUT", "PATCH"))
@@ -2653,7 +2722,7 @@ HUB = web.AppKey("hub", EventHub)
 METRICS = web.AppKey("metrics", Metrics)
 ACCESS = web.AppKey("access", Access)
 ENGINE = web.AppKey("engine", EngineIO)
-CSP = web.AppKey("csp", str)
+SECURITY_HEADERS = web.AppKey("security_headers", dict)
 INDEX_HTML = web.AppKey("index_html", str)
 REFUSED_ORIGINS = web.AppKey("refused_origins", set)
 
@@ -2661,7 +2730,10 @@ REFUSED_ORIGINS = web.AppKey("refused_origins", set)
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     app[SETTINGS] = settings
-    app[CSP] = content_security_policy(settings)
+    app[SECURITY_HEADERS] = {  # the same for every response: made once
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": content_security_policy(settings),
+        "Referrer-Policy": "strict-origin-when-cross-origin"}
     app[REFUSED_ORIGINS] = set()
     app[METRICS] = Metrics()
     app[ACCESS] = Access(settings)

@@ -423,6 +423,24 @@ def bench_post(ctx, results: Results) -> None:
             ratios[size].append(this[size]["rps"] / this["bare"]["rps"])
     results.raw["post"] = {"runs": {str(k): v for k, v in runs.items()},
                            "ratios": {str(k): v for k, v in ratios.items()}}
+    if shutil.which("strace"):
+        traced = syscalls_per_post(ctx, ctx.snapshots.get(10_000)[0])
+        results.raw["post"]["syscalls"] = traced
+        per_post = traced["per_post"]
+        # Per request, a call shows as ~1.0; the batch's write and fsync are shared by
+        # the requests of a batch and come out well below. futex is the GIL passing
+        # between the event loop and the thread that fsyncs (strace makes it pass more).
+        socket_io = {"epoll_wait", "recvfrom", "sendto", "read", "write", "writev", "recvmsg",
+                     "sendmsg", "epoll_ctl", "accept4", "getsockname", "getpeername",
+                     "setsockopt", "ioctl", "close", "futex"}
+        ours = {name: count for name, count in per_post.items()
+                if name not in socket_io and name != "getpid" and count >= 0.5}
+        results.add("POST /jobs @ 10,000: system calls per request (strace -c)",
+                    sum(per_post.values()), "", fmt="{:.2f}", per_call=per_post)
+        results.add("POST /jobs: system calls of ours per request beyond socket I/O "
+                    "(getpid is asyncio's)", sum(ours.values()), "", "0", not ours,
+                    fmt="{:.3f}", which=ours, getrandom=per_post.get("getrandom", 0),
+                    getpid=per_post.get("getpid", 0))
 
     bare_rps = median([run["rps"] for run in runs["bare"]])
     results.add("POST /jobs bare aiohttp handler (ceiling)", bare_rps, "req/s", fmt="{:,.0f}",
@@ -449,6 +467,36 @@ def bench_post(ctx, results: Results) -> None:
         results.add(f"{label}: p99", p99, "ms", "< 50 ms", p99 < 50 and errors == 0,
                     fmt="{:.1f}", repeats=[run["p99_ms"] for run in runs[size]],
                     errors=errors)
+
+
+def syscalls_per_post(ctx, snapshot: Path | None) -> dict:
+    """`strace -c -f` on the service while wrk POSTs: system calls per request, by name.
+    strace slows the process a lot, so this run's throughput means nothing; the counts
+    per request are what it is for."""
+    server = start_service(ctx.workdir, "strace", snapshot, LONG_DELAYS)
+    summary = ctx.workdir / "strace.txt"
+    try:
+        server.wait_healthy()
+        url = f"http://127.0.0.1:{server.port}"
+        ctx.wrk.run(url + "/healthz", "get", 1)
+        tracer = subprocess.Popen(["strace", "-c", "-f", "-q", "-o", str(summary),
+                                   "-p", str(server.pid)], stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # attached to every thread
+        before = server.health()["jobs"]
+        ctx.wrk.run(url + "/jobs", "post", 3)
+        posts = server.health()["jobs"] - before
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(30)
+    finally:
+        server.stop()
+    calls = {}
+    for line in summary.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[-1].isidentifier() and fields[3].isdigit() \
+                and fields[-1] != "total":
+            calls[fields[-1]] = int(fields[3])
+    return {"posts": posts, "per_post": {name: count / max(posts, 1)
+                                         for name, count in sorted(calls.items())}}
 
 
 # --- Reads ----------------------------------------------------------------------------
@@ -515,6 +563,26 @@ def bench_reads(ctx, results: Results) -> None:
                     median(times) < 50, fmt="{:.1f}", first_request_ms=cold, bytes=size,
                     repeats=times)
         results.add("GET /jobs (10,000 jobs) first request", cold, "ms", fmt="{:.1f}")
+
+        # GET /jobs, every one of 100,000 jobs, warm: what the old frontend asks for after
+        # each job it creates. Also the peak RSS it costs the service.
+        big = servers[100_000]
+        conn100 = http.client.HTTPConnection("127.0.0.1", big.port, timeout=60)
+        hwm_before, times100 = big.status("VmHWM"), []
+        for n in range(1 + max(5, ctx.repeats * 3)):
+            started = time.perf_counter()
+            conn100.request("GET", "/jobs")
+            body = conn100.getresponse().read()
+            if n:
+                times100.append((time.perf_counter() - started) * 1000)
+            else:
+                assert len(json.loads(body)) == 100_000
+        conn100.close()
+        results.raw["list_100k"] = {"warm_ms": times100, "bytes": len(body)}
+        results.add("GET /jobs (100,000 jobs) median, warm", median(times100), "ms",
+                    "< 150 ms", median(times100) < 150, fmt="{:.1f}", repeats=times100,
+                    bytes=len(body),
+                    peak_rss_growth_mb=(big.status("VmHWM") - hwm_before) / 2**20)
 
         # ?limit=100 pages: walk the whole list by its Link headers, sequentially.
         page_times, walks = [], []
