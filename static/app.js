@@ -1,11 +1,14 @@
-// jobservice page: wires the list, the live connection, the buttons and the viewer.
+// jobservice page: wires the list, the live connection, the buttons and the viewer,
+// behind the login form when the server wants a token.
 
 import {
-  createJob, deleteJob, firstPageUrl, getJob, getStats, listPage, retryJob,
+  ApiError, closeSession, createJob, deleteJob, firstPageUrl, getJob, getSession, getStats,
+  listPage, retryJob, setUnauthorizedHandler,
 } from './js/api.js';
 import { Announcer } from './js/announcer.js';
 import { Connection } from './js/connection.js';
 import { JobList } from './js/list.js';
+import { LoginForm } from './js/login.js';
 import { altText, closeConfirm, openConfirm } from './js/rows.js';
 import { onTick } from './js/ticker.js';
 import { now, shortId } from './js/util.js';
@@ -35,9 +38,20 @@ const ui = {
   notice: $('#notice'),
   live: $('#announcer'),
   viewer: $('[data-testid="viewer"]'),
+  board: $('#board'),
+  login: $('[data-testid="login"]'),
+  logout: $('[data-testid="logout"]'),
+  actions: $('.topbar .actions'),
+  conn: $('.topbar .conn'),
+  skip: $('.skip-link'),
 };
 
 const state = { lastSeq: 0 };
+// required: the server wants a token; active: the board is on (logged in, or no token
+// needed); epoch: bumped on every logout, so answers to requests from before are dropped.
+const session = {
+  required: false, active: false, epoch: 0, checking: false,
+};
 const announcer = new Announcer(ui.live);
 const viewer = new Viewer(ui.viewer);
 let announceChanges = false; // off while the first list renders
@@ -140,12 +154,14 @@ function renderTotals(stats) {
 }
 
 async function fetchTotals() {
+  const { epoch } = session;
   totals.timer = null;
   totals.inflight = true;
   totals.lastStart = Date.now();
   let retryIn = 0;
   try {
     const stats = await getStats();
+    if (epoch !== session.epoch) return; // logged out meanwhile
     const seq = Number.isFinite(stats.seq) ? stats.seq : totals.seq;
     if (seq >= totals.seq) {
       totals.seq = seq;
@@ -155,9 +171,10 @@ async function fetchTotals() {
       }
     }
   } catch {
+    if (epoch !== session.epoch) return;
     retryIn = 3000; // the next change, or this retry, brings them
   } finally {
-    totals.inflight = false;
+    if (epoch === session.epoch) totals.inflight = false;
   }
   if (totals.again) {
     totals.again = false;
@@ -169,6 +186,7 @@ async function fetchTotals() {
 
 /** Refetches the totals soon: a burst of changes is one request, at most every 500 ms. */
 function refreshTotals(delay = 50) {
+  if (!session.active) return;
   if (totals.inflight) {
     totals.again = true;
     return;
@@ -180,6 +198,7 @@ function refreshTotals(delay = 50) {
 
 /** At once (first load, RESET): a store may have been replaced, so any seq goes. */
 function reloadTotals() {
+  if (!session.active) return;
   totals.seq = -1;
   if (totals.timer !== null) {
     clearTimeout(totals.timer);
@@ -187,6 +206,19 @@ function reloadTotals() {
   }
   if (totals.inflight) totals.again = true;
   else fetchTotals();
+}
+
+/** Back to "not known yet" (logging out). */
+function resetTotals() {
+  if (totals.timer !== null) clearTimeout(totals.timer);
+  Object.assign(totals, {
+    seq: -1, shown: {}, timer: null, inflight: false, again: false, lastStart: -Infinity,
+  });
+  for (const el of Object.values(ui.counts)) {
+    el.textContent = '–';
+    delete el.dataset.value;
+  }
+  ui.stats.setAttribute('aria-busy', 'true');
 }
 
 // ---------- creating jobs (optimistic) ----------
@@ -197,10 +229,12 @@ function reloadTotals() {
  * lastSeq (only the stream does), and applying it is harmless (seq decides).
  */
 function refreshSoon(id, stillNeeded) {
+  const { epoch } = session;
   const run = async () => {
-    if (!stillNeeded()) return;
+    if (epoch !== session.epoch || !stillNeeded()) return;
     try {
-      list.apply(await getJob(id));
+      const job = await getJob(id);
+      if (epoch === session.epoch) list.apply(job);
     } catch {
       // the event stream will bring it after reconnecting
     }
@@ -210,11 +244,14 @@ function refreshSoon(id, stillNeeded) {
 }
 
 async function submitOptimistic(el) {
+  const { epoch } = session;
   try {
     const id = await createJob();
+    if (epoch !== session.epoch) return;
     if (list.confirmOptimistic(el, id)) return;
     refreshSoon(id, () => list.awaiting.has(id));
   } catch (err) {
+    if (epoch !== session.epoch) return; // logged out: the row is gone already
     list.failOptimistic(el, `Could not create the job: ${err.message}`);
     announcer.say(`Could not create a job: ${err.message}`);
   }
@@ -238,9 +275,11 @@ async function retry(id, button) {
   button.setAttribute('aria-disabled', 'true');
   button.textContent = 'Retrying…';
   list.setRowMessage(id, null);
+  const { epoch } = session;
   try {
     await retryJob(id);
   } catch (err) {
+    if (epoch !== session.epoch) return;
     if (err.status !== 409) {
       if (button.isConnected) {
         button.removeAttribute('aria-disabled');
@@ -260,9 +299,11 @@ async function remove(id, row, button) {
   const cancel = button.dataset.verb === 'cancel';
   button.setAttribute('aria-disabled', 'true');
   button.textContent = cancel ? 'Cancelling…' : 'Deleting…';
+  const { epoch } = session;
   try {
     await deleteJob(id);
   } catch (err) {
+    if (epoch !== session.epoch) return;
     if (err.status !== 404) {
       // Still there: the card says why, and focus goes back to its Delete button.
       if (row.isConnected) {
@@ -276,6 +317,7 @@ async function remove(id, row, button) {
     }
     // 404: it is gone already (deleted elsewhere, or expired).
   }
+  if (epoch !== session.epoch) return;
   list.remove(id, 'deleted');
   refreshTotals();
 }
@@ -367,9 +409,11 @@ let everLoaded = false;
 
 const connection = new Connection({
   async load() {
+    const { epoch } = session;
     const first = !list.loaded && !everLoaded;
     reloadTotals();
     const page = await list.reload();
+    if (epoch !== session.epoch || !page) throw new ApiError(0, 'stale', 'Logged out.');
     everLoaded = true;
     performance.mark('jobservice:list-rendered');
     requestAnimationFrame(() => setTimeout(() => performance.mark('jobservice:list-painted'), 0));
@@ -415,6 +459,10 @@ const connection = new Connection({
       lastAnnouncedState = s;
     }
   },
+  onOpenFailed() {
+    // Refused, or turned down (a 401 looks the same from here): ask the session door.
+    checkSession();
+  },
 });
 
 ui.retryNow.addEventListener('click', () => connection.retryNow());
@@ -425,6 +473,126 @@ onTick(() => {
   list.tick(now());
   if (connection.state === 'reconnecting' && badgeInfo.phase === 'waiting') renderBadge();
 });
+
+// ---------- the session: login, logout, a session that ends ----------
+
+const SESSION_ENDED = 'Your session has ended. Log in again to go on.';
+
+const login = new LoginForm(ui.login, {
+  onLoggedIn(result) {
+    session.required = result.required;
+    enter();
+    ui.list.focus({ preventScroll: true });
+    announcer.say('Logged in.');
+  },
+});
+
+/** Shows the board (the list, the counts, the buttons) or hides all of it. */
+function showBoard(on) {
+  ui.board.hidden = !on;
+  ui.actions.hidden = !on;
+  ui.conn.hidden = !on;
+  ui.skip.hidden = !on;
+  ui.logout.hidden = !(on && session.required);
+}
+
+/** Logged in (or no token needed): the page as it always was. */
+function enter() {
+  if (session.active) return;
+  session.active = true;
+  login.hide();
+  showBoard(true);
+  connection.start();
+}
+
+/** Forgets every job shown, closes the live connection: nothing is left on screen. */
+function clearBoard() {
+  connection.stop();
+  viewer.close();
+  list.reset();
+  resetTotals();
+  state.lastSeq = 0;
+  announceChanges = false;
+  everLoaded = false;
+  everLive = false;
+  lastAnnouncedState = null;
+  badgeInfo = {};
+  ui.badge.dataset.state = connection.state;
+  renderBadge();
+  ui.notice.hidden = true;
+  ui.notice.textContent = '';
+}
+
+/** The login form instead of the board; message says why, if there is something to say. */
+function leave(message = '') {
+  session.required = true;
+  if (!session.active && login.shown) {
+    if (message) login.say(message, false);
+    return;
+  }
+  session.active = false;
+  session.epoch += 1;
+  clearBoard();
+  showBoard(false);
+  login.show(message);
+}
+
+// Any 401 from the API (the cookie expired, the token was rotated out): log in again.
+setUnauthorizedHandler(() => {
+  if (session.active) leave(SESSION_ENDED);
+});
+
+/** After a WebSocket that never opened: is it that the session has ended? */
+async function checkSession() {
+  if (session.checking || !session.active) return;
+  session.checking = true;
+  const { epoch } = session;
+  try {
+    const info = await getSession();
+    if (epoch === session.epoch && info.required && !info.authenticated) leave(SESSION_ENDED);
+  } catch {
+    // The server is away: the connection keeps trying.
+  } finally {
+    session.checking = false;
+  }
+}
+
+ui.logout.addEventListener('click', async () => {
+  const button = ui.logout;
+  if (button.getAttribute('aria-disabled') === 'true') return;
+  button.setAttribute('aria-disabled', 'true');
+  try {
+    await closeSession();
+  } catch (err) {
+    ui.notice.textContent = `Could not log out: ${err.message}`;
+    ui.notice.hidden = false;
+    return;
+  } finally {
+    button.removeAttribute('aria-disabled');
+  }
+  leave();
+  announcer.say('Logged out.');
+});
+
+/**
+ * Asks the server first: if it wants a token and this browser has no session, the login
+ * form, and nothing is fetched. If it cannot say (it is away), the page starts as it
+ * always did; a 401 later brings the form.
+ */
+async function boot() {
+  let info = null;
+  try {
+    info = await getSession();
+  } catch {
+    info = null;
+  }
+  if (info && info.required && !info.authenticated) {
+    leave();
+    return;
+  }
+  session.required = Boolean(info && info.required);
+  enter();
+}
 
 // ---------- test hooks ----------
 
@@ -439,9 +607,10 @@ Object.defineProperty(window, '__jobservice', {
     get loadedCount() { return list.order.length; },
     get totals() { return { ...totals.shown }; },
     get connection() { return connection.state; },
+    get session() { return { required: session.required, active: session.active }; },
   }),
   writable: false,
   configurable: false,
 });
 
-connection.start();
+boot();

@@ -100,6 +100,14 @@ wrk.body = "{}"
 wrk.headers["Content-Type"] = "application/json"
 ''' + LUA_DONE
 
+BENCH_TOKEN = "bench-token-0123456789abcdef"
+LUA_POST_TOKEN = r'''
+wrk.method = "POST"
+wrk.body = "{}"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer bench-token-0123456789abcdef"
+''' + LUA_DONE
+
 LUA_GET = LUA_DONE  # a fixed path, given in the URL
 
 LUA_GET_RANDOM_ID = r'''
@@ -320,8 +328,8 @@ class Wrk:
     def __init__(self, workdir: Path, threads: int, connections: int):
         self.threads, self.connections = threads, connections
         self.scripts = {}
-        for name, text in (("post", LUA_POST), ("get", LUA_GET),
-                           ("get_random_id", LUA_GET_RANDOM_ID)):
+        for name, text in (("post", LUA_POST), ("post_token", LUA_POST_TOKEN),
+                           ("get", LUA_GET), ("get_random_id", LUA_GET_RANDOM_ID)):
             path = workdir / f"{name}.lua"
             path.write_text(text)
             self.scripts[name] = path
@@ -497,6 +505,37 @@ def syscalls_per_post(ctx, snapshot: Path | None) -> dict:
             calls[fields[-1]] = int(fields[3])
     return {"posts": posts, "per_post": {name: count / max(posts, 1)
                                          for name, count in sorted(calls.items())}}
+
+
+def bench_access(ctx, results: Results) -> None:
+    """POST /jobs with API_TOKEN and a CLIENT_RATE_LIMIT that is never hit, against the
+    same service with neither, alternating, 10,000 jobs stored."""
+    snapshot = ctx.snapshots.get(10_000)[0]
+    setups = {"open": ({}, "post"),
+              "token": ({"API_TOKEN": BENCH_TOKEN, "CLIENT_RATE_LIMIT": "1000000/s"},
+                        "post_token")}
+    runs: dict = {name: [] for name in setups}
+    for repeat in range(max(ctx.repeats, 3)):
+        for name in (list(setups) if repeat % 2 == 0 else list(setups)[::-1]):
+            env, script = setups[name]
+            server = start_service(ctx.workdir, f"access-{name}", snapshot,
+                                   {**LONG_DELAYS, **env})
+            try:
+                server.wait_healthy()
+                url = f"http://127.0.0.1:{server.port}"
+                ctx.wrk.run(url + "/healthz", "get", 1)
+                run = ctx.wrk.run(url + "/jobs", script, ctx.duration)
+            finally:
+                server.stop()
+            assert run["errors"] == 0, run
+            runs[name].append(run)
+            log(f"POST /jobs access {name:>5}: {run['rps']:,.0f} req/s")
+    ratios = [token["rps"] / plain["rps"]
+              for plain, token in zip(runs["open"], runs["token"], strict=True)]
+    results.raw["access"] = {"runs": runs, "ratios": ratios}
+    results.add("POST /jobs with a token and a rate limit never hit, share of without",
+                median(ratios) * 100, "%", ">= 90 %", median(ratios) >= 0.9, fmt="{:.0f}",
+                per_repeat=ratios)
 
 
 # --- Reads ----------------------------------------------------------------------------
@@ -1130,9 +1169,9 @@ def bench_unsplash(ctx, results: Results) -> None:
 # --- Main ---------------------------------------------------------------------------
 
 
-SECTIONS = {"post": bench_post, "reads": bench_reads, "memory": bench_memory,
-            "restart": bench_restart, "fanout": bench_fanout, "polling": bench_polling,
-            "unsplash": bench_unsplash, "soak": bench_soak}
+SECTIONS = {"post": bench_post, "access": bench_access, "reads": bench_reads,
+            "memory": bench_memory, "restart": bench_restart, "fanout": bench_fanout,
+            "polling": bench_polling, "unsplash": bench_unsplash, "soak": bench_soak}
 DEFAULT_SECTIONS = [name for name in SECTIONS if name != "soak"]  # soak: --only soak
 
 

@@ -4,15 +4,24 @@
 import { noteServerDate } from './util.js';
 
 export class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, retryAfter = null) {
     super(message);
     this.name = 'ApiError';
     this.status = status;
     this.code = code;
+    this.retryAfter = retryAfter; // seconds, from a Retry-After header
   }
 }
 
-async function request(method, path, { body, timeout = 15000 } = {}) {
+// Told of every 401 (the session ended, the token was rotated out), except from the
+// session door itself, where a 401 only means "that token was wrong".
+let onUnauthorized = null;
+
+export function setUnauthorizedHandler(fn) {
+  onUnauthorized = fn;
+}
+
+async function request(method, path, { body, timeout = 15000, session = false } = {}) {
   const controller = new AbortController();
   const timer = setTimeout(() => controller.abort(), timeout);
   const startedAt = Date.now();
@@ -50,7 +59,11 @@ async function request(method, path, { body, timeout = 15000 } = {}) {
     const message = err && typeof err.message === 'string' && err.message
       ? err.message
       : `The server answered ${res.status}${res.statusText ? ` ${res.statusText}` : ''}.`;
-    throw new ApiError(res.status, (err && err.code) || `http_${res.status}`, message);
+    const wait = Number.parseInt(res.headers.get('Retry-After') || '', 10);
+    const error = new ApiError(res.status, (err && err.code) || `http_${res.status}`, message,
+      Number.isFinite(wait) && wait >= 0 ? wait : null);
+    if (res.status === 401 && !session && onUnauthorized) onUnauthorized(error);
+    throw error;
   }
   return { data, headers: res.headers, status: res.status };
 }
@@ -123,4 +136,29 @@ export async function getJob(id) {
 
 export async function retryJob(id) {
   await request('POST', `/jobs/${encodeURIComponent(id)}/retry`);
+}
+
+// ---------- the session (the page's login) ----------
+
+/** {required, authenticated}: whether the server wants a token, and whether we have a session. */
+export async function getSession() {
+  const { data } = await request('GET', '/session', { session: true });
+  if (!data || typeof data !== 'object' || typeof data.required !== 'boolean') {
+    throw new ApiError(200, 'bad_response', 'The session state was not understood.');
+  }
+  return { required: data.required, authenticated: data.authenticated !== false };
+}
+
+/**
+ * Trades the token for the server's HttpOnly session cookie; the token is kept nowhere.
+ * Resolves with whether the server wants a token at all; a wrong token is an ApiError 401.
+ */
+export async function openSession(token) {
+  const { status, data } = await request('POST', '/session', { body: { token }, session: true });
+  return { required: !(status === 200 && data && data.required === false) };
+}
+
+/** Logs out: the server clears the cookie. */
+export async function closeSession() {
+  await request('DELETE', '/session', { session: true });
 }

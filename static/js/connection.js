@@ -2,6 +2,10 @@
 // with exponential backoff and full jitter.
 //
 // State for the badge: 'live' | 'reconnecting' | 'offline' (navigator.onLine false).
+//
+// stop() ends it (logging out) until start() again; a socket that closes without having
+// opened (refused, or a handshake the server turned down, e.g. 401) is told to
+// onOpenFailed, since a page cannot see why a WebSocket handshake failed.
 
 const BASE_DELAY = 1000;
 const MAX_DELAY = 30000;
@@ -17,6 +21,7 @@ export class Connection {
    * @param {(info: {id: string, seq: number, reason: string}) => void} opts.onDeleted
    * @param {(seq: number) => void} opts.onSynced
    * @param {(state: string, info: object) => void} opts.onState
+   * @param {() => void} [opts.onOpenFailed]       a socket closed before it opened
    */
   constructor(opts) {
     this.opts = opts;
@@ -29,13 +34,46 @@ export class Connection {
     this.info = { phase: 'connecting' };
     this.lastError = null;
     this.synced = false;
+    this.stopped = true;
+    this.gen = 0; // bumped by start() and stop(): a load from before is not acted on
+    this.listening = false;
   }
 
   start() {
+    if (!this.stopped) return;
+    this.stopped = false;
+    this.gen += 1;
+    this.attempt = 0;
+    this.quickRetries = 0;
+    this.needsLoad = true;
+    this.lastError = null;
+    if (!this.listening) this.listen();
+    this.connect();
+  }
+
+  /** Closes the connection and stops reconnecting, until start(). */
+  stop() {
+    if (this.stopped) return;
+    this.stopped = true;
+    this.gen += 1;
+    this.clearTimer();
+    const ws = this.ws;
+    this.ws = null;
+    this.synced = false;
+    this.loading = false;
+    this.needsLoad = true;
+    this.state = 'reconnecting'; // for the next start(); the page hides the badge meanwhile
+    this.info = { phase: 'connecting' };
+    if (ws) ws.close(1000, 'logged out');
+  }
+
+  listen() {
+    this.listening = true;
     window.addEventListener('offline', () => {
-      this.setState('offline', {});
+      if (!this.stopped) this.setState('offline', {});
     });
     window.addEventListener('online', () => {
+      if (this.stopped) return;
       if (this.ws) {
         this.setState(this.synced ? 'live' : 'reconnecting', this.synced ? {} : { phase: 'syncing' });
         return;
@@ -43,12 +81,11 @@ export class Connection {
       this.attempt = 0;
       this.connect();
     });
-    this.connect();
   }
 
   /** Skip the wait and try now (the badge's "Retry now"). */
   retryNow() {
-    if (this.state === 'live' || this.ws) return;
+    if (this.stopped || this.state === 'live' || this.ws) return;
     this.connect();
   }
 
@@ -72,7 +109,7 @@ export class Connection {
 
   async connect() {
     this.clearTimer();
-    if (this.ws) return;
+    if (this.stopped || this.ws) return;
     if (navigator.onLine === false) {
       this.setState('offline', {});
       return;
@@ -81,11 +118,14 @@ export class Connection {
       if (this.loading) return;
       this.loading = true;
       this.setState('reconnecting', { phase: 'loading' });
+      const gen = this.gen;
       try {
         await this.opts.load();
+        if (gen !== this.gen) return; // stopped meanwhile
         this.needsLoad = false;
         this.lastError = null;
       } catch (err) {
+        if (gen !== this.gen) return;
         this.lastError = err;
         this.loading = false;
         this.scheduleRetry(false);
@@ -111,11 +151,13 @@ export class Connection {
       return;
     }
     this.ws = ws;
+    let opened = false;
     const openTimer = setTimeout(() => {
       if (ws.readyState !== WebSocket.OPEN) ws.close();
     }, OPEN_TIMEOUT);
     ws.addEventListener('open', () => {
       clearTimeout(openTimer);
+      opened = true;
       if (this.ws === ws) this.setState('reconnecting', { phase: 'syncing' });
     });
     ws.addEventListener('message', (ev) => {
@@ -133,6 +175,7 @@ export class Connection {
       } else {
         this.scheduleRetry(false);
       }
+      if (!opened && this.opts.onOpenFailed) this.opts.onOpenFailed();
     });
   }
 

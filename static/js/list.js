@@ -158,6 +158,28 @@ export class JobList {
     return load;
   }
 
+  /**
+   * Forgets everything (logging out): no card, no optimistic row, nothing loaded; a page
+   * still on its way is dropped when it lands. The filter stays.
+   */
+  reset() {
+    this.gen += 1;
+    this.clearRetry();
+    this.optimistic.clear();
+    this.awaiting.clear();
+    this.gone.clear();
+    this.clearRows();
+    this.loaded = false;
+    this.next = null;
+    this.boundary = null;
+    this.fetching = false;
+    this.log = null;
+    this.current = null;
+    this.error = null;
+    this.retries = 0;
+    this.queueSummary();
+  }
+
   /** A reload of our own (a new filter): on failure it is tried again after a while. */
   restart() {
     const gen = this.gen + 1;
