@@ -787,11 +787,10 @@ def _million_old_format_and_page(ctx, results: Results) -> None:
     finally:
         server.stop()
     results.raw["page_million"] = timing
-    first = timing["median"]["first_card_ms"]
+    first = timing["first_card_ms"]  # medians of the runs
     log(f"page with 1,000,000 jobs: first card {first:.0f} ms")
-    results.add("Page with 1,000,000 jobs: first card and totals, from navigation", first,
-                "ms", "< 1,000 ms", first < 1000, fmt="{:,.0f}",
-                totals_ms=timing["median"]["totals_ms"])
+    results.add("Page with 1,000,000 jobs: first card, from navigation", first, "ms",
+                "< 1,000 ms", first < 1000, fmt="{:,.0f}", totals_ms=timing["totals_ms"])
 
 
 # --- Soak: months at a steady rate, in ten minutes ---------------------------------------

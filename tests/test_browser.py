@@ -63,6 +63,20 @@ REFUSED = (r"^WebSocket connection to 'ws://127\.0\.0\.1:\d+/ws\?since=\d+' fail
 LIST = '[data-testid="job-list"]'
 
 
+def failing_delete(status: int, code: str, message: str):
+    """A Playwright route handler that answers the page's DELETE with this error (other
+    methods go through)."""
+
+    async def handle(route):
+        if route.request.method != "DELETE":
+            await route.continue_()
+            return
+        await route.fulfill(status=status, content_type="application/json", body=json.dumps(
+            {"error": {"code": code, "message": message}}))
+
+    return handle
+
+
 def row(job_id: str) -> str:
     return f'{LIST} > li[data-job-id="{job_id}"]'
 
@@ -868,14 +882,8 @@ async def test_cancel_and_delete_ask_inside_the_page(service_process, fake, open
     # A server error: the card stays and says why; Delete is back.
     target = resolved[0]
 
-    async def boom(route):
-        if route.request.method != "DELETE":
-            await route.continue_()
-            return
-        await route.fulfill(status=500, content_type="application/json", body=json.dumps(
-            {"error": {"code": "internal", "message": "The kitchen is on fire."}}))
-
-    await page.route(f"**/jobs/{target}", boom)
+    await page.route(f"**/jobs/{target}",
+                     failing_delete(500, "internal", "The kitchen is on fire."))
     await page.click(f'{row(target)} [data-testid="delete"]')
     await page.click(f'{row(target)} [data-testid="confirm-delete"]')
     message = page.locator(f"{row(target)} .row-msg")
@@ -887,14 +895,8 @@ async def test_cancel_and_delete_ask_inside_the_page(service_process, fake, open
     await page.unroute(f"**/jobs/{target}")
 
     # A 404 (gone already): the card goes too.
-    async def gone(route):
-        if route.request.method != "DELETE":
-            await route.continue_()
-            return
-        await route.fulfill(status=404, content_type="application/json", body=json.dumps(
-            {"error": {"code": "not_found", "message": "no job with that id"}}))
-
-    await page.route(f"**/jobs/{target}", gone)
+    await page.route(f"**/jobs/{target}",
+                     failing_delete(404, "not_found", "no job with that id"))
     await page.click(f'{row(target)} [data-testid="delete"]')
     await page.click(f'{row(target)} [data-testid="confirm-delete"]')
     await page.locator(row(target)).wait_for(state="detached", timeout=5_000)

@@ -37,15 +37,14 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from conftest import running_services
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
-from test_browser import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
+from playwright.async_api import Browser, BrowserContext, Page, expect
+from test_browser import (  # browser is a fixture: one Chromium per module
     DESKTOP,
     LIST,
     REFUSED,
     FakeUnsplashProcess,
     Watched,
+    browser,  # noqa: F401
     row,
     service_env,
     wait_live,
@@ -82,15 +81,6 @@ ELSEWHERE = """<!doctype html>
 
 
 # ---------- fixtures ----------
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def browser():
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM,
-                                                   args=CHROMIUM_ARGS)
-        yield browser
-        await browser.close()
 
 
 @pytest.fixture(scope="module")

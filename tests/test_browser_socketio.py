@@ -24,9 +24,9 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from conftest import create_jobs, running_services
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page
 from playwright.async_api import TimeoutError as PlaywrightTimeout
-from test_browser import CHROMIUM, CHROMIUM_ARGS
+from test_browser import browser  # noqa: F401 (a fixture: one Chromium per module)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -72,15 +72,6 @@ CORS_REFUSED = (r"^Access to XMLHttpRequest at 'http://127\.0\.0\.1:\d+/socket\.
 
 
 # ---------- fixtures ----------
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def browser():
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM,
-                                                   args=CHROMIUM_ARGS)
-        yield browser
-        await browser.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
