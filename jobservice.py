@@ -1569,6 +1569,8 @@ class Peer:
         self.closing = False
         self.last_words = ""  # a packet that goes out just before the close
         self.drop_reason: str | None = None
+        self.token: str | None = None  # the access token it came in with, if one is needed
+        self.closer: asyncio.Task | None = None  # the close handshake under way
 
     def push(self, text: str) -> None:
         if self.closing:
@@ -1630,7 +1632,8 @@ class Peer:
             self.writer.cancel()
         if self.ws is None:
             return None
-        return asyncio.get_running_loop().create_task(self._close(code, reason))
+        self.closer = asyncio.get_running_loop().create_task(self._close(code, reason))
+        return self.closer
 
     async def _close(self, code: int, reason: str) -> None:
         try:
@@ -1678,6 +1681,13 @@ class EventHub:
             first.append(handshake)
         self.peers.add(peer)
         peer.start(first)
+
+    def revoke(self, tokens: tuple[str, ...]) -> None:
+        """After a rotation: close the peers that came in with a token no longer valid
+        (1008, policy violation); they are refused when they come back."""
+        for peer in tuple(self.peers):
+            if peer.token is not None and peer.token not in tokens:
+                peer.close(1008, "access token revoked")
 
     def detach(self, peer: Peer) -> None:
         if peer in self.peers:
@@ -1732,11 +1742,11 @@ def socketio_resume(store: JobStore, auth: dict) -> tuple[str, int]:
 
 
 class EngineIOSession(Peer):
-    def __init__(self, engine: EngineIO, polling: bool, client: str, authorized: bool):
+    def __init__(self, engine: EngineIO, polling: bool, client: str, token: str | None):
         super().__init__(SocketIOFrames)
         self.engine = engine
         self.client = client  # the address, for the limit on wrong tokens
-        self.authorized = authorized  # by a Bearer header or the page's cookie
+        self.token = token  # from a Bearer header or the page's cookie, or CONNECT's auth
         self.sid = secrets.token_urlsafe(15)
         self.polling = polling  # false once the session is on a WebSocket
         self.upgrading = False  # a WebSocket is taking over
@@ -1809,14 +1819,15 @@ class EngineIOSession(Peer):
     def _refusal(self, token) -> str | None:
         """Why a CONNECT may not go on (the token is missing or wrong), or None."""
         access = self.engine.access
-        if not access.required or self.authorized:
+        if not access.required or self.token is not None:
             return None
         now = time.time()
         if not isinstance(token, str) or not token:
             return "unauthorized: pass the token as auth: {token}"
         if access.failures.peek(self.client, now) < 1:
             return "too many wrong tokens; wait a minute"
-        if access.match(token) is None:
+        self.token = access.match(token)
+        if self.token is None:
             access.failures.take(self.client, now)
             return "unauthorized: the token is wrong"
         return None
@@ -1858,7 +1869,7 @@ class EngineIO:
         self.polling_count = 0
         self.sweeper: asyncio.Task | None = None
 
-    def open(self, polling: bool, client: str = "", authorized: bool = False
+    def open(self, polling: bool, client: str = "", token: str | None = None
              ) -> EngineIOSession | None:
         """A new session, or None if the polling sessions are at their cap."""
         if len(self.half_open) >= EIO_MAX_HALF_OPEN:
@@ -1868,7 +1879,7 @@ class EngineIO:
             if oldest is None:
                 return None
             oldest.close(1008, "too many sessions waiting")
-        session = EngineIOSession(self, polling, client, authorized)
+        session = EngineIOSession(self, polling, client, token)
         self.sessions[session.sid] = self.half_open[session.sid] = session
         self.polling_count += polling
         if self.sweeper is None:
@@ -2373,6 +2384,7 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     hub = request.app[HUB]
     peer = Peer(NativeFrames)
+    peer.token = request.get(TOKEN)
     peer.use_websocket(ws, request.transport)
     hub.attach(peer, since)
     try:
@@ -2381,6 +2393,8 @@ async def events_socket(request: web.Request) -> web.WebSocketResponse:
                 peer.close(1003, "binary frames are not supported")  # the loop ends on close
     finally:
         hub.detach(peer)
+    if peer.closer is not None:
+        await peer.closer  # returning first would cut the close handshake short (1006)
     return ws
 
 
@@ -2441,10 +2455,10 @@ async def socketio_endpoint(request: web.Request) -> web.StreamResponse:
     return _engineio_refusal(400, 3, "Bad request")
 
 
-def _engineio_client(request: web.Request) -> tuple[str, bool]:
-    """(the client's address, whether a Bearer header or the page's cookie came)."""
+def _engineio_client(request: web.Request) -> tuple[str, str | None]:
+    """(the client's address, the token of its Bearer header or cookie, if valid)."""
     access = request.app[ACCESS]
-    return access.client(request), access.required and access.credential(request)[0] is not None
+    return access.client(request), access.credential(request)[0] if access.required else None
 
 
 async def _engineio_poll(session: EngineIOSession) -> web.Response:
@@ -2811,7 +2825,11 @@ async def serve(settings: Settings) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         access = app[ACCESS]
-        loop.add_signal_handler(signal.SIGHUP, access.reload)  # rotate API_TOKENS_FILE
+        def rotate() -> None:  # SIGHUP: read API_TOKENS_FILE again, drop revoked peers
+            access.reload()
+            app[HUB].revoke(access.tokens)
+
+        loop.add_signal_handler(signal.SIGHUP, rotate)
         host, port = runner.addresses[0][:2]
         store, images = app[STORE], app[IMAGES]
         if not access.required and not ipaddress.ip_address(

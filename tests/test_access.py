@@ -240,10 +240,26 @@ async def test_tokens_rotate_on_sighup_and_never_reach_the_log(service_process, 
         async with http.post(f"{service.url}/session", json={"token": TOKEN}) as response:
             assert response.status == 204
         assert (await status(TOKEN), await status(OTHER)) == (200, 401)
+        events = await http.ws_connect(f"{service.url}/ws",
+                                       headers={"Authorization": f"Bearer {TOKEN}"})
+        sio = await http.ws_connect(f"{service.url}{SIO_WS}")
+        await sio_open(sio)
+        await sio.send_str("40" + json.dumps({"token": TOKEN}))
+        assert (await sio.receive(timeout=5)).data.startswith('42["SYNCED"')
+        async def closed(socket) -> int:
+            while (await socket.receive()).type not in (aiohttp.WSMsgType.CLOSE,
+                                                         aiohttp.WSMsgType.CLOSED):
+                pass
+            return socket.close_code
+
+        # Read both from now on: a close frame that is not answered is cut off later.
+        closing = asyncio.gather(closed(events), closed(sio))
         tokens.write_text(f"{OTHER}\n")
         service.process.send_signal(signal.SIGHUP)
         await eventually_logged(service, "reloaded 1 access tokens")
         assert (await status(TOKEN), await status(OTHER)) == (401, 200)
+        # Sockets that came in with the old token are closed: policy violation.
+        assert await asyncio.wait_for(closing, 5) == [1008, 1008]
         async with http.get(f"{service.url}/jobs") as response:
             assert response.status == 401  # its cookie was signed with the old token
         tokens.write_text("")  # an empty file would open every door: refused
