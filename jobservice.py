@@ -564,6 +564,9 @@ class Job:
                    image if status == "resolved" else None)
 
 
+DELETE_REASONS = ("deleted", "expired")
+
+
 class Tombstone:
     """A job that was deleted or expired. It is a change like any other (it takes the
     next seq and goes out as ON_DELETED_JOB), and it is kept for the replay window, so
@@ -590,9 +593,6 @@ class Tombstone:
                 or not isinstance(seq, int) or seq < 0:
             raise ValueError(f"deletion record {str(data)[:100]} is malformed")
         return cls(job_id, reason, parse_time(data.get("deletedAt"), "deletedAt") or 0.0, seq)
-
-
-DELETE_REASONS = ("deleted", "expired")
 
 
 def record_from_dict(data) -> Job | Tombstone:
@@ -1375,7 +1375,7 @@ class Scheduler:
         return self._heap[0][0] if self._heap else math.inf
 
     def _next_wake(self) -> float:
-        wake = self._heap[0][0] if self._heap else math.inf
+        wake = self.next_due()
         if self._expiries:
             wake = min(wake, self._expiries[0][0] + self.settings.job_retention)
         return wake
@@ -2009,6 +2009,17 @@ class RateLimiter:
                 "RateLimit-Reset": str(math.ceil((self.limit - tokens) / self.rate))}
 
 
+def bearer(request: web.Request) -> str | None:
+    """The token of an `Authorization: Bearer` header, or None without one."""
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else None
+
+
+def _peer_address(request: web.Request) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return peer[0] if isinstance(peer, tuple) else "local"
+
+
 class Access:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -2059,22 +2070,19 @@ class Access:
 
     def credential(self, request: web.Request) -> tuple[str | None, bool, bool]:
         """(the token, came by cookie, something was presented) for a request."""
-        now = time.time()
-        header = request.headers.get("Authorization", "")
-        if header[:7].lower() == "bearer ":
-            return self.match(header[7:].strip()), False, True
+        given = bearer(request)
+        if given is not None:
+            return self.match(given), False, True
         cookie = request.cookies.get(SESSION_COOKIE)
         if cookie:
-            return self.cookie_token(cookie, now), True, True
+            return self.cookie_token(cookie, time.time()), True, True
         return None, False, False
 
     def client(self, request: web.Request) -> str:
         """The client's address: the socket's peer, unless that is a trusted proxy, in
         which case the nearest untrusted hop of X-Forwarded-For."""
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        address = peer[0] if isinstance(peer, tuple) else "local"
-        trusted = self.settings.trusted_proxies
-        if not trusted or not self._trusted(address):
+        address = _peer_address(request)
+        if not self.settings.trusted_proxies or not self._trusted(address):
             return address
         hops = [hop.strip() for value in request.headers.getall("X-Forwarded-For", ())
                 for hop in value.split(",")]
@@ -2093,10 +2101,8 @@ class Access:
     def scheme(self, request: web.Request) -> str:
         """http or https as the client sees it: a trusted proxy's X-Forwarded-Proto."""
         proto = request.headers.get("X-Forwarded-Proto", "").lower()
-        if proto in ("http", "https") and self.settings.trusted_proxies:
-            peer = request.transport.get_extra_info("peername") if request.transport else None
-            if isinstance(peer, tuple) and self._trusted(peer[0]):
-                return proto
+        if proto in ("http", "https") and self._trusted(_peer_address(request)):
+            return proto
         return request.scheme
 
     def refuse(self, request: web.Request, presented: bool) -> None:
@@ -2317,11 +2323,8 @@ async def open_session(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_body", 'the body must be {"token": "<token>"}')
     if not access.required:
         return json_response('{"required": false}')
-    given = ""
-    header = request.headers.get("Authorization", "")
-    if header[:7].lower() == "bearer ":
-        given = header[7:].strip()
-    else:
+    given = bearer(request)
+    if given is None:
         given = body.get("token", "").strip()
     if access.guessing(request):
         access.refuse(request, True)

@@ -222,12 +222,18 @@ async def test_a_bad_packet_is_a_bad_request_and_ends_the_session(start_service,
     await refused(await client.get(f"{POLLING}&sid={sid}"), 400, 1)
 
 
-async def test_a_second_concurrent_poll_ends_the_session(start_service):
-    client = await start_service()
+async def waiting_poll(client) -> tuple[str, asyncio.Task]:
+    """A connected session and a long-poll of it that the server is holding."""
     sid = (await handshake(client))["sid"]
     await Poller(client, sid).connect()
-    first = asyncio.create_task(poll(client, sid))
+    task = asyncio.create_task(poll(client, sid))
     await eventually(lambda: client.server.app[jobservice.ENGINE].sessions[sid].polled)
+    return sid, task
+
+
+async def test_a_second_concurrent_poll_ends_the_session(start_service):
+    client = await start_service()
+    sid, first = await waiting_poll(client)
     await refused(await client.get(f"{POLLING}&sid={sid}"), 400, 3)
     assert await asyncio.wait_for(first, 5) == ["1"]  # the session closed under it
     await refused(await client.get(f"{POLLING}&sid={sid}"), 400, 1)
@@ -244,10 +250,7 @@ async def test_a_body_over_max_payload_gets_413_and_ends_the_session(start_servi
 
 async def test_the_client_closes_and_a_waiting_poll_gets_a_noop(start_service):
     client = await start_service()
-    sid = (await handshake(client))["sid"]
-    await Poller(client, sid).connect()
-    waiting = asyncio.create_task(poll(client, sid))
-    await eventually(lambda: client.server.app[jobservice.ENGINE].sessions[sid].polled)
+    sid, waiting = await waiting_poll(client)
     assert await (await post(client, sid, "1")).text() == "ok"
     assert await asyncio.wait_for(waiting, 5) == ["6"]
     await refused(await client.get(f"{POLLING}&sid={sid}"), 400, 1)
