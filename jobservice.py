@@ -31,6 +31,7 @@ import os
 import random
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections import OrderedDict, deque
@@ -97,6 +98,12 @@ class Settings:
     api_tokens_file: Path | None = None
     client_rate_limit: tuple[int, float] | None = None  # (requests, per seconds)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    redis_url: str = field(default="", repr=False)  # empty: the embedded mode, jobs.json
+    redis_prefix: str = "jobservice:"
+    redis_timeout: float = 2.0
+    job_lease: float = 30.0
+    workers: int = 0  # --workers N: a supervisor of N processes on one port
+    reuse_port: bool = False  # set for the supervisor's workers
 
     @property
     def unsplash_origin(self) -> str:
@@ -201,6 +208,13 @@ def read_tokens(settings: Settings) -> tuple[str, ...]:
     return tuple(dict.fromkeys(tokens))
 
 
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
 def _origin(value: str, name: str) -> str:
     if value == "*":
         return value
@@ -222,6 +236,12 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
                         help="port to listen on (env PORT, default 3000)")
     parser.add_argument("--data", default=env.get("JOBS_FILE") or "jobs.json",
                         help="the jobs file (env JOBS_FILE, default ./jobs.json)")
+    parser.add_argument("--redis", default=env.get("REDIS_URL") or "",
+                        help="keep jobs in Redis, shared by every process pointed at it "
+                             "(env REDIS_URL, e.g. redis://127.0.0.1:6379/0)")
+    parser.add_argument("--workers", default="0",
+                        help="start and supervise N processes on one port (needs --redis)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"jobservice {__version__}")
     args = parser.parse_args(argv)
 
@@ -247,11 +267,25 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
     if retry_max < retry_base:
         raise ConfigError(f"RETRY_MAX_DELAY={retry_max:g} is below RETRY_BASE_DELAY={retry_base:g}")
 
+    redis_url = args.redis.strip()
+    if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"REDIS_URL={_without_password(redis_url)!r} is not a redis://, "
+                          "rediss:// or unix:// URL")
+    if not is_ascii_number(args.workers):
+        raise ConfigError(f"--workers {args.workers!r} is not a whole number")
+    workers = int(args.workers)
+    if workers and not redis_url:
+        raise ConfigError("--workers needs REDIS_URL (or --redis): processes share jobs "
+                          "through Redis, never through one jobs.json")
+
     cors = tuple(
         _origin(item.strip(), "CORS_ORIGINS")
         for item in (env.get("CORS_ORIGINS") or "").split(",")
         if item.strip()
     )
+    if (env.get("JOB_LEASE") or "").strip() and _duration(env, "JOB_LEASE", 30.0) < 1:
+        raise ConfigError("JOB_LEASE must be at least 1 s: a node renews its claims every "
+                          "third of it")
     settings = Settings(
         host=args.host,
         port=port,
@@ -273,6 +307,12 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         api_tokens_file=Path(env["API_TOKENS_FILE"]) if env.get("API_TOKENS_FILE") else None,
         client_rate_limit=_rate(env, "CLIENT_RATE_LIMIT"),
         trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
+        redis_url=redis_url,
+        redis_prefix=env.get("REDIS_PREFIX") or "jobservice:",
+        redis_timeout=_number(env, "REDIS_TIMEOUT", 2.0, minimum=1e-3),
+        job_lease=_duration(env, "JOB_LEASE", 30.0),
+        workers=workers,
+        reuse_port=args.worker,
     )
     read_tokens(settings)  # a tokens file that is unreadable or empty stops start-up
     return settings
@@ -582,8 +622,9 @@ class Tombstone:
     @property
     def json(self) -> str:
         if self._json is None:
-            self._json = json.dumps({"id": self.id, "seq": self.seq, "reason": self.reason,
-                                     "deletedAt": iso(self.at)}, separators=(",", ":"))
+            self._json = json.dumps({"id": self.id, "reason": self.reason,
+                                     "deletedAt": iso(self.at), "seq": self.seq},
+                                    separators=(",", ":"))
         return self._json
 
     @classmethod
@@ -593,6 +634,13 @@ class Tombstone:
                 or not isinstance(seq, int) or seq < 0:
             raise ValueError(f"deletion record {str(data)[:100]} is malformed")
         return cls(job_id, reason, parse_time(data.get("deletedAt"), "deletedAt") or 0.0, seq)
+
+
+def json_before_seq(record: Job | Tombstone) -> str:
+    """A record's JSON up to its seq, which comes last: a store that numbers changes
+    itself (Redis, in a script) appends the number and the closing brace."""
+    text = record.json
+    return text[:text.rindex(":") + 1]
 
 
 def record_from_dict(data) -> Job | Tombstone:
@@ -619,6 +667,11 @@ class StoreCorrupt(Exception):
 
 class StorageError(Exception):
     """A change could not be written to disk; nothing about it was acknowledged."""
+
+
+class Conflict(Exception):
+    """The job changed first elsewhere (another process of the service): this change
+    was not made. The file mode, with one writer, never raises it."""
 
 
 COMPACT_MIN_RECORDS = 10_000
@@ -652,6 +705,8 @@ class JobStore:
         self.seq = 0  # the highest seq that is on disk and visible
         self.in_flight: set[str] = set()  # jobs with a change written but not yet applied
         self.listeners: list = []  # called with each Job once it is committed
+        self.authored: list = []  # ... and with those this process made (for metrics)
+        self.replaced: list = []  # called if the registry is replaced whole (Redis mode)
         self.fault: OSError | None = None
         self._last_seq = 0  # the highest seq handed out; a failed write burns its seqs
         self._staged: list[Job] = []
@@ -921,15 +976,18 @@ class JobStore:
                     self.counts[held.status] -= 1
                 self.jobs[record.id] = record
                 self.counts[record.status] += 1
-            for listener in self.listeners:
-                try:
-                    listener(record)
-                except Exception:
-                    log.exception("a listener failed on job %s", record.id)
+            self._announce(record, True)
         if deletions:
             self._order_dead += deletions
             self._trim_order()
             self.forget_old_tombstones()
+
+    def _announce(self, record: Job | Tombstone, authored: bool) -> None:
+        for listener in (self.authored + self.listeners) if authored else self.listeners:
+            try:
+                listener(record)
+            except Exception:
+                log.exception("a listener failed on job %s", record.id)
 
     def _trim_order(self) -> None:
         """Cut the deleted ids at the front of the order off (each id is looked at once
@@ -1041,6 +1099,9 @@ class JobStore:
 
     # Reading
 
+    def describe(self) -> str:
+        return str(self.path)
+
     def get(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
 
@@ -1132,10 +1193,11 @@ class ImageUnavailable(Exception):
 
 
 class RateLimited(Exception):
-    """Unsplash asks us to wait; it costs jobs no attempts."""
+    """Unsplash asks us to wait (or the shared photo pool is out of reach); it costs
+    jobs no attempts."""
 
-    def __init__(self, retry_after: float):
-        super().__init__(f"Unsplash rate limit reached; next call in {retry_after:.0f} s")
+    def __init__(self, retry_after: float, why: str = "Unsplash rate limit reached"):
+        super().__init__(f"{why}; next call in {retry_after:.0f} s")
         self.retry_after = retry_after
 
 
@@ -1211,19 +1273,24 @@ class UnsplashImages:
         if not self._pool:
             if now < self._paused_until:
                 raise RateLimited(self._paused_until - now)
-            outcome = "error"
-            try:
-                self._pool.extend(await self._fetch())
-                outcome = "ok"
-            except RateLimited:
-                outcome = "rate_limited"
-                raise
-            except KeyRejected:
-                outcome = "key_rejected"
-                raise
-            finally:
-                self._metrics.unsplash_requests.labels(outcome).inc()
+            self._pool.extend(await self._buy())
         return self._pool.popleft()
+
+    async def _buy(self) -> list[Photo]:
+        """One call for a batch of photos, counted by outcome."""
+        outcome = "error"
+        try:
+            photos = await self._fetch()
+            outcome = "ok"
+            return photos
+        except RateLimited:
+            outcome = "rate_limited"
+            raise
+        except KeyRejected:
+            outcome = "key_rejected"
+            raise
+        finally:
+            self._metrics.unsplash_requests.labels(outcome).inc()
 
     @property
     def pool_size(self) -> int:
@@ -1338,6 +1405,12 @@ class Scheduler:
         store.listeners.append(self._on_commit)
 
     def start(self) -> None:
+        self.index()
+        self.store.replaced.append(self.index)
+        self._task = asyncio.create_task(self._resolve_ready(), name="resolver")
+
+    def index(self) -> None:
+        """Both heaps, from the registry as it is."""
         jobs = self.store.jobs.values()
         self._heap = [(job.due_at, next(self._tiebreak), job.id)
                       for job in jobs if job.status == "pending"]
@@ -1347,7 +1420,6 @@ class Scheduler:
                               for job in jobs if job.status != "pending"]
             heapq.heapify(self._expiries)
         self._wake_at(self._next_wake())
-        self._task = asyncio.create_task(self._resolve_ready(), name="resolver")
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -1394,12 +1466,17 @@ class Scheduler:
     def _release_due(self) -> None:
         self._timer, self._timer_due = None, math.inf
         now = time.time()
-        while self._heap and self._heap[0][0] <= now:
-            self._ready.append(heapq.heappop(self._heap)[2])
+        wake = self._release(now)
         self._expire(now)
         self._wake_at(self._next_wake())
-        if self._ready:
+        if wake:
             self._wakeup.set()
+
+    def _release(self, now: float) -> bool:
+        """Move the jobs now due to the ready queue; whether the resolver has work."""
+        while self._heap and self._heap[0][0] <= now:
+            self._ready.append(heapq.heappop(self._heap)[2])
+        return bool(self._ready)
 
     def _expire(self, now: float) -> None:
         """Delete the finished jobs whose retention is over (a job changed since its
@@ -1419,7 +1496,7 @@ class Scheduler:
             done.add_done_callback(functools.partial(self._after_expire, entry))
 
     def _after_expire(self, entry: tuple, done: asyncio.Future) -> None:
-        if done.exception() is not None:  # not on disk: try again a little later
+        if isinstance(done.exception(), StorageError):  # not on disk: try again later
             retention, later = self.settings.job_retention, self.settings.retry_max_delay
             heapq.heappush(self._expiries, (time.time() - retention + later, *entry[1:]))
             self._wake_at(time.time() + later)
@@ -1439,7 +1516,8 @@ class Scheduler:
             job = self._next_ready()
             if job is None:
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                if not await self._refill():
+                    await self._wakeup.wait()
                 continue
             try:
                 photo = await self.images.take()
@@ -1476,6 +1554,10 @@ class Scheduler:
             if served % 64 == 0:
                 await asyncio.sleep(0)  # a pool or catalog answers at once; let others run
 
+    async def _refill(self) -> bool:
+        """Find more ready jobs when the queue runs dry; the heap alone feeds it here."""
+        return False
+
     def _backoff(self, failures: int) -> float:
         cap = min(self.settings.retry_max_delay,
                   self.settings.retry_base_delay * 2 ** min(failures - 1, 30))
@@ -1500,9 +1582,14 @@ class Scheduler:
     def _after_resolve(self, job_id: str, photo, done: asyncio.Future) -> None:
         if done.exception() is None:
             return
-        # Not stored, so not resolved: keep the photo and try the job again later.
+        # Not stored, so not resolved: keep the photo, and try the job again later
+        # unless it changed first elsewhere (deleted, say).
         if photo is not None:
             self.images.put_back(photo)
+        if not isinstance(done.exception(), Conflict):
+            self._retry_later(job_id)
+
+    def _retry_later(self, job_id: str) -> None:
         self.schedule(job_id, time.time() + self.settings.retry_base_delay)
 
 
@@ -1657,6 +1744,7 @@ class EventHub:
         self.store = store
         self.peers: set[Peer] = set()
         store.listeners.append(self.publish)
+        store.replaced.append(self.start_over)
 
     def publish(self, job: Job) -> None:
         texts = {}
@@ -1689,6 +1777,12 @@ class EventHub:
         for peer in tuple(self.peers):
             if peer.token is not None and peer.token not in tokens:
                 peer.close(1008, "access token revoked")
+
+    def start_over(self) -> None:
+        """The registry was replaced: what each peer was sent may not lead up to it, so
+        each comes back with `since` and gets a replay, or a RESET, from the new one."""
+        for peer in tuple(self.peers):
+            peer.close(1012, "events were lost; reconnect with since")
 
     def detach(self, peer: Peer) -> None:
         if peer in self.peers:
@@ -2183,6 +2277,8 @@ async def _committed(store: JobStore, job: Job | Tombstone) -> None:
         await asyncio.shield(store.commit(job))
     except StorageError as exc:
         raise ApiError(503, "storage_unavailable", str(exc), {"Retry-After": "5"}) from None
+    except Conflict as exc:
+        raise ApiError(409, "conflict", str(exc)) from None
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -2294,6 +2390,7 @@ async def health(request: web.Request) -> web.Response:
     return json_response(json.dumps({
         "status": "ok",
         "version": __version__,
+        "node": request.app[NODE],
         "jobs": len(store.jobs),
         **store.counts,
         "seq": store.seq,
@@ -2735,13 +2832,14 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", JobStore)
 IMAGES = web.AppKey("images", object)
-SCHEDULER = web.AppKey("scheduler", Scheduler)
+SCHEDULER = web.AppKey("scheduler", object)
 HUB = web.AppKey("hub", EventHub)
 METRICS = web.AppKey("metrics", Metrics)
 ACCESS = web.AppKey("access", Access)
 ENGINE = web.AppKey("engine", EngineIO)
 SECURITY_HEADERS = web.AppKey("security_headers", dict)
 INDEX_HTML = web.AppKey("index_html", str)
+NODE = web.AppKey("node", str)
 REFUSED_ORIGINS = web.AppKey("refused_origins", set)
 
 
@@ -2753,6 +2851,8 @@ def create_app(settings: Settings) -> web.Application:
         "Content-Security-Policy": content_security_policy(settings),
         "Referrer-Policy": "strict-origin-when-cross-origin"}
     app[REFUSED_ORIGINS] = set()
+    # Unique per process, across machines and restarts: which node answered, in a cluster.
+    app[NODE] = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     app[METRICS] = Metrics()
     app[ACCESS] = Access(settings)
     app[INDEX_HTML] = INDEX_FILE.read_text("utf-8").replace(
@@ -2780,23 +2880,50 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+def storage(settings: Settings, metrics: Metrics, node: str, session: aiohttp.ClientSession):
+    """(store, image source, scheduler class): in memory and jobs.json, or in Redis,
+    shared by every process pointed at it. The rest of the service cannot tell which."""
+    unsplash = bool(settings.unsplash_access_key)
+    if not settings.redis_url:
+        images = UnsplashImages(session, settings, metrics) if unsplash else CatalogImages()
+        return (JobStore(settings.jobs_file, settings.events_replay_window, metrics),
+                images, Scheduler)
+    cluster = redis_mode()
+    store = cluster.RedisJobStore(settings, metrics, node)
+    images = cluster.SharedPhotoPool(session, settings, metrics, store) if unsplash \
+        else CatalogImages()
+    return store, images, cluster.RedisScheduler
+
+
+def redis_mode():
+    """The Redis mode's module, which needs redis-py, an optional extra."""
+    try:
+        import jobservice_redis
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "redis":
+            raise
+        raise ConfigError("REDIS_URL needs redis-py, which is not installed: "
+                          "pip install 'jobservice[redis]'") from None
+    return jobservice_redis
+
+
 async def _lifecycle(app: web.Application):
     settings = app[SETTINGS]
     metrics = app[METRICS]
-    store = JobStore(settings.jobs_file, settings.events_replay_window, metrics)
-    store.listeners.append(metrics.on_commit)
-    replayed = await store.load()
     session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=settings.unsplash_timeout),
         headers={"User-Agent": f"jobservice/{__version__}"})
-    if settings.unsplash_access_key:
-        images = UnsplashImages(session, settings, metrics)
-    else:
-        images = CatalogImages()
+    try:
+        store, images, scheduler_class = storage(settings, metrics, app[NODE], session)
+        store.authored.append(metrics.on_commit)
+        replayed = await store.load()
+    except BaseException:
+        await session.close()
+        raise
     app[STORE], app[IMAGES] = store, images
     app[HUB] = hub = EventHub(store)
     app[ENGINE] = EngineIO(hub, app[ACCESS])
-    app[SCHEDULER] = scheduler = Scheduler(store, images, settings)
+    app[SCHEDULER] = scheduler = scheduler_class(store, images, settings)
     await store.open(replayed)
     scheduler.start()
     try:
@@ -2822,12 +2949,15 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(runner, settings.host, settings.port,
+                           reuse_port=settings.reuse_port or None)
         await site.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        if settings.reuse_port:  # a supervised worker outlives no supervisor, even a killed one
+            orphan_watch = asyncio.create_task(_stop_when_orphaned(stop))
         access = app[ACCESS]
         def rotate() -> None:  # SIGHUP: read API_TOKENS_FILE again, drop revoked peers
             access.reload()
@@ -2852,7 +2982,7 @@ async def serve(settings: Settings) -> None:
             "finished jobs are kept %s (JOB_RETENTION); deletions are replayed for %s "
             "(EVENTS_REPLAY_WINDOW); at most %d jobs pending (MAX_PENDING_JOBS)",
             __version__, host if ":" not in host else f"[{host}]", port, len(store.jobs),
-            store.counts["pending"], settings.jobs_file, settings.job_delay_min,
+            store.counts["pending"], store.describe(), settings.job_delay_min,
             settings.job_delay_max, settings.job_delay_step, settings.retry_base_delay,
             settings.retry_max_delay, settings.job_max_attempts,
             ", ".join(settings.cors_origins) or "same origin only", images.describe(),
@@ -2861,8 +2991,129 @@ async def serve(settings: Settings) -> None:
             settings.max_pending_jobs)
         await stop.wait()
         log.info("shutting down")
+        if settings.reuse_port:
+            await orphan_watch
     finally:
         await runner.cleanup()
+
+
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    parent = os.getppid()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except TimeoutError:
+            if os.getppid() != parent:
+                log.warning("the supervisor is gone; stopping")
+                stop.set()
+
+
+# `--workers N`: one supervisor, N worker processes on one port (SO_REUSEPORT, so the
+# kernel spreads connections over them), sharing jobs through Redis. A worker that dies
+# is started again (with a growing pause if it keeps dying at once); SIGTERM or SIGINT
+# stops them all gracefully; SIGHUP is passed on (token rotation).
+
+WORKER_STOP_TIMEOUT = 30.0
+
+
+def supervise(settings: Settings) -> int:
+    return asyncio.run(_supervise(settings, Path(__file__).resolve()))
+
+
+async def _supervise(settings: Settings, program: Path) -> int:
+    # Held (bound, never listening) for as long as the workers run: port 0 becomes one
+    # port for all of them, and nobody else can take it between restarts.
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((settings.host, settings.port))
+    port = holder.getsockname()[1]
+    command = [sys.executable, str(program), "--worker",
+               "--host", settings.host, "--port", str(port), "--data", str(settings.jobs_file)]
+    env = {**os.environ, "REDIS_URL": settings.redis_url}  # not in argv, where ps shows it
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    workers: dict[int, asyncio.subprocess.Process] = {}
+
+    def pass_on(signum: int) -> None:
+        for process in workers.values():
+            if process.returncode is None:
+                process.send_signal(signum)
+
+    loop.add_signal_handler(signal.SIGHUP, pass_on, signal.SIGHUP)
+
+    async def keep_running(number: int) -> None:
+        quick_exits = 0
+        while not stop.is_set():
+            started = loop.time()
+            process = workers[number] = await asyncio.create_subprocess_exec(*command, env=env)
+            exited = asyncio.ensure_future(process.wait())
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait((exited, stopping), return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if stop.is_set():
+                if process.returncode is None:
+                    process.terminate()
+                    try:
+                        await asyncio.wait_for(exited, WORKER_STOP_TIMEOUT)
+                    except TimeoutError:
+                        process.kill()
+                        await exited
+                return
+            quick_exits = quick_exits + 1 if loop.time() - started < 5 else 0
+            pause = min(30.0, 0.5 * 2 ** quick_exits) if quick_exits else 0.0
+            log.warning("worker %d (pid %d) exited with %s; starting another%s", number,
+                        process.pid, process.returncode,
+                        f" in {pause:g} s" if pause else "")
+            if pause:
+                try:
+                    await asyncio.wait_for(stop.wait(), pause)
+                except TimeoutError:
+                    pass
+
+    log.info("jobservice %s supervising %d workers on http://%s:%d (pid %d)", __version__,
+             settings.workers, settings.host, port, os.getpid())
+    try:
+        await asyncio.gather(*(keep_running(number) for number in range(settings.workers)))
+    finally:
+        holder.close()
+    log.info("all workers stopped")
+    return 0
+
+
+# `jobservice import FILE` / `jobservice export FILE`: a jobs.json (ours or the old
+# service's) into Redis, and Redis's jobs into a jobs.json the embedded mode loads.
+
+
+def transfer(command: str, argv: list[str]) -> int:
+    into = command == "import"
+    parser = argparse.ArgumentParser(
+        prog=f"jobservice {command}",
+        description="Copy a jobs file into Redis (REDIS_URL), keeping ids, states and times."
+        if into else "Write the jobs in Redis (REDIS_URL) into a jobs file.")
+    parser.add_argument("file", help="the jobs file to read" if into else "the file to write")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the jobs in Redis" if into else "replace the file")
+    parser.add_argument("--redis", default=os.environ.get("REDIS_URL") or "",
+                        help="the Redis to use (env REDIS_URL)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(["--redis", args.redis])
+        if not settings.redis_url:
+            raise ConfigError(f"{command} needs REDIS_URL (or --redis URL)")
+        cluster = redis_mode()
+    except ConfigError as exc:
+        print(f"jobservice: {exc}", file=sys.stderr)
+        return 2
+    run = cluster.import_file if into else cluster.export_file
+    try:
+        print(asyncio.run(run(settings, Path(args.file), args.force)))
+    except (cluster.Refused, StoreCorrupt, StorageError, OSError) as exc:
+        print(f"jobservice {command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def socket_host(host: str) -> str:
@@ -2872,17 +3123,27 @@ def socket_host(host: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("import", "export"):
+        return transfer(argv[0], argv[1:])
     try:
         settings = load_settings(argv)
+        if settings.redis_url:
+            redis_mode()  # a missing extra is a one-line error now, not a traceback later
     except ConfigError as exc:
         print(f"jobservice: {exc}", file=sys.stderr)
         return 2
+    if settings.workers:
+        return supervise(settings)
     try:
         asyncio.run(serve(settings))
     except StoreCorrupt as exc:
         print(f"jobservice: cannot load jobs: {exc}; the file was left untouched",
               file=sys.stderr)
         return 2
+    except StorageError as exc:
+        print(f"jobservice: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             print(f"jobservice: cannot listen on {settings.host}:{settings.port}: "
@@ -2893,4 +3154,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run as a script, this module is __main__; the Redis mode imports it as jobservice,
+    # and must get this very module, not a second copy with classes of its own.
+    sys.modules.setdefault("jobservice", sys.modules[__name__])
     sys.exit(main())

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import aiohttp
@@ -46,6 +50,106 @@ def jobs_file(tmp_path: Path) -> Path:
     return tmp_path / "jobs.json"
 
 
+# --- Redis: real redis-server processes, each on a free port in a folder of its own ----
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of the test's own, as durable as the README recommends: every
+    write is in the append-only file, fsynced, before it is acknowledged."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("the Redis-mode tests need redis-server on PATH: "
+                        "apt-get install -y redis-server", pytrace=False)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--protected-mode", "no", "--logfile", str(self.folder / "redis.log")])
+        deadline = timeout
+        while deadline > 0:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            if self.process.poll() is not None:
+                break
+            deadline -= 0.05
+            time.sleep(0.05)  # a process of its own: nothing to await but its port
+        raise RuntimeError("redis-server did not start:\n"
+                           + (self.folder / "redis.log").read_text(errors="replace"))
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final fsync; what was acknowledged must be on disk."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One redis-server for the suite's Redis-mode runs; each test has a prefix of its own."""
+    with tempfile.TemporaryDirectory(prefix="jobservice-redis-") as folder:
+        server = RedisServer(Path(folder)).start()
+        yield server
+        server.stop()
+
+
+@pytest.fixture
+def fresh_redis(tmp_path):
+    """A redis-server for this test alone (to kill, restart, or fill)."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.kill()
+
+
+PREFIXES = itertools.count()
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that starts the service runs in both modes: on jobs.json, and on
+    Redis. A module or test marked file_only is about the embedded mode's files."""
+    if "backend" in metafunc.fixturenames:
+        file_only = metafunc.definition.get_closest_marker("file_only") is not None
+        metafunc.parametrize("backend", ["file"] if file_only else ["file", "redis"],
+                             indirect=True)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "file_only: about jobs.json; not run on Redis")
+
+
+@pytest.fixture
+def backend(request) -> dict:
+    """The environment that picks the mode: nothing for jobs.json, REDIS_URL and a
+    prefix of this test's own for Redis."""
+    if request.param == "file":
+        return {}
+    server = request.getfixturevalue("redis_server")
+    return {"REDIS_URL": server.url, "REDIS_PREFIX": f"test{next(PREFIXES)}:"}
+
+
 async def serve_fake(aiohttp_server, fake: FakeUnsplash) -> FakeUnsplash:
     """Serve a fake Unsplash on loopback; its base URL becomes `fake.url`."""
     server = await aiohttp_server(fake.app())
@@ -58,14 +162,44 @@ async def fake_unsplash(aiohttp_server) -> FakeUnsplash:
     return await serve_fake(aiohttp_server, FakeUnsplash())
 
 
+async def stored(backend: dict, jobs_file: Path) -> tuple[dict[str, dict], set[str]]:
+    """(the jobs, the ids of the deletion records) as the store holds them at rest, read
+    from the store itself rather than through the service: jobs.json with its journal,
+    or Redis's keys."""
+    if not backend:
+        jobs, deleted, *_ = jobservice.JobStore(jobs_file)._read_files()
+        return {job_id: job.to_dict() for job_id, job in jobs.items()}, set(deleted)
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(backend["REDIS_URL"], decode_responses=True)
+    prefix = backend["REDIS_PREFIX"]
+    try:
+        jobs = await client.hgetall(prefix + "jobs")
+        deleted = await client.zrange(prefix + "deleted", 0, -1)
+    finally:
+        await client.aclose()
+    return ({job_id: json.loads(value.partition(" ")[2]) for job_id, value in jobs.items()},
+            {json.loads(text)["id"] for text in deleted})
+
+
+async def seed(backend: dict, jobs_file: Path) -> None:
+    """Make a jobs file written by a test the store's content: in Redis mode, through
+    `jobservice import --force`, as an operator would."""
+    if backend:
+        import jobservice_redis
+
+        settings = jobservice.load_settings(["--data", str(jobs_file)], backend)
+        await jobservice_redis.import_file(settings, jobs_file, force=True)
+
+
 @pytest.fixture
-def start_service(aiohttp_client, jobs_file):
+def start_service(aiohttp_client, jobs_file, backend):
     """Start the app in-process on a real socket. Calling it again after closing the
-    returned client is a restart on the same jobs file."""
+    returned client is a restart on the same jobs file (or Redis prefix)."""
 
     async def start(env: dict | None = None, *, path: Path | None = None):
         settings = jobservice.load_settings(
-            ["--data", str(path or jobs_file)], {**FAST_ENV, **(env or {})})
+            ["--data", str(path or jobs_file)], {**FAST_ENV, **backend, **(env or {})})
         return await aiohttp_client(jobservice.create_app(settings))
 
     return start
@@ -184,12 +318,12 @@ class ServiceProcess:
 
 
 @contextlib.asynccontextmanager
-async def running_services(jobs_file: Path):
+async def running_services(jobs_file: Path, backend: dict | None = None):
     """A starter of real service processes; every one still running is killed after."""
     started: list[ServiceProcess] = []
 
     async def start(env: dict | None = None, path: Path | None = None, args=()):
-        service = ServiceProcess(path or jobs_file, env, args)
+        service = ServiceProcess(path or jobs_file, {**(backend or {}), **(env or {})}, args)
         started.append(service)
         return await service.start()
 
@@ -203,9 +337,9 @@ async def running_services(jobs_file: Path):
 
 
 @pytest.fixture
-async def service_process(jobs_file):
+async def service_process(jobs_file, backend):
     """Start real service processes (`await service_process(env, path, args)`)."""
-    async with running_services(jobs_file) as start:
+    async with running_services(jobs_file, backend) as start:
         yield start
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import FAST_ENV, ROOT, ServiceProcess
+from conftest import FAST_ENV, ROOT, ServiceProcess, stored
 
 import jobservice
 
@@ -79,7 +78,7 @@ async def test_catalog_mode_warns_how_to_use_the_live_api(service_process):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_a_signal_closes_sockets_with_1001_finishes_writing_and_exits_0(
-        service_process, jobs_file, sig):
+        service_process, jobs_file, backend, sig):
     service = await service_process({"JOB_DELAY_MIN": "60", "JOB_DELAY_MAX": "60"})
     async with aiohttp.ClientSession() as session:
         ws = await session.ws_connect(f"{service.url}/ws")
@@ -89,8 +88,8 @@ async def test_a_signal_closes_sockets_with_1001_finishes_writing_and_exits_0(
         assert await service.stop(sig) == 0
         closing = await ws.receive(timeout=5)
         assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1001
-    snapshot = json.loads(jobs_file.read_text())
-    assert [job["id"] for job in snapshot["jobs"]] == [job_id]
+    jobs, _ = await stored(backend, jobs_file)
+    assert list(jobs) == [job_id]
 
 
 async def test_the_console_script_starts_the_service(tmp_path):

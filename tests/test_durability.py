@@ -61,6 +61,9 @@ from conftest import ROOT, ServiceProcess
 
 import jobservice
 
+# The files behind the embedded mode: how they are written, torn and recovered.
+pytestmark = pytest.mark.file_only
+
 CRASH_ROUNDS = int(os.environ.get("CRASH_ROUNDS", "10"))
 CRASH_CLIENTS = 32
 SLOW = {"JOB_DELAY_MIN": "60", "JOB_DELAY_MAX": "60"}

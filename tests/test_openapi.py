@@ -130,6 +130,7 @@ async def test_the_app_serves_this_document(start_service):
 # --- In-process: shapes that need a fixture a process cannot give ------------------------
 
 
+@pytest.mark.file_only  # the old service's jobs.json
 async def test_events_catalog_images_and_old_jobs_conform(start_service, open_events, jobs_file,
                                                           tmp_path):
     job_schema, health_schema = component_validator("Job"), component_validator("Health")
@@ -160,6 +161,7 @@ async def test_events_catalog_images_and_old_jobs_conform(start_service, open_ev
         job_schema.validate(job)
 
 
+@pytest.mark.file_only  # a disk fault injected
 async def test_storage_failure_is_the_documented_503(start_service, monkeypatch):
     client = await start_service()
     before = await create_jobs(client, 1)

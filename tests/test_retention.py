@@ -11,7 +11,7 @@ import json
 import time
 
 import pytest
-from conftest import create_jobs
+from conftest import create_jobs, seed, stored
 
 import jobservice
 
@@ -51,7 +51,7 @@ async def test_the_start_up_log_states_the_retention(service_process):
 
 
 async def test_finished_jobs_expire_with_an_event_and_stay_gone(
-        start_service, open_events, jobs_file):
+        start_service, open_events, jobs_file, backend):
     client = await start_service(SHORT_RETENTION)
     events = await open_events(client)
     ids = await create_jobs(client, 3)
@@ -68,8 +68,8 @@ async def test_finished_jobs_expire_with_an_event_and_stay_gone(
     assert await (await client.get("/jobs")).json() == []
     await client.close()
 
-    snapshot = json.loads(jobs_file.read_text())
-    assert snapshot["jobs"] == [] and {t["id"] for t in snapshot["deleted"]} == set(ids)
+    jobs, deleted = await stored(backend, jobs_file)
+    assert jobs == {} and deleted == set(ids)
     again = await start_service(SHORT_RETENTION)
     for job_id in ids:
         assert (await again.get(f"/jobs/{job_id}")).status == 404
@@ -94,13 +94,15 @@ def write_snapshot(path, jobs: list[jobservice.Job]) -> None:
                                 "jobs": [job.to_dict() for job in jobs]}))
 
 
-async def test_what_fell_due_while_down_expires_at_start(start_service, open_events, jobs_file):
+async def test_what_fell_due_while_down_expires_at_start(
+        start_service, open_events, jobs_file, backend):
     now = time.time()
     old = [jobservice.Job(f"old-{n}", "resolved", "https://images.unsplash.com/x", now - 9e5,
                           now - 9e5, now - 8e5, 1) for n in range(3)]
     recent = jobservice.Job("recent", "failed", None, now - 100, now - 90, now - 80, 1, "no")
     pending = jobservice.Job("waiting", "pending", None, now - 9e5, now + 3600)
     write_snapshot(jobs_file, [*old, recent, pending])
+    await seed(backend, jobs_file)
 
     client = await start_service({"JOB_RETENTION": "7d"})
     events = await open_events(client, "?since=0")

@@ -477,6 +477,7 @@ async def test_node_client_replay_of_what_resolved_while_it_was_away(
     assert await node.quit() == 0
 
 
+@pytest.mark.file_only  # the jobs file replaced
 async def test_node_client_is_not_recovered_when_the_store_was_replaced(
         service_process, node_client, http, tmp_path):
     """Restarted on an empty jobs file: the client's offset is above the counter, so it

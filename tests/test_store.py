@@ -8,9 +8,13 @@ import os
 import sys
 import time
 
+import pytest
 from conftest import FAST_ENV, ROOT, create_jobs
 
 import jobservice
+
+# The files behind the embedded mode: how they are written, torn and recovered.
+pytestmark = pytest.mark.file_only
 
 SLOW = {"JOB_DELAY_MIN": "30", "JOB_DELAY_MAX": "30"}
 
