@@ -2005,7 +2005,11 @@ class EngineIO:
 
     async def close_all(self, code: int, reason: str) -> None:
         if self.sweeper is not None:
-            self.sweeper.cancel()
+            self.sweeper.cancel()  # and awaited: a sweep left pending holds its sessions
+            try:
+                await self.sweeper
+            except asyncio.CancelledError:
+                pass
         closing = [session.close(code, reason) for session in list(self.sessions.values())]
         await asyncio.gather(*(task for task in closing if task is not None))
 

@@ -645,7 +645,10 @@ class SharedPhotoPool(UnsplashImages):
         return len(self._pool) + self._shared_size
 
     async def take(self) -> Photo:
-        if self._pool:  # put back here: the job that needed it failed to store
+        now = time.monotonic()  # put back here (its job did not store), or not shareable
+        while self._pool and now - self._pool[0].fetched_at > jobservice.POOL_MAX_AGE:
+            self._pool.popleft()
+        if self._pool:
             return self._pool.popleft()
         keys, timeout = self.keys, self._settings.redis_timeout
         try:
@@ -655,14 +658,17 @@ class SharedPhotoPool(UnsplashImages):
                     args=[ms(time.time() - jobservice.POOL_MAX_AGE)])
         except (RedisError, OSError, TimeoutError):
             raise RateLimited(timeout, "the shared photo pool (Redis) is out of reach") from None
-        if kind == "photo":
-            _, _, text = value.partition(" ")
+        if kind == "photo":  # its age goes with it: put back, it is no younger
+            bought, _, text = value.partition(" ")
             result, image = json.loads(text)
-            return Photo(result, image, time.monotonic())
+            age = max(0.0, time.time() - int(bought) / 1000)
+            return Photo(result, image, time.monotonic() - age)
         if kind == "rejected":
             raise KeyRejected(value)
         if kind == "paused":
             raise RateLimited(int(value) / 1000)
+        if now < self._paused_until:  # this node's own pause, if sharing it failed
+            raise RateLimited(self._paused_until - now)
         try:
             photos = await self._buy()
         except RateLimited as exc:
