@@ -3028,6 +3028,10 @@ async def _supervise(settings: Settings, program: Path) -> int:
     # Held (bound, never listening) for as long as the workers run: port 0 becomes one
     # port for all of them, and nobody else can take it between restarts.
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    if settings.port:  # taken by anyone, even another supervisor: refused, not shared
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.host, settings.port))
     holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind((settings.host, settings.port))
@@ -3137,9 +3141,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"jobservice: {exc}", file=sys.stderr)
         return 2
-    if settings.workers:
-        return supervise(settings)
     try:
+        if settings.workers:
+            return supervise(settings)
         asyncio.run(serve(settings))
     except StoreCorrupt as exc:
         print(f"jobservice: cannot load jobs: {exc}; the file was left untouched",

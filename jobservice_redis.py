@@ -720,7 +720,8 @@ async def import_file(settings: Settings, path: Path, force: bool) -> str:
     client = connect(settings)
     try:
         stored = await client.hgetall(keys.jobs)
-        if stored:
+        history = int(await client.get(keys.seq) or 0)
+        if stored or history:
             ours = {job.id: job.seq for job in jobs}
             theirs = {}
             for job_id, value in stored.items():
@@ -728,9 +729,11 @@ async def import_file(settings: Settings, path: Path, force: bool) -> str:
                 theirs[job_id] = int(match[1].rstrip("}")) if len(match) == 2 else -1
             if theirs == ours:
                 return f"Redis already holds the {len(jobs)} jobs of {path}; nothing to do"
-            if not force:
+            if not force:  # even with no job left, its seqs were handed out: not reusable
                 raise Refused(f"Redis (prefix {settings.redis_prefix!r}) already holds "
-                              f"{len(stored)} other jobs; use --force to replace them")
+                              f"{len(stored)} other jobs and changes up to seq {history}; "
+                              "use --force to replace them")
+        seq = max(seq, history)  # --force never hands out a seq a second time
         async with client.pipeline(transaction=True) as pipe:
             pipe.delete(*keys.all())
             for start in range(0, len(jobs), 10_000):
@@ -779,12 +782,15 @@ async def export_file(settings: Settings, path: Path, force: bool) -> str:
 def _put(written: Path, path: Path, force: bool) -> bool:
     """Move the file written into place, unless the same is there (False); Refused if
     something else is, without force."""
-    if path.exists():
-        if path.read_bytes() == written.read_bytes():
-            written.unlink()
-            return False
-        if not force:
-            written.unlink()
-            raise Refused(f"{path} exists and holds other jobs; use --force to replace it")
-    written.replace(path)
-    return True
+    try:
+        if path.exists():
+            if path.read_bytes() == written.read_bytes():
+                written.unlink()
+                return False
+            if not force:
+                raise Refused(f"{path} exists and holds other jobs; use --force to replace it")
+        written.replace(path)
+        return True
+    except BaseException:
+        written.unlink(missing_ok=True)
+        raise
