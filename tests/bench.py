@@ -19,6 +19,12 @@ What it measures (see --help for the knobs):
   and the service's RSS per idle polling session.
 * Unsplash efficiency: API calls per resolved job for a burst of 3,000 jobs against
   tests/fake_unsplash.py.
+* Redis scale-out mode (REDIS_URL), on redis-servers of its own (AOF fsynced always):
+  POST /jobs throughput of one node and of two nodes on one Redis as a share of the
+  file mode (alternating, same run); event latency from a resolution on node A to a /ws
+  client on node B; fan-out to 3,000 /ws clients over 3 nodes; Redis used_memory per
+  pending job (imported, and created by POST with its stream entries) and a node's RSS
+  per job of its replica.
 
 Stores are pre-populated by writing a snapshot in the service's own format
 ({"version":1,"seq":N,"jobs":[...]}) with pending jobs due far in the future.
@@ -60,7 +66,8 @@ LONG_DELAYS = {"JOB_DELAY_MIN": "86400", "JOB_DELAY_MAX": "172800", "JOB_DELAY_S
 # Settings the service reads from the environment; the caller's own values are dropped.
 SERVICE_VARS = ("HOST", "PORT", "JOBS_FILE", "UNSPLASH_ACCESS_KEY", "UNSPLASH_API_URL",
                 "UNSPLASH_TIMEOUT", "JOB_DELAY_MIN", "JOB_DELAY_MAX", "JOB_DELAY_STEP",
-                "RETRY_BASE_DELAY", "RETRY_MAX_DELAY", "JOB_MAX_ATTEMPTS", "CORS_ORIGINS")
+                "RETRY_BASE_DELAY", "RETRY_MAX_DELAY", "JOB_MAX_ATTEMPTS", "CORS_ORIGINS",
+                "REDIS_URL", "REDIS_PREFIX", "REDIS_TIMEOUT", "JOB_LEASE")
 
 BARE_APP = r'''
 import json, sys, uuid
@@ -201,21 +208,23 @@ class Server:
         return self.proc.pid
 
     def wait_healthy(self, timeout: float = 120.0) -> float:
-        """Seconds from process start to the first /healthz 200."""
+        """Seconds from process start until it first answers (/healthz 200)."""
         deadline = self.started + timeout
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
                                    + self.log_path.read_text(errors="replace")[-3000:])
-            try:
-                status, _, _ = request(self.port, "GET", "/healthz", timeout=2.0)
-                if status == 200:
-                    return time.monotonic() - self.started
-            except OSError:
-                pass
+            if self.answers():
+                return time.monotonic() - self.started
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} not healthy after {timeout:g} s")
+                raise RuntimeError(f"{self.name} not answering after {timeout:g} s")
             time.sleep(0.005)
+
+    def answers(self) -> bool:
+        try:
+            return request(self.port, "GET", "/healthz", timeout=2.0)[0] == 200
+        except OSError:
+            return False
 
     def health(self) -> dict:
         return json.loads(request(self.port, "GET", "/healthz")[2])
@@ -1165,12 +1174,499 @@ def bench_unsplash(ctx, results: Results) -> None:
                 ideal=1 / 30, burst_s=burst_seconds, all_resolved_s=all_done)
 
 
+# --- Redis scale-out mode ----------------------------------------------------------------
+
+
+class RedisServer(Server):
+    """A redis-server of this script's own on a free port, its files in the work folder:
+    the append-only file fsynced on every write (as durable as the file mode's fsync per
+    batch), no RDB snapshots. Stopped by its own pid, like the services."""
+
+    def __init__(self, workdir: Path, name: str = "redis"):
+        port = free_port()
+        folder = workdir / f"{name}-{port}"
+        folder.mkdir()
+        super().__init__(name, ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                "--dir", str(folder), "--appendonly", "yes",
+                                "--appendfsync", "always", "--save", ""],
+                         dict(os.environ), folder / "redis.log", port)
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.client = None
+
+    def answers(self) -> bool:
+        import redis as redis_py
+        client = redis_py.Redis(host="127.0.0.1", port=self.port, decode_responses=True,
+                                socket_timeout=30)
+        try:
+            client.ping()
+        except redis_py.RedisError:
+            client.close()
+            return False
+        self.client = client
+        return True
+
+    def memory(self) -> dict:
+        return self.client.info("memory")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.client is not None:
+            self.client.close()
+        super().stop(timeout)
+
+
+def start_redis_node(ctx, redis: RedisServer, prefix: str, name: str,
+                     env: dict | None = None) -> Server:
+    """The service in Redis mode (its --data file is not used), pending jobs far off."""
+    return start_service(ctx.workdir, name, None, {
+        **LONG_DELAYS, "REDIS_URL": redis.url, "REDIS_PREFIX": prefix, **(env or {})})
+
+
+def _log_problems(server: Server) -> list[str]:
+    """Error lines and tracebacks in a stopped service's log, and an unclean exit."""
+    problems = []
+    with contextlib.suppress(OSError):
+        for line in server.log_path.read_text(errors="replace").splitlines():
+            if any(word in line for word in ("ERROR", "CRITICAL", "Traceback", "Error:")):
+                problems.append(line.strip()[:300])
+    if server.proc.returncode not in (0, None):
+        problems.append(f"exit status {server.proc.returncode}")
+    return problems
+
+
+@contextlib.contextmanager
+def redis_cluster(ctx, name: str, count: int, env: dict | None = None):
+    """A fresh redis-server and `count` Redis-mode nodes on it, under one new prefix;
+    the nodes are stopped first, then Redis, and their logs searched for errors."""
+    redis = RedisServer(ctx.workdir, f"{name}-redis")
+    nodes: list[Server] = []
+    try:
+        redis.wait_healthy()
+        prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+        nodes = [start_redis_node(ctx, redis, prefix, f"{name}-{n}", env)
+                 for n in range(count)]
+        for node in nodes:
+            node.wait_healthy()
+        yield redis, nodes, prefix
+    finally:
+        for node in nodes:
+            node.stop()
+            for line in _log_problems(node):
+                ctx.redis_problems.append(f"{node.name}: {line}")
+                log(f"{node.name} log: {line}")
+        redis.stop()
+        for line in _log_problems(redis):
+            ctx.redis_problems.append(f"{redis.name}: {line}")
+
+
+def _wait_converged(redis: RedisServer, prefix: str, nodes: list[Server],
+                    timeout: float = 10.0) -> tuple[int, list[int]]:
+    """The jobs in Redis and each node's job count, once every replica holds them all (or
+    the timeout passed). Redis is read again each time: the POSTs wrk left in flight when
+    it stopped are still being stored for a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stored = redis.client.hlen(prefix + "jobs")
+        counts = [node.health()["jobs"] for node in nodes]
+        if all(count == stored for count in counts) or time.monotonic() > deadline:
+            return stored, counts
+        time.sleep(0.1)
+
+
+def _redis_post_run(ctx, target: str, half: Wrk) -> dict:
+    """One POST /jobs run: "file" (embedded mode, empty store), "redis" (one node on a
+    fresh Redis) or "redis x2" (two nodes on one fresh Redis, a wrk -t1 -c32 on each at
+    once: the same 2 threads and 64 connections as the others)."""
+    if target == "file":
+        server = start_service(ctx.workdir, "redis-base-file", None, LONG_DELAYS)
+        try:
+            server.wait_healthy()
+            url = f"http://127.0.0.1:{server.port}"
+            ctx.wrk.run(url + "/healthz", "get", 1)
+            cpu = server.cpu_seconds()
+            run = ctx.wrk.run(url + "/jobs", "post", ctx.duration)
+            run["service_cpu_s"] = server.cpu_seconds() - cpu
+        finally:
+            server.stop()
+        return run
+    count = 1 if target == "redis" else 2
+    with redis_cluster(ctx, f"redis-post{count}", count) as (redis, nodes, prefix):
+        urls = [f"http://127.0.0.1:{node.port}" for node in nodes]
+        for url in urls:
+            ctx.wrk.run(url + "/healthz", "get", 1)
+        cpu_nodes = [node.cpu_seconds() for node in nodes]
+        cpu_redis = redis.cpu_seconds()
+        if count == 1:
+            run = ctx.wrk.run(urls[0] + "/jobs", "post", ctx.duration)
+            parts = [run]
+        else:
+            cmds = [half.command(url + "/jobs", "post", ctx.duration) for url in urls]
+            procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for cmd in cmds]
+            parts = []
+            for proc, cmd in zip(procs, cmds, strict=True):
+                stdout, stderr = proc.communicate(timeout=ctx.duration + 60)
+                parts.append(Wrk.parse(stdout, stderr, cmd))
+            run = {"rps": sum(part["rps"] for part in parts),
+                   "requests": sum(part["requests"] for part in parts),
+                   "errors": sum(part["errors"] for part in parts),
+                   "p50_ms": max(part["p50_ms"] for part in parts),
+                   "p99_ms": max(part["p99_ms"] for part in parts),
+                   "per_node": parts}
+        run["service_cpu_s"] = [node.cpu_seconds() - before
+                                for node, before in zip(nodes, cpu_nodes, strict=True)]
+        run["redis_cpu_s"] = redis.cpu_seconds() - cpu_redis
+        run["jobs_in_redis"], run["jobs_per_replica"] = _wait_converged(redis, prefix, nodes)
+        run["redis_rss_mb"] = redis.rss() / 2**20
+    return run
+
+
+def _redis_throughput(ctx, results: Results) -> None:
+    targets = ["file", "redis", "redis x2"]
+    half = Wrk(ctx.workdir, threads=1, connections=32)
+    runs: dict = {target: [] for target in targets}
+    ratios: dict = {"redis": [], "redis x2": []}
+    for repeat in range(ctx.repeats):
+        order = targets[repeat % len(targets):] + targets[:repeat % len(targets)]
+        this = {}
+        for target in order:
+            run = _redis_post_run(ctx, target, half)
+            this[target] = run
+            runs[target].append(run)
+            log(f"POST /jobs repeat {repeat + 1} {target:>8}: {run['rps']:,.0f} req/s, p50 "
+                f"{run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms, errors {run['errors']}"
+                + (f", {run['jobs_in_redis']:,} jobs in Redis, replicas hold "
+                   f"{run['jobs_per_replica']}" if target != "file" else ""))
+        for target in ratios:
+            ratios[target].append(this[target]["rps"] / this["file"]["rps"])
+    results.raw["redis"]["post"] = {"runs": runs, "ratios": ratios}
+
+    def replicas_agree(target):
+        return all(all(count == run["jobs_in_redis"] for count in run["jobs_per_replica"])
+                   for run in runs[target])
+
+    file_rps = median([run["rps"] for run in runs["file"]])
+    file_p99 = median([run["p99_ms"] for run in runs["file"]])
+    results.add("POST /jobs file mode, empty store (baseline of the Redis rows)", file_rps,
+                "req/s", fmt="{:,.0f}", repeats=[run["rps"] for run in runs["file"]],
+                p99_ms=file_p99, errors=sum(run["errors"] for run in runs["file"]))
+    one = runs["redis"]
+    errors = sum(run["errors"] for run in one)
+    ratio = median(ratios["redis"])
+    results.add("POST /jobs Redis mode, 1 node: throughput", median([r["rps"] for r in one]),
+                "req/s", fmt="{:,.0f}", repeats=[run["rps"] for run in one], errors=errors,
+                redis_cpu_s=[run["redis_cpu_s"] for run in one],
+                node_cpu_s=[run["service_cpu_s"][0] for run in one])
+    results.add("POST /jobs Redis mode, 1 node: share of file mode", ratio * 100, "%",
+                ">= 50 %", ratio >= 0.5 and errors == 0, fmt="{:.0f}",
+                per_repeat=ratios["redis"], errors=errors,
+                replicas_hold_every_job=replicas_agree("redis"))
+    results.add("POST /jobs Redis mode, 1 node: p99", median([r["p99_ms"] for r in one]), "ms",
+                fmt="{:.1f}", repeats=[run["p99_ms"] for run in one],
+                p50_ms=median([run["p50_ms"] for run in one]), file_mode_p99_ms=file_p99)
+    two = runs["redis x2"]
+    errors2 = sum(run["errors"] for run in two)
+    ratio2 = median(ratios["redis x2"])
+    results.add("POST /jobs Redis mode, 2 nodes on one Redis: summed throughput, share of "
+                "file mode", ratio2 * 100, "%", fmt="{:.0f}", per_repeat=ratios["redis x2"],
+                summed_rps=median([run["rps"] for run in two]), errors=errors2,
+                p99_ms_worse_node=median([run["p99_ms"] for run in two]),
+                replicas_hold_every_job=replicas_agree("redis x2"),
+                note=f"{os.cpu_count()} CPUs: the 2 nodes, redis-server and 2 wrk -t1 -c32 "
+                     "share them, so this measures contention on one box, not scale-out "
+                     "across machines")
+
+
+def _redis_event_latency(ctx, results: Results) -> None:
+    """Two nodes on one Redis; a /ws client on node B; jobs created on node A, due in
+    1 s; per ON_RESOLVED_JOB received on B, receive time - resolvedAt (the resolving
+    node's clock: this machine's too; resolvedAt is cut to the ms, so up to +1 ms)."""
+    count, spread = (60, 2.0) if ctx.quick else (300, 4.0)
+    mp = multiprocessing.get_context("fork")
+    ready, out = mp.Queue(), mp.Queue()
+    env = {"JOB_DELAY_MIN": "1", "JOB_DELAY_MAX": "1", "JOB_DELAY_STEP": "1"}
+    proc = None
+    with redis_cluster(ctx, "redis-latency", 2, env) as (redis, (node_a, node_b), prefix):
+        try:
+            names = {node_a.health()["node"]: "A", node_b.health()["node"]: "B"}
+            wait_for = spread + 30
+            proc = mp.Process(target=_fanout_client, daemon=True,
+                              args=("ws", node_b.port, 1, count, ready, out, wait_for))
+            proc.start()
+            ready.get(timeout=60)
+            time.sleep(0.5)
+            statuses = []
+            started = time.monotonic()
+            for n in range(count):
+                due = started + n * spread / count
+                if due > time.monotonic():
+                    time.sleep(due - time.monotonic())
+                statuses.append(request(node_a.port, "POST", "/jobs", b"{}")[0])
+            by_job = out.get(timeout=wait_for + 30)
+            proc.join(10)
+            resolver = {}
+            for _, fields in redis.client.xrange(prefix + "events", "-", "+"):
+                job = json.loads(fields["r"])
+                if job.get("status") in ("resolved", "failed"):
+                    resolver[job["id"]] = names.get(fields.get("n"), fields.get("n"))
+        finally:
+            if proc is not None and proc.is_alive():
+                proc.kill()
+    latencies = {"A": [], "B": [], "?": []}
+    for job_id, entry in by_job.items():
+        ms = (min(entry["times"]) - parse_iso(entry["resolvedAt"])) * 1000
+        latencies[resolver.get(job_id, "?")].append(ms)
+    every = [ms for values in latencies.values() for ms in values]
+    cross = latencies["A"]
+    results.raw["redis"]["event_latency"] = {"latencies_ms": latencies,
+                                             "statuses": statuses, "received": len(by_job)}
+    headline = cross if len(cross) >= 10 else every
+    which = ("resolved on node A (the other node)" if headline is cross
+             else "all events (too few resolved on A)")
+    created = statuses.count(201)
+    complete = len(by_job) == count == created
+    log(f"event latency: {len(by_job)}/{count} received on B; resolved on A "
+        f"{len(cross)}, on B {len(latencies['B'])}; p50 {median(headline) or 0:.1f} ms, "
+        f"p99 {percentile(headline, 0.99) or 0:.1f} ms ({which})")
+    details = {"events": which, "received": len(by_job), "created": created,
+               "resolved_on_a": len(cross), "resolved_on_b": len(latencies["B"]),
+               "all_p50_ms": median(every), "all_p99_ms": percentile(every, 0.99),
+               "same_node_p50_ms": median(latencies["B"]),
+               "same_node_p99_ms": percentile(latencies["B"], 0.99),
+               "max_ms": max(headline) if headline else None}
+    label = f"Event latency, resolution on node A to a /ws client on node B ({count} jobs)"
+    results.add(f"{label}: p50", median(headline), "ms", fmt="{:.1f}")
+    p99 = percentile(headline, 0.99)
+    results.add(f"{label}: p99", p99, "ms", "< 50 ms", p99 is not None and p99 < 50
+                and complete, fmt="{:.1f}", every_event_received=complete, **details)
+
+
+def _redis_fanout(ctx, nodes_count: int, clients: int, per_client: int) -> dict:
+    """_fanout over `nodes_count` Redis-mode nodes: `clients` processes of `per_client`
+    /ws sockets on each; each job is created on the first node. Per job, when each
+    socket had it, by node."""
+    resolutions, delay = ctx.resolutions, 0.3
+    env = {"JOB_DELAY_MIN": str(delay), "JOB_DELAY_MAX": str(delay), "JOB_DELAY_STEP": "0.1"}
+    mp = multiprocessing.get_context("fork")
+    ready = mp.Queue()
+    procs = []
+    merged: dict = {}
+    with redis_cluster(ctx, "redis-fanout", nodes_count, env) as (_, nodes, _prefix):
+        outs = [mp.Queue() for _ in nodes]
+        try:
+            wait_for = resolutions * 1.5 + 60
+            procs = [mp.Process(target=_fanout_client, daemon=True,
+                                args=("ws", node.port, per_client, resolutions, ready, out,
+                                      wait_for))
+                     for node, out in zip(nodes, outs, strict=True) for _ in range(clients)]
+            for proc in procs:
+                proc.start()
+            connected = sum(ready.get(timeout=180) for _ in procs)
+            time.sleep(1.0)
+            log(f"fan-out: {connected} /ws clients connected to {nodes_count} Redis-mode nodes")
+            for _ in range(resolutions):
+                status, _, _ = request(nodes[0].port, "POST", "/jobs", b"{}")
+                assert status == 201, status
+                time.sleep(delay + 0.7)  # one resolution at a time
+            for index, out in enumerate(outs):
+                for _ in range(clients):
+                    for job_id, data in out.get(timeout=wait_for + 30).items():
+                        entry = merged.setdefault(job_id, {"resolvedAt": data["resolvedAt"],
+                                                           "times": {}})
+                        entry["times"].setdefault(index, []).extend(data["times"])
+            for proc in procs:
+                proc.join(10)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+    lasts, counts, by_node = [], [], {index: [] for index in range(nodes_count)}
+    for entry in merged.values():
+        resolved_at = parse_iso(entry["resolvedAt"])
+        times = [when for values in entry["times"].values() for when in values]
+        lasts.append((max(times) - resolved_at) * 1000)
+        counts.append(len(times))
+        for index, values in entry["times"].items():
+            by_node[index].append((max(values) - resolved_at) * 1000)
+    complete = (len(lasts) == resolutions and all(count == connected for count in counts)
+                and connected == nodes_count * clients * per_client)
+    return {"clients": connected, "last_ms": lasts, "received": counts,
+            "complete": complete, "last_ms_by_node": by_node}
+
+
+def _redis_fanout_rows(ctx, results: Results) -> None:
+    nodes_count, clients, per_client = (3, 1, 100) if ctx.quick else (3, 4, 250)
+    run = _redis_fanout(ctx, nodes_count, clients, per_client)
+    results.raw["redis"]["fanout"] = run
+    baseline = results.raw.get("fanout")  # the fanout section, when it ran before this one
+    if baseline is None or ctx.quick:
+        baseline = _fanout(ctx, "ws", clients=clients, per_client=per_client)
+        results.raw["redis"]["fanout_single_node"] = baseline
+    lasts, base = run["last_ms"], baseline["last_ms"]
+    per_node = {f"node{index}{' (job created here)' if index == 0 else ''}_median_ms":
+                median(values) for index, values in run["last_ms_by_node"].items()}
+    results.add(f"Fan-out to {run['clients']:,} /ws clients on {nodes_count} Redis-mode nodes "
+                "(one Redis): last receiver", median(lasts), "ms", fmt="{:.1f}",
+                resolutions=len(lasts), worst_ms=max(lasts) if lasts else None,
+                every_client_got_every_event=run["complete"], **per_node,
+                single_node_file_mode_clients=baseline["clients"],
+                single_node_file_mode_last_ms=median(base),
+                single_node_file_mode_worst_ms=max(base) if base else None,
+                note=f"{os.cpu_count()} CPUs shared by {nodes_count} nodes, redis-server and "
+                     f"{nodes_count * clients} client processes")
+
+
+def _redis_memory(ctx, results: Results) -> None:
+    """Redis's used_memory per pending job: N jobs imported from a snapshot (the jobs
+    hash and the due set) and N created by POST /jobs (the same, plus the stream, which
+    is trimmed to ~STREAM_LENGTH entries); and the RSS per job of a node's replica."""
+    jobs_wanted = ctx.memory_jobs
+    snapshot = ctx.snapshots.get(jobs_wanted)[0]
+    raw = results.raw["redis"]["memory"] = {}
+    with redis_cluster(ctx, "redis-memory", 0) as (redis, _, _prefix):
+        # An empty node first: its RSS is the base of the per-job RSS figures.
+        post_prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+        node = start_redis_node(ctx, redis, post_prefix, "redis-memory-post")
+        loaded = None
+        try:
+            node.wait_healthy()
+            for _ in range(200):
+                request(node.port, "GET", "/healthz")
+            time.sleep(0.5)
+            rss_empty = node.rss()
+
+            # Import: the jobs hash and the due set only.
+            before = redis.memory()
+            import_prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+            started = time.monotonic()
+            done = subprocess.run([PY, str(SERVICE), "import", str(snapshot)], cwd=ROOT,
+                                  env=service_env({"REDIS_URL": redis.url,
+                                                   "REDIS_PREFIX": import_prefix}),
+                                  capture_output=True, text=True, timeout=600)
+            import_s = time.monotonic() - started
+            if done.returncode != 0:
+                raise RuntimeError(f"import failed ({done.returncode}): {done.stderr[-2000:]}")
+            log(f"import: {done.stdout.strip()} ({import_s:.1f} s)")
+            time.sleep(0.5)
+            after = redis.memory()
+            imported = redis.client.hlen(import_prefix + "jobs")
+            keys_import = {key: redis.client.memory_usage(import_prefix + key, samples=0)
+                           for key in ("jobs", "due")}
+            loaded = start_redis_node(ctx, redis, import_prefix, "redis-memory-loaded")
+            load_s = loaded.wait_healthy(timeout=300)
+            time.sleep(0.5)
+            rss_loaded, loaded_jobs = loaded.rss(), loaded.health()["jobs"]
+            loaded.stop()
+            per_import = (after["used_memory"] - before["used_memory"]) / max(imported, 1)
+            raw["import"] = {"jobs": imported, "seconds": import_s, "before": before,
+                             "after": after, "keys": keys_import, "node_start_s": load_s,
+                             "rss_empty": rss_empty, "rss_loaded": rss_loaded}
+            results.add(f"Redis used_memory per pending job ({imported:,} imported: hash + "
+                        "due set)", per_import, "B", fmt="{:,.0f}",
+                        dataset_per_job=(after["used_memory_dataset"]
+                                         - before["used_memory_dataset"]) / max(imported, 1),
+                        key_bytes_per_job={key: value / max(imported, 1)
+                                           for key, value in keys_import.items()
+                                           if value is not None},
+                        import_s=import_s)
+            results.add(f"Redis-mode node RSS per pending job (replica of {loaded_jobs:,} "
+                        "jobs loaded from Redis)", (rss_loaded - rss_empty) / max(loaded_jobs, 1),
+                        "B", fmt="{:,.0f}", rss_empty_mb=rss_empty / 2**20,
+                        rss_loaded_mb=rss_loaded / 2**20, start_to_healthz_s=load_s)
+
+            # POST /jobs: plus one stream entry each, until the stream is trimmed.
+            before = redis.memory()
+            cmd = ctx.wrk.command(f"http://127.0.0.1:{node.port}/jobs", "post", 600)
+            started = time.monotonic()
+            wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+            try:
+                while node.health()["jobs"] < jobs_wanted:
+                    if wrk.poll() is not None or time.monotonic() - started > 300:
+                        raise RuntimeError(f"wrk stopped before {jobs_wanted:,} jobs were "
+                                           "created")
+                    time.sleep(0.1)
+            finally:
+                wrk.send_signal(signal.SIGINT)
+                stdout, stderr = wrk.communicate(timeout=30)
+            created_s = time.monotonic() - started
+            run = Wrk.parse(stdout, stderr, cmd)
+            posted, (node_jobs,) = _wait_converged(redis, post_prefix, [node])
+            time.sleep(2.0)
+            after = redis.memory()
+            stream = redis.client.xlen(post_prefix + "events")
+            keys_post = {key: redis.client.memory_usage(post_prefix + key, samples=0)
+                         for key in ("jobs", "due", "events")}
+            rss_full = node.rss()
+        finally:
+            for server in (node, loaded):
+                if server is not None:
+                    server.stop()
+                    for line in _log_problems(server):
+                        ctx.redis_problems.append(f"{server.name}: {line}")
+                        log(f"{server.name} log: {line}")
+    per_post = (after["used_memory"] - before["used_memory"]) / max(posted, 1)
+    raw["post"] = {"jobs": posted, "stream_entries": stream, "seconds": created_s,
+                   "before": before, "after": after, "keys": keys_post, "wrk": run,
+                   "rss_full": rss_full}
+    log(f"Redis memory: {posted:,} jobs POSTed in {created_s:.1f} s ({run['rps']:,.0f} req/s, "
+        f"errors {run['errors']}), stream {stream:,} entries; used_memory "
+        f"{before['used_memory'] / 2**20:.1f} -> {after['used_memory'] / 2**20:.1f} MiB")
+    stream_bytes = keys_post.get("events")
+    results.add(f"Redis used_memory per pending job ({posted:,} created via POST: hash + due "
+                f"set + {stream:,} stream entries)", per_post, "B", fmt="{:,.0f}",
+                dataset_per_job=(after["used_memory_dataset"]
+                                 - before["used_memory_dataset"]) / max(posted, 1),
+                key_bytes_per_job={key: value / max(posted, 1)
+                                   for key, value in keys_post.items() if value is not None},
+                stream_bytes_per_entry=stream_bytes / stream if stream and stream_bytes
+                else None, stream_length_cap="~50,000 (STREAM_LENGTH)",
+                wrk_rps=run["rps"], wrk_errors=run["errors"])
+    results.add(f"Redis-mode node RSS per pending job ({node_jobs:,} created via POST)",
+                (rss_full - rss_empty) / max(node_jobs, 1), "B", fmt="{:,.0f}",
+                rss_empty_mb=rss_empty / 2**20, rss_full_mb=rss_full / 2**20)
+
+
+def bench_redis(ctx, results: Results) -> None:
+    """The Redis scale-out mode (REDIS_URL), each part on its own fresh redis-server."""
+    missing = None
+    if shutil.which("redis-server") is None:
+        missing = "redis-server is not on PATH"
+    else:
+        try:
+            import redis  # noqa: F401  (the service's own dependency in this mode)
+        except ImportError:
+            missing = "redis-py is not installed in this Python"
+    if missing:
+        log(f"redis: not measured: {missing}")
+        results.add(f"Redis mode: not measured ({missing})", None, "")
+        return
+    version = subprocess.run(["redis-server", "--version"], capture_output=True,
+                             text=True).stdout.strip()
+    log(f"redis: {version}")
+    ctx.redis_problems = []
+    results.raw["redis"] = {"version": version, "problems": ctx.redis_problems}
+    failed = []
+    for part in (_redis_throughput, _redis_event_latency, _redis_fanout_rows, _redis_memory):
+        try:
+            part(ctx, results)
+        except Exception as exc:  # the other parts still run
+            failed.append(f"{part.__name__}: {exc!r}")
+            log(f"redis: {part.__name__} failed: {exc!r}")
+            results.add(f"[redis] {part.__name__} did not complete", None, "", "runs", False)
+    if ctx.redis_problems:
+        results.add("Redis mode: error lines in the nodes' logs", len(ctx.redis_problems), "",
+                    "0", False, fmt="{:,}", first=ctx.redis_problems[:10])
+    if failed:
+        raise RuntimeError("; ".join(failed))
+
+
 # --- Main ---------------------------------------------------------------------------
 
 
 SECTIONS = {"post": bench_post, "access": bench_access, "reads": bench_reads,
             "memory": bench_memory, "restart": bench_restart, "fanout": bench_fanout,
-            "polling": bench_polling, "unsplash": bench_unsplash, "soak": bench_soak}
+            "polling": bench_polling, "unsplash": bench_unsplash, "redis": bench_redis,
+            "soak": bench_soak}
 DEFAULT_SECTIONS = [name for name in SECTIONS if name != "soak"]  # soak: --only soak
 
 
@@ -1210,6 +1706,7 @@ def main(argv=None) -> int:
     if args.quick:
         ctx.duration, ctx.repeats, ctx.resolutions, ctx.million = 1.0, 1, 3, False
         ctx.memory_jobs = 25_000
+    ctx.quick = args.quick
     ctx.workdir = Path(tempfile.mkdtemp(prefix="jobservice-bench-"))
     ctx.snapshots = Snapshots(ctx.workdir)
     ctx.wrk = Wrk(ctx.workdir, threads=2, connections=64)
