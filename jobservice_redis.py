@@ -91,6 +91,11 @@ class Keys:
     def all(self) -> list[str]:
         return list(vars(self).values())
 
+    def for_commit(self) -> list[str]:
+        """KEYS[1..8] of the COMMIT script, in its order."""
+        return [self.seq, self.jobs, self.events, self.due, self.claimed, self.claims,
+                self.deleted, self.forgotten]
+
 
 # One change per four arguments (op, id, JSON before its seq, argument); one result each:
 # its seq, 0 if there was nothing to do (deleted already), -1 if its condition failed.
@@ -356,7 +361,7 @@ class RedisJobStore(JobStore):
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(self.settings.redis_timeout):
-                    results = await self._commit(keys=self.keys.all()[:8], args=args)
+                    results = await self._commit(keys=self.keys.for_commit(), args=args)
             except (RedisError, OSError, TimeoutError) as exc:
                 # It may still have been written (the reply was lost): then it arrives
                 # through the stream like any change, though its client was told 503.
