@@ -58,6 +58,7 @@ from jobservice import (
     iso,
     json_before_seq,
     record_from_dict,
+    settle,
 )
 
 log = logging.getLogger("jobservice")
@@ -320,6 +321,7 @@ class RedisJobStore(JobStore):
         self.seq = seq
 
     async def open(self, replayed: int) -> None:
+        self._loop = asyncio.get_running_loop()
         self._tail = asyncio.create_task(self._follow(), name="redis tail")
         self._writer = asyncio.create_task(self._write_batches(), name="redis writer")
 
@@ -336,7 +338,7 @@ class RedisJobStore(JobStore):
             op, arg = ("create" if held is None else "retry"), str(ms(record.due_at))
         else:
             op, arg = "finish", ""
-        future = asyncio.get_running_loop().create_future()
+        future = self._loop.create_future()
         self._pending_writes.append((record, op, arg, future))
         self.in_flight.add(record.id)
         self._wakeup.set()
@@ -366,11 +368,11 @@ class RedisJobStore(JobStore):
                 # It may still have been written (the reply was lost): then it arrives
                 # through the stream like any change, though its client was told 503.
                 self._note_fault(exc)
+                refusal = StorageError(f"jobs cannot be stored right now: "
+                                       f"Redis: {exc or 'timed out'}")
                 for record, _, _, future in batch:
                     self.in_flight.discard(record.id)
-                    future.set_exception(StorageError(f"jobs cannot be stored right now: "
-                                                      f"Redis: {exc or 'timed out'}"))
-                    future.exception()  # retrieved here, so no one has to await it
+                    settle(future, refusal)
                 continue
             self.metrics.fsync.observe(time.perf_counter() - started)
             self.metrics.batch_size.observe(len(batch))
@@ -384,11 +386,8 @@ class RedisJobStore(JobStore):
                     heapq.heappush(self._waiters, (seq, next(self._tiebreak), future))
                     continue
                 self.in_flight.discard(record.id)
-                if seq == 0:
-                    future.set_result(None)
-                else:
-                    future.set_exception(Conflict("the job changed on another node first"))
-                    future.exception()
+                settle(future, None if seq == 0 else
+                       Conflict("the job changed on another node first"))
             self._settle()
 
     def _note_fault(self, exc: Exception) -> None:
@@ -406,9 +405,7 @@ class RedisJobStore(JobStore):
     def _settle(self) -> None:
         waiters = self._waiters
         while waiters and waiters[0][0] <= self.seq:
-            future = heapq.heappop(waiters)[2]
-            if not future.done():
-                future.set_result(None)
+            settle(heapq.heappop(waiters)[2])
 
     async def applied(self, seq: int) -> None:
         """Wait until this replica has applied the change numbered seq."""

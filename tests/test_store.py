@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import sys
@@ -179,3 +180,45 @@ async def test_closing_with_changes_staged_writes_them_and_returns(jobs_file):
     reopened = jobservice.JobStore(jobs_file)
     await reopened.load()
     assert list(reopened.jobs) == [job.id for job in staged]
+
+
+async def test_a_caller_that_gives_up_on_its_change_takes_nothing_from_its_batch(jobs_file):
+    settings = jobservice.load_settings(["--data", str(jobs_file)], FAST_ENV)
+    store = jobservice.JobStore(jobs_file)
+    await store.load()
+    await store.open(0)
+    jobs = [jobservice.Job.new(settings, time.time()) for _ in range(3)]
+    promises = [store.commit(job) for job in jobs]
+    promises[0].cancel()  # as when a request handler is cancelled while it waits
+    await asyncio.wait_for(asyncio.gather(*promises[1:]), 5)
+    # The cancelled caller only stopped listening: its change is as stored as the others.
+    assert [store.get(job.id) for job in jobs] == jobs
+    await store.close()
+    reopened = jobservice.JobStore(jobs_file)
+    await reopened.load()
+    assert list(reopened.jobs) == [job.id for job in jobs]
+
+
+async def test_a_failed_batch_refuses_every_caller_still_listening(jobs_file, monkeypatch):
+    settings = jobservice.load_settings(["--data", str(jobs_file)], FAST_ENV)
+    store = jobservice.JobStore(jobs_file)
+    await store.load()
+    await store.open(0)
+    await store.commit(jobservice.Job.new(settings, time.time()))  # the journal is open
+
+    def refuse(fd):
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    jobs = [jobservice.Job.new(settings, time.time()) for _ in range(3)]
+    promises = [store.commit(job) for job in jobs]
+    promises[0].cancel()
+    outcomes = await asyncio.wait_for(asyncio.gather(*promises[1:], return_exceptions=True), 5)
+    assert all(isinstance(outcome, jobservice.StorageError) for outcome in outcomes)
+    assert all(store.get(job.id) is None for job in jobs) and not store.in_flight
+    monkeypatch.undo()
+    await store.close()
+    reopened = jobservice.JobStore(jobs_file)
+    await reopened.load()
+    assert len(reopened.jobs) == 1, "a refused change came back from the journal"
+
