@@ -421,6 +421,20 @@ def _iso_second(second: int) -> str:
     return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
+def _json_time(ts: float | None) -> str:
+    return "null" if ts is None else f'"{iso(ts)}"'
+
+
+def _json_value(value) -> str:
+    """A field as json.dumps(ensure_ascii=False) writes it; strings and nulls, the
+    common cases, without its per-call set-up."""
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return json.encoder.encode_basestring(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def parse_time(value, what: str) -> float | None:
     """ISO 8601 text, or epoch milliseconds as the old service's clients sent them."""
     if value is None:
@@ -544,9 +558,16 @@ class Job:
 
     @property
     def json(self) -> str:
-        """The job as JSON text, built once and shared by the journal, responses and events."""
+        """The job as JSON text, built once and shared by the journal, responses and events.
+        The same text as json.dumps(self.to_dict()) compact, formatted directly: this runs
+        once per change on the event loop and was a tenth of a POST (8 us against 2)."""
         if self._json is None:
-            self._json = json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+            self._json = (
+                f'{{"id":{_json_value(self.id)},"status":"{self.status}",'
+                f'"result":{_json_value(self.result)},"createdAt":"{iso(self.created_at)}",'
+                f'"dueAt":"{iso(self.due_at)}","resolvedAt":{_json_time(self.resolved_at)},'
+                f'"attempts":{self.attempts},"error":{_json_value(self.error)},'
+                f'"image":{_json_value(self.image)},"seq":{self.seq}}}')
         return self._json
 
     @classmethod
@@ -568,7 +589,7 @@ class Job:
         if created_at is None or due_at is None:
             raise ValueError(f"job {job_id}: createdAt and dueAt are required")
         attempts, seq = data.get("attempts", 0), data.get("seq", 0)
-        if not isinstance(attempts, int) or not isinstance(seq, int) or attempts < 0 or seq < 0:
+        if type(attempts) is not int or type(seq) is not int or attempts < 0 or seq < 0:
             raise ValueError(f"job {job_id}: attempts and seq must be whole numbers")
         image = data.get("image")
         if image is not None and not isinstance(image, dict):

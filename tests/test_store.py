@@ -222,3 +222,25 @@ async def test_a_failed_batch_refuses_every_caller_still_listening(jobs_file, mo
     await reopened.load()
     assert len(reopened.jobs) == 1, "a refused change came back from the journal"
 
+
+@pytest.mark.parametrize("job", [
+    jobservice.Job("0b7f5a36-1d39-4f3e-9c1e-2f8d1c6a7b21", "pending", None, 1764633600.0005,
+                   1764633899.9999995),
+    jobservice.Job('old "id" \\ é\u2028\x01', "resolved", "https://images.unsplash.com/p?a=\"é\"",
+                   0.0, 5.25, 7.1234565, 3, None,
+                   {"id": "x", "alt": "Café\n", "color": None, "size": [1, 2.5], "ok": True}, 42),
+    jobservice.Job("j", "failed", None, 1e9, 1e9 + 5, 1e9 + 5.9995, 2, "gave up: \"429\"\t",
+                   None, 7),
+], ids=["pending", "resolved, odd text", "failed"])
+def test_a_jobs_json_is_exactly_what_json_dumps_writes(job):
+    # Written by hand for speed; the journal, the API and events all carry this text.
+    assert job.json == json.dumps(job.to_dict(), ensure_ascii=False, separators=(",", ":"))
+    assert jobservice.Job.from_dict(json.loads(job.json)).json == job.json
+
+
+@pytest.mark.parametrize("field", ["attempts", "seq"])
+def test_a_stored_job_with_a_boolean_count_is_refused(field):
+    entry = json.loads(jobservice.Job("j", "pending", None, 0.0, 5.0).json)
+    entry[field] = True
+    with pytest.raises(ValueError, match="whole numbers"):
+        jobservice.Job.from_dict(entry)
