@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import errno
 import functools
 import gc
@@ -54,6 +55,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 __version__ = "1.0.0"
 
@@ -366,25 +369,10 @@ class Metrics:
                            ["protocol"])
         self.peers_dropped = counter("jobservice_peers_dropped",
                                      "Event clients the server closed, by reason.", ["reason"])
-        self.http_requests = counter("jobservice_http_requests",
-                                     "HTTP requests, by route template, method and status.",
-                                     ["route", "method", "status"])
-        self.http_duration = histogram("jobservice_http_request_duration_seconds",
-                                       "HTTP request duration, by route template.", ["route"])
+        self.http = HttpTally()
+        registry.register(self.http)
         self.storage_ok = gauge("jobservice_storage_ok",
                                 "1 while the jobs file takes writes, 0 while it refuses them.")
-        self._http: dict[tuple, tuple] = {}
-
-    def http(self, route: str, method: str, status: int, seconds: float) -> None:
-        """One request; the labelled children are looked up once per label set (a
-        labels() call costs more than the count itself)."""
-        key = (route, method, status)
-        children = self._http.get(key)
-        if children is None:
-            children = self._http[key] = (self.http_requests.labels(route, method, str(status)),
-                                          self.http_duration.labels(route))
-        children[0].inc()
-        children[1].observe(seconds)
 
     def on_commit(self, record) -> None:
         if record.status == "resolved":
@@ -394,6 +382,42 @@ class Metrics:
             self.jobs_failed.inc()
         elif record.status == "deleted":
             self.jobs_deleted.labels(record.reason).inc()
+
+
+class HttpTally:
+    """Requests by route template, method and status, and their durations by route, as
+    plain numbers turned into Prometheus families at scrape time. Every request counts
+    here, and prometheus_client's inc() and observe() take a lock each and walk the
+    buckets in Python: 2.2 us a request against 0.6 us."""
+
+    def __init__(self):
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.durations: dict[str, list] = {}  # route -> [count per bucket..., total seconds]
+
+    def __call__(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        tally = self.durations.get(route)
+        if tally is None:
+            tally = self.durations[route] = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]
+        tally[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        tally[-1] += seconds
+
+    def collect(self):
+        requests = CounterMetricFamily("jobservice_http_requests",
+                                       "HTTP requests, by route template, method and status.",
+                                       labels=("route", "method", "status"))
+        for (route, method, status), count in self.requests.items():
+            requests.add_metric((route, method, str(status)), count)
+        yield requests
+        durations = HistogramMetricFamily("jobservice_http_request_duration_seconds",
+                                          "HTTP request duration, by route template.",
+                                          labels=("route",))
+        bounds = [floatToGoString(bound) for bound in LATENCY_BUCKETS] + ["+Inf"]
+        for route, tally in self.durations.items():
+            cumulative = itertools.accumulate(tally[:-1])
+            durations.add_metric((route,), list(zip(bounds, cumulative, strict=True)), tally[-1])
+        yield durations
 
 
 # --- Job model ----------------------------------------------------------------------

@@ -3,8 +3,12 @@ with counts that match what the test did, and label sets that stay bounded."""
 
 from __future__ import annotations
 
+import pytest
 from conftest import create_jobs
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+import jobservice
 
 
 async def scrape(client) -> dict:
@@ -105,3 +109,26 @@ async def test_metrics_follow_the_cors_rules(start_service):
     assert allowed.headers["Access-Control-Allow-Origin"] == "https://dash.example"
     other = await client.get("/metrics", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_request_durations_fall_in_cumulative_buckets_by_upper_bound():
+    metrics = jobservice.Metrics()
+    for seconds in (0.001, 0.0011, 0.02, 100.0):  # on a bound, just above one, past all
+        metrics.http("/jobs", "POST", 201, seconds)
+    metrics.http("/jobs", "POST", 429, 0.0005)
+    samples = {}
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+
+    def bucket(le):
+        return value(samples, "jobservice_http_request_duration_seconds_bucket",
+                     route="/jobs", le=le)
+
+    assert [bucket(le) for le in ("0.001", "0.0025", "0.025", "60.0", "+Inf")] == \
+        [2, 3, 4, 4, 5]
+    assert value(samples, "jobservice_http_request_duration_seconds_count", route="/jobs") == 5
+    assert value(samples, "jobservice_http_request_duration_seconds_sum", route="/jobs") == \
+        pytest.approx(100.0226)
+    assert value(samples, "jobservice_http_requests_total", route="/jobs", method="POST",
+                 status="201") == 4
