@@ -2287,7 +2287,8 @@ async def create_job(request: web.Request) -> web.Response:
     if request.content_length and request.content_length > MAX_BODY:
         raise ApiError(413, "payload_too_large", f"the body is over {MAX_BODY} bytes")
     raw = await request.read()
-    if raw.strip():
+    # No body and "{}", what clients send for "nothing to say", need no parsing (1 us).
+    if raw.strip() not in (b"", b"{}"):
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
