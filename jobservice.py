@@ -2130,6 +2130,7 @@ class RateLimiter:
 
     def __init__(self, limit: int, period: float, max_clients: int = 100_000):
         self.limit, self.period = limit, period
+        self.limit_text = str(limit)
         self.rate = limit / period
         self.max_clients = max_clients
         # key -> (tokens, at), least recently used first. An OrderedDict, because a dict
@@ -2138,20 +2139,25 @@ class RateLimiter:
 
     def take(self, key: str, now: float) -> tuple[bool, float]:
         """(allowed, tokens left); the request is counted only if it is allowed."""
-        tokens, at = self.buckets.get(key) or (self.limit, now)
-        if key in self.buckets:
-            self.buckets.move_to_end(key)
-        tokens = min(self.limit, tokens + (now - at) * self.rate)
+        buckets = self.buckets
+        held = buckets.get(key)
+        if held is None:
+            tokens = self.limit
+        else:
+            tokens = min(self.limit, held[0] + (now - held[1]) * self.rate)
+            buckets.move_to_end(key)
         allowed = tokens >= 1
         if allowed:
             tokens -= 1
-        self.buckets[key] = (tokens, now)
+        buckets[key] = (tokens, now)
         self._drop_idle(now)
         return allowed, tokens
 
     def peek(self, key: str, now: float) -> float:
-        tokens, at = self.buckets.get(key, (self.limit, now))
-        return min(self.limit, tokens + (now - at) * self.rate)
+        held = self.buckets.get(key)
+        if held is None:
+            return self.limit
+        return min(self.limit, held[0] + (now - held[1]) * self.rate)
 
     def _drop_idle(self, now: float) -> None:
         buckets = self.buckets
@@ -2168,8 +2174,12 @@ class RateLimiter:
 
     def headers(self, tokens: float) -> dict:
         """IETF draft RateLimit-* fields: the limit, what is left, and seconds until full."""
-        return {"RateLimit-Limit": str(self.limit), "RateLimit-Remaining": str(int(tokens)),
+        return {"RateLimit-Limit": self.limit_text, "RateLimit-Remaining": str(int(tokens)),
                 "RateLimit-Reset": str(math.ceil((self.limit - tokens) / self.rate))}
+
+
+def _bucket_key(token: str) -> str:
+    return f"token {hashlib.sha256(token.encode()).hexdigest()[:32]}"
 
 
 def bearer(request: web.Request) -> str | None:
@@ -2190,6 +2200,17 @@ class Access:
         self.failures = RateLimiter(*FAILED_ATTEMPTS)
         self.creations = RateLimiter(*settings.client_rate_limit) \
             if settings.client_rate_limit else None
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, tokens: tuple[str, ...]) -> None:
+        # Each token's key in the creation limiter is a digest, so the limiter never
+        # holds a token itself; made here, once, as hashing it per request cost 1.2 us.
+        self._tokens = tokens
+        self._buckets = {token: _bucket_key(token) for token in tokens}
 
     @property
     def required(self) -> bool:
@@ -2280,7 +2301,15 @@ class Access:
                        {"WWW-Authenticate": 'Bearer realm="jobservice"'})
 
     def guessing(self, request: web.Request) -> bool:
+        # Nobody has guessed wrong lately (the usual case): no address to look up.
+        if not self.failures.buckets:
+            return False
         return self.failures.peek(self.client(request), time.time()) < 1
+
+    def bucket(self, token: str) -> str:
+        """The key a token's requests are limited under (a token rotated out since its
+        request was let in is still limited under its own)."""
+        return self._buckets.get(token) or _bucket_key(token)
 
 
 async def create_job(request: web.Request) -> web.Response:
@@ -2315,8 +2344,7 @@ def _rate_limit(request: web.Request) -> dict:
     if limiter is None:
         return {}
     token = request.get(TOKEN)
-    key = f"token {hashlib.sha256(token.encode()).hexdigest()[:32]}" if token \
-        else access.client(request)
+    key = access.bucket(token) if token else access.client(request)
     allowed, tokens = limiter.take(key, time.time())
     headers = limiter.headers(tokens)
     if not allowed:

@@ -378,3 +378,18 @@ def test_the_bucket_refills_at_its_rate():
     assert [limiter.take("a", 0.0)[0] for _ in range(3)] == [True, True, False]
     assert limiter.take("a", 0.5)[0] is True  # one token back after half a second
     assert limiter.take("a", 0.5)[0] is False
+
+
+def test_a_tokens_bucket_is_named_by_a_digest_and_follows_rotations(jobs_file, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\n{OTHER}\n")
+    settings = jobservice.load_settings(["--data", str(jobs_file)],
+                                        {"API_TOKENS_FILE": str(tokens)})
+    access = jobservice.Access(settings)
+    first, other = access.bucket(TOKEN), access.bucket(OTHER)
+    assert first != other and access.bucket(TOKEN) == first
+    assert TOKEN not in first and OTHER not in other
+    tokens.write_text(f"{OTHER}\n")
+    access.reload()
+    # A request let in just before the rotation keeps its bucket; the kept token too.
+    assert access.bucket(TOKEN) == first and access.bucket(OTHER) == other
