@@ -153,9 +153,12 @@ function renderTotals(stats) {
   if (ui.stats.getAttribute('aria-busy') !== 'false') ui.stats.setAttribute('aria-busy', 'false');
 }
 
-async function fetchTotals() {
+async function fetchTotals(retry = false) {
   const { epoch } = session;
   totals.timer = null;
+  // A retry waits for the event stream: while it is down, its return refreshes the
+  // totals anyway, and a server that is away (or now wants another token) is not asked.
+  if (retry && connection.state !== 'live') return;
   totals.inflight = true;
   totals.lastStart = Date.now();
   let retryIn = 0;
@@ -172,7 +175,7 @@ async function fetchTotals() {
     }
   } catch {
     if (epoch !== session.epoch) return;
-    retryIn = 3000; // the next change, or this retry, brings them
+    retryIn = 3000; // the next change, this retry, or the stream's return brings them
   } finally {
     if (epoch === session.epoch) totals.inflight = false;
   }
@@ -180,12 +183,12 @@ async function fetchTotals() {
     totals.again = false;
     refreshTotals();
   } else if (retryIn) {
-    refreshTotals(retryIn);
+    refreshTotals(retryIn, true);
   }
 }
 
 /** Refetches the totals soon: a burst of changes is one request, at most every 500 ms. */
-function refreshTotals(delay = 50) {
+function refreshTotals(delay = 50, retry = false) {
   if (!session.active) return;
   if (totals.inflight) {
     totals.again = true;
@@ -193,7 +196,7 @@ function refreshTotals(delay = 50) {
   }
   if (totals.timer !== null) return;
   const wait = Math.max(delay, totals.lastStart + TOTALS_EVERY - Date.now());
-  totals.timer = setTimeout(fetchTotals, wait);
+  totals.timer = setTimeout(fetchTotals, wait, retry);
 }
 
 /** At once (first load, RESET): a store may have been replaced, so any seq goes. */
