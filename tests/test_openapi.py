@@ -435,15 +435,35 @@ def test_schemathesis_finds_no_5xx_and_no_nonconforming_response(case, live):
     assert response.status_code < 500
 
 
-def test_schemathesis_follows_links_from_created_jobs(live):
-    """Stateful: ids from `POST /jobs` 201s feed `GET /jobs/{id}` and the retry. Without
-    the DELETEs: a random deletion changes what the next run of the same example finds,
-    which Hypothesis rightly calls inconsistent (the DELETEs are fuzzed above)."""
+@pytest.fixture(scope="module")
+def steady(tmp_path_factory):
+    """A service whose jobs stay pending for an hour, a few of them made up front: the
+    same request gets the same answer whenever it comes. A stateful run needs that.
+    Which links it can follow depends on earlier answers (a retry's 202 or 409), and
+    Hypothesis calls the run inconsistent if a job resolved in between changes them."""
+    data = tmp_path_factory.mktemp("steady") / "jobs.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JOB_DELAY_MIN": "3600",
+           "JOB_DELAY_MAX": "3600"}
+    service = Process([str(ROOT / "jobservice.py"), "--port", "0", "--data", str(data)], env)
+    try:
+        line = service.wait_for(lambda text: "listening on http://" in text)
+        url = line.split("listening on ", 1)[1].split(";", 1)[0]
+        for _ in range(3):
+            requests.post(f"{url}/jobs", timeout=10).raise_for_status()
+        yield {"url": url, "service": service}
+    finally:
+        service.stop()
+
+
+def test_schemathesis_follows_links_from_created_jobs(steady):
+    """Stateful: ids from `POST /jobs` 201s and from listings feed `GET /jobs/{id}` and
+    the retry. Without the DELETEs: a random deletion changes what the next run of the
+    same example finds (the DELETEs are fuzzed above)."""
     seen = []
 
     class Workflow(fuzz_schema.exclude(method="DELETE").as_state_machine()):
         def get_call_kwargs(self, case):
-            return {"base_url": live["url"]}
+            return {"base_url": steady["url"]}
 
         def validate_response(self, response, case, additional_checks=None, **kwargs):
             seen.append((case.method, case.operation.path, response.status_code))
@@ -454,6 +474,10 @@ def test_schemathesis_follows_links_from_created_jobs(live):
                                    database=None, deadline=None,
                                    suppress_health_check=list(HealthCheck)))
     assert ("GET", "/jobs/{id}", 200) in seen
+    assert ("POST", "/jobs/{id}/retry", 409) in seen  # a pending job is not retried
+    service: Process = steady["service"]
+    assert service.popen.poll() is None, "the service exited"
+    assert "Traceback" not in "\n".join(service.lines)
 
 
 def test_the_live_process_logged_no_internal_error(live):
