@@ -459,20 +459,24 @@ def _json_value(value) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+_MILLISECONDS = {f"{n:03d}": n for n in range(1000)}
+
+
 def parse_time(value, what: str) -> float | None:
     """ISO 8601 text, or epoch milliseconds as the old service's clients sent them."""
+    # Our own `2026-11-28T23:17:42.624Z`, by far the most common, first: each second is
+    # parsed once, and the milliseconds are looked up (checked and converted at once).
+    # 0.40 us a time against 0.66 us; a million jobs at start-up hold two million.
+    if type(value) is str and len(value) == 24 and value[23] == "Z" and value[19] == ".":
+        second = _epoch_second(value[:19])
+        milliseconds = _MILLISECONDS.get(value[20:23])
+        if second is not None and milliseconds is not None:
+            return (second * 1000 + milliseconds) / 1000
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value) / 1000.0
     if isinstance(value, str):
-        # Our own `2026-11-28T23:17:42.624Z`, by far the most common: each second is
-        # parsed once, which makes loading a million jobs seconds faster.
-        if len(value) == 24 and value[19] == "." and value[23] == "Z" \
-                and value[20:23].isdigit() and value[20:23].isascii():
-            second = _epoch_second(value[:19])
-            if second is not None:
-                return (second * 1000 + int(value[20:23])) / 1000
         try:
             moment = datetime.fromisoformat(value)
         except ValueError:

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime
 
 import pytest
 from conftest import FAST_ENV, ROOT, create_jobs
@@ -244,3 +245,18 @@ def test_a_stored_job_with_a_boolean_count_is_refused(field):
     entry[field] = True
     with pytest.raises(ValueError, match="whole numbers"):
         jobservice.Job.from_dict(entry)
+
+
+def test_stored_times_read_back_exactly_and_odd_ones_are_refused():
+    # Our own format takes a fast path; it must agree with datetime to the last bit.
+    for n in range(20_000):
+        text = jobservice.iso(1764633600 + n * 0.0371)
+        assert jobservice.parse_time(text, "t") == datetime.fromisoformat(text).timestamp()
+    assert jobservice.parse_time("2026-11-28T23:17:42+00:00", "t") == 1795907862.0
+    assert jobservice.parse_time(1795907862624, "t") == 1795907862.624  # epoch ms, old clients
+    assert jobservice.parse_time(None, "t") is None
+    for odd in ("2026-11-28T23:17:42.\uff16\uff12\uff14Z",  # fullwidth digits
+                "2026-11-28T23:17:42.62xZ",
+                "2026-13-28T23:17:42.624Z", True, [], ""):
+        with pytest.raises(ValueError, match="is not a time"):
+            jobservice.parse_time(odd, "t")
