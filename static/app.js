@@ -139,6 +139,7 @@ const TOTALS_EVERY = 500;
 const numberFormat = new Intl.NumberFormat();
 const totals = {
   seq: -1, shown: {}, timer: null, inflight: false, again: false, lastStart: -Infinity,
+  owed: false,
 };
 
 function renderTotals(stats) {
@@ -153,12 +154,10 @@ function renderTotals(stats) {
   if (ui.stats.getAttribute('aria-busy') !== 'false') ui.stats.setAttribute('aria-busy', 'false');
 }
 
-async function fetchTotals(retry = false) {
+async function fetchTotals() {
   const { epoch } = session;
   totals.timer = null;
-  // A retry waits for the event stream: while it is down, its return refreshes the
-  // totals anyway, and a server that is away (or now wants another token) is not asked.
-  if (retry && connection.state !== 'live') return;
+  totals.owed = false;
   totals.inflight = true;
   totals.lastStart = Date.now();
   let retryIn = 0;
@@ -183,12 +182,12 @@ async function fetchTotals(retry = false) {
     totals.again = false;
     refreshTotals();
   } else if (retryIn) {
-    refreshTotals(retryIn, true);
+    refreshTotals(retryIn);
   }
 }
 
 /** Refetches the totals soon: a burst of changes is one request, at most every 500 ms. */
-function refreshTotals(delay = 50, retry = false) {
+function refreshTotals(delay = 50) {
   if (!session.active) return;
   if (totals.inflight) {
     totals.again = true;
@@ -196,7 +195,18 @@ function refreshTotals(delay = 50, retry = false) {
   }
   if (totals.timer !== null) return;
   const wait = Math.max(delay, totals.lastStart + TOTALS_EVERY - Date.now());
-  totals.timer = setTimeout(fetchTotals, wait, retry);
+  totals.timer = setTimeout(refreshDue, wait);
+}
+
+/**
+ * A refresh that comes due while the event stream is down is owed, not made: the
+ * stream's return refreshes the totals anyway, and a server that is away, or back
+ * wanting another token, is not asked in the meantime.
+ */
+function refreshDue() {
+  totals.timer = null;
+  if (connection.state === 'live') fetchTotals();
+  else totals.owed = true;
 }
 
 /** At once (first load, RESET): a store may have been replaced, so any seq goes. */
@@ -216,6 +226,7 @@ function resetTotals() {
   if (totals.timer !== null) clearTimeout(totals.timer);
   Object.assign(totals, {
     seq: -1, shown: {}, timer: null, inflight: false, again: false, lastStart: -Infinity,
+    owed: false,
   });
   for (const el of Object.values(ui.counts)) {
     el.textContent = '–';
@@ -450,10 +461,8 @@ const connection = new Connection({
       ui.notice.textContent = `Could not load the jobs: ${info.error.message || 'the server did not answer'}. Trying again…`;
       ui.notice.hidden = false;
     }
-    if (s === 'live' && everLive) {
-      list.retrySoon(); // a page that failed while we were away
-      refreshTotals(); // what changed while we were away
-    }
+    if (s === 'live' && everLive) list.retrySoon(); // a page that failed while we were away
+    if (s === 'live' && (everLive || totals.owed)) refreshTotals(); // what changed meanwhile
     if (s !== lastAnnouncedState) {
       if (s === 'live' && everLive) announcer.say('Live updates are back.');
       else if (s === 'offline') announcer.say('You are offline. Updates resume when you reconnect.');
