@@ -388,7 +388,7 @@ class HttpTally:
     """Requests by route template, method and status, and their durations by route, as
     plain numbers turned into Prometheus families at scrape time. Every request counts
     here, and prometheus_client's inc() and observe() take a lock each and walk the
-    buckets in Python: 2.2 us a request against 0.6 us."""
+    buckets in Python: 1.16 us a request against 0.37 us."""
 
     def __init__(self):
         self.requests: dict[tuple[str, str, int], int] = {}
@@ -588,7 +588,7 @@ class Job:
     def json(self) -> str:
         """The job as JSON text, built once and shared by the journal, responses and events.
         The same text as json.dumps(self.to_dict()) compact, formatted directly: this runs
-        once per change on the event loop and was a tenth of a POST (8 us against 2)."""
+        once per change on the event loop, and took 4.2 us a job against 1.4 us."""
         if self._json is None:
             self._json = (
                 f'{{"id":{_json_value(self.id)},"status":"{self.status}",'
@@ -761,7 +761,7 @@ class JobStore:
         self._staged: list[Job | Tombstone] = []
         self._promises: list[asyncio.Future] = []  # one per staged change
         # Kept, not asked for per change: asyncio.get_running_loop() makes a getpid()
-        # system call each time, ~8 us in this sandbox, a tenth of a POST.
+        # system call each time, which took 8 % of the event loop under POST load.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup = asyncio.Event()
         self._journal = None

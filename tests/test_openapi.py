@@ -227,6 +227,12 @@ class Process:
                 self.popen.wait()
 
 
+def listening_url(service: Process) -> str:
+    """The address a service process says it listens on, once it says so."""
+    line = service.wait_for(lambda text: "listening on http://" in text)
+    return line.split("listening on ", 1)[1].split(";", 1)[0]
+
+
 def wait_until(what, predicate, timeout: float = 15.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -249,8 +255,7 @@ def live(tmp_path_factory):
         env = {**os.environ, **FAST_ENV, "PYTHONUNBUFFERED": "1",
                "UNSPLASH_ACCESS_KEY": FUZZ_KEY, "UNSPLASH_API_URL": fake_url}
         service = Process([str(ROOT / "jobservice.py"), "--port", "0", "--data", str(data)], env)
-        line = service.wait_for(lambda text: "listening on http://" in text)
-        url = line.split("listening on ", 1)[1].split(";", 1)[0]
+        url = listening_url(service)
         http = requests.Session()
 
         def settle(ids, status):
@@ -446,8 +451,7 @@ def steady(tmp_path_factory):
            "JOB_DELAY_MAX": "3600"}
     service = Process([str(ROOT / "jobservice.py"), "--port", "0", "--data", str(data)], env)
     try:
-        line = service.wait_for(lambda text: "listening on http://" in text)
-        url = line.split("listening on ", 1)[1].split(";", 1)[0]
+        url = listening_url(service)
         for _ in range(3):
             requests.post(f"{url}/jobs", timeout=10).raise_for_status()
         yield {"url": url, "service": service}

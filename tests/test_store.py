@@ -168,26 +168,34 @@ async def test_a_file_that_does_not_parse_stops_start_up_and_is_left_untouched(j
         assert not jobs_file.with_name("jobs.json.journal").exists()
 
 
-async def test_closing_with_changes_staged_writes_them_and_returns(jobs_file):
+async def open_store(jobs_file):
+    """A store on jobs_file, loaded and writing, and the settings to make jobs with."""
     settings = jobservice.load_settings(["--data", str(jobs_file)], FAST_ENV)
     store = jobservice.JobStore(jobs_file)
     await store.load()
     await store.open(0)
+    return settings, store
+
+
+async def stored_ids(jobs_file) -> list[str]:
+    """The ids a fresh store reads back from the files, in order."""
+    reopened = jobservice.JobStore(jobs_file)
+    await reopened.load()
+    return list(reopened.jobs)
+
+
+async def test_closing_with_changes_staged_writes_them_and_returns(jobs_file):
+    settings, store = await open_store(jobs_file)
     staged = [jobservice.Job.new(settings, time.time()) for _ in range(10)]
     batches = {store.commit(job) for job in staged}
     await asyncio.wait_for(store.close(), 5)
     assert all(batch.done() and batch.exception() is None for batch in batches)
 
-    reopened = jobservice.JobStore(jobs_file)
-    await reopened.load()
-    assert list(reopened.jobs) == [job.id for job in staged]
+    assert await stored_ids(jobs_file) == [job.id for job in staged]
 
 
 async def test_a_caller_that_gives_up_on_its_change_takes_nothing_from_its_batch(jobs_file):
-    settings = jobservice.load_settings(["--data", str(jobs_file)], FAST_ENV)
-    store = jobservice.JobStore(jobs_file)
-    await store.load()
-    await store.open(0)
+    settings, store = await open_store(jobs_file)
     jobs = [jobservice.Job.new(settings, time.time()) for _ in range(3)]
     promises = [store.commit(job) for job in jobs]
     promises[0].cancel()  # as when a request handler is cancelled while it waits
@@ -195,16 +203,11 @@ async def test_a_caller_that_gives_up_on_its_change_takes_nothing_from_its_batch
     # The cancelled caller only stopped listening: its change is as stored as the others.
     assert [store.get(job.id) for job in jobs] == jobs
     await store.close()
-    reopened = jobservice.JobStore(jobs_file)
-    await reopened.load()
-    assert list(reopened.jobs) == [job.id for job in jobs]
+    assert await stored_ids(jobs_file) == [job.id for job in jobs]
 
 
 async def test_a_failed_batch_refuses_every_caller_still_listening(jobs_file, monkeypatch):
-    settings = jobservice.load_settings(["--data", str(jobs_file)], FAST_ENV)
-    store = jobservice.JobStore(jobs_file)
-    await store.load()
-    await store.open(0)
+    settings, store = await open_store(jobs_file)
     await store.commit(jobservice.Job.new(settings, time.time()))  # the journal is open
 
     def refuse(fd):
@@ -219,9 +222,7 @@ async def test_a_failed_batch_refuses_every_caller_still_listening(jobs_file, mo
     assert all(store.get(job.id) is None for job in jobs) and not store.in_flight
     monkeypatch.undo()
     await store.close()
-    reopened = jobservice.JobStore(jobs_file)
-    await reopened.load()
-    assert len(reopened.jobs) == 1, "a refused change came back from the journal"
+    assert len(await stored_ids(jobs_file)) == 1, "a refused change came back from the journal"
 
 
 @pytest.mark.parametrize("job", [
