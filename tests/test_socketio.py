@@ -385,7 +385,8 @@ async def test_node_client_receives_created_and_resolved(service_process, node_c
     node = await node_client(service.url)
     hello = await node.connected()
     assert hello["recovered"] is False and isinstance(hello["id"], str)
-    assert node.lines[0]["name"] == "SYNCED"  # sent before the CONNECT reply
+    opened, first = node.lines[:2]
+    assert opened["type"] == "open" and first["name"] == "SYNCED"  # before the CONNECT reply
 
     ids = await post_jobs((http, service.url), 2)
     for job_id in ids:

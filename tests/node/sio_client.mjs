@@ -7,6 +7,7 @@
 //                  {"transports": "default"} leaves io()'s own default transports
 //
 // Prints one JSON line per thing that happens:
+//   {"type":"open","transport":"polling"|"websocket"}   (the Engine.IO connection opened)
 //   {"type":"connect","recovered":bool,"id":"...","transport":"polling"|"websocket"}
 //   {"type":"upgrade","transport":"websocket"}
 //   {"type":"event","name":"...","job":{...},"offset":"..."|null,"args":[...]}
@@ -32,11 +33,16 @@ if (options.transports === "default") delete options.transports;
 const print = (line) => process.stdout.write(JSON.stringify(line) + "\n");
 const socket = io(url, options);
 
-socket.on("connect", () => {
+// The upgrade may finish before the Socket.IO CONNECT is answered, so it is watched from
+// the moment the engine opens, not from "connect".
+socket.io.on("open", () => {
   const engine = socket.io.engine;
-  print({ type: "connect", recovered: socket.recovered, id: socket.id,
-          transport: engine.transport.name });
+  print({ type: "open", transport: engine.transport.name });
   engine.once("upgrade", (transport) => print({ type: "upgrade", transport: transport.name }));
+});
+socket.on("connect", () => {
+  print({ type: "connect", recovered: socket.recovered, id: socket.id,
+          transport: socket.io.engine.transport.name });
 });
 socket.on("disconnect", (reason) => {
   print({ type: "disconnect", reason });
