@@ -1,5 +1,11 @@
 """A stand-in for the Unsplash API on loopback: photos, errors, stalls, rate limits, 401s.
 
+It plays the real API's quota too: a key may make `quota` calls per `window` seconds
+(5,000 an hour, a production key, unless a test says otherwise), counted from the first
+call of each window. Every answer says how many are left (X-Ratelimit-Limit and
+X-Ratelimit-Remaining, no reset time, as Unsplash does), and a call past the quota is
+refused with 403 "Rate Limit Exceeded".
+
 The tests use it in-process (`FakeUnsplash().app()`) or as a process of its own
 (`python tests/fake_unsplash.py --port N`), steered over HTTP with `POST /_control`.
 It also serves small real PNG files, so a browser can load the photos it hands out.
@@ -12,6 +18,7 @@ import asyncio
 import json
 import random
 import struct
+import time
 import zlib
 from collections import deque
 
@@ -49,6 +56,11 @@ class FakeUnsplash:
         self.stall_seconds = 30.0
         self.retry_after: str | None = "1"
         self.images = {f"{n}.png": png(64, 48, rgb) for n, rgb in enumerate(COLORS)}
+        self.quota = 5000
+        self.window = 3600.0
+        # Oldest first: {"start" (monotonic), "calls", "at" (each call's offset in the
+        # window), "refused"}.
+        self.windows: list[dict] = []
         self._serial = 0
 
     def next_mode(self) -> str:
@@ -75,6 +87,14 @@ class FakeUnsplash:
         if request.headers.get("Authorization") != f"Client-ID {self.key}":
             return web.json_response({"errors": ["OAuth error: The access token is invalid"]},
                                      status=401)
+        window = self.current_window()
+        if window["calls"] >= self.quota:
+            window["refused"] += 1
+            return web.Response(status=403, text="Rate Limit Exceeded",
+                                headers=self.quota_headers(0))
+        window["calls"] += 1
+        window["at"].append(time.monotonic() - window["start"])
+        left = self.quota - window["calls"]
         mode = self.next_mode()
         if mode == "500":
             return web.json_response({"errors": ["Internal server error"]}, status=500)
@@ -96,11 +116,19 @@ class FakeUnsplash:
         base = f"{request.scheme}://{request.host}"
         photos = [self.photo(base) for _ in range(count)]
         self.photos_served += count
-        headers = {"X-Ratelimit-Limit": "50",
-                   "X-Ratelimit-Remaining": "0" if mode == "remaining0" else "42"}
+        headers = self.quota_headers(0 if mode == "remaining0" else left)
         if mode == "remaining0" and self.retry_after:
             headers["Retry-After"] = self.retry_after
         return web.json_response(photos, headers=headers)
+
+    def current_window(self) -> dict:
+        now = time.monotonic()
+        if not self.windows or now >= self.windows[-1]["start"] + self.window:
+            self.windows.append({"start": now, "calls": 0, "at": [], "refused": 0})
+        return self.windows[-1]
+
+    def quota_headers(self, left: int) -> dict:
+        return {"X-Ratelimit-Limit": str(self.quota), "X-Ratelimit-Remaining": str(left)}
 
     def photo(self, base: str) -> dict:
         self._serial += 1
@@ -133,11 +161,13 @@ class FakeUnsplash:
         self.chaos = body.get("chaos", self.chaos)
         self.script.extend(body.get("script", []))
         self.stall_seconds = body.get("stall_seconds", self.stall_seconds)
+        self.quota = body.get("quota", self.quota)
+        self.window = body.get("window", self.window)
         return await self.stats(request)
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response({"calls": self.calls, "photos": self.photos_served,
-                                  "mode": self.mode})
+                                  "mode": self.mode, "windows": self.windows})
 
 
 def main() -> None:
