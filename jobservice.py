@@ -87,6 +87,9 @@ class Settings:
     unsplash_access_key: str = field(default="", repr=False)
     unsplash_api_url: str = "https://api.unsplash.com"
     unsplash_timeout: float = 10.0
+    unsplash_quota_window: float = 3600.0  # Unsplash counts a key's calls per hour
+    photo_reuse: bool = True  # PHOTO_REUSE=fallback; never: a due job waits for a fresh one
+    photo_wait: float = 2.0
     job_delay_min: float = 5.0
     job_delay_max: float = 300.0
     job_delay_step: float = 5.0
@@ -270,6 +273,15 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
     if retry_max < retry_base:
         raise ConfigError(f"RETRY_MAX_DELAY={retry_max:g} is below RETRY_BASE_DELAY={retry_base:g}")
 
+    reuse = (env.get("PHOTO_REUSE") or "fallback").strip().lower()
+    if reuse not in ("fallback", "never"):
+        raise ConfigError(f"PHOTO_REUSE={reuse!r} is not fallback (reuse a photo bought "
+                          "before when no fresh one can come in time) or never")
+    quota_window = _duration(env, "UNSPLASH_QUOTA_WINDOW", 3600.0)
+    if quota_window <= 0:
+        raise ConfigError("UNSPLASH_QUOTA_WINDOW must be above 0: it is how long Unsplash "
+                          "counts a key's calls (an hour)")
+
     redis_url = args.redis.strip()
     if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"REDIS_URL={_without_password(redis_url)!r} is not a redis://, "
@@ -296,6 +308,9 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         unsplash_access_key=(env.get("UNSPLASH_ACCESS_KEY") or "").strip(),
         unsplash_api_url=api_url,
         unsplash_timeout=_number(env, "UNSPLASH_TIMEOUT", 10.0, minimum=1e-3),
+        unsplash_quota_window=quota_window,
+        photo_reuse=reuse == "fallback",
+        photo_wait=_number(env, "PHOTO_WAIT", 2.0),
         job_delay_min=delay_min,
         job_delay_max=delay_max,
         job_delay_step=delay_step,
@@ -358,6 +373,14 @@ class Metrics:
                                              "rate limit.")
         self.photo_pool = gauge("jobservice_photo_pool_size",
                                 "Photos bought from Unsplash and not yet used.")
+        self.photos = counter("jobservice_photos", "Photos jobs resolved with: bought for "
+                              "them (fresh), bought before (reused), or the built-in "
+                              "catalog's.", ["source"])
+        self.quota_limit = gauge("jobservice_unsplash_quota_limit",
+                                 "Calls the access key is allowed per window "
+                                 "(X-Ratelimit-Limit; 0 until Unsplash has said).")
+        self.quota_remaining = gauge("jobservice_unsplash_quota_remaining",
+                                     "Calls left in the key's current window.")
         self.fsync = histogram("jobservice_journal_fsync_seconds",
                                "Time to write and fsync one batch of changes.")
         self.batch_size = histogram("jobservice_journal_batch_size",
@@ -378,6 +401,7 @@ class Metrics:
         if record.status == "resolved":
             self.jobs_resolved.inc()
             self.lateness.observe(max(0.0, record.resolved_at - record.due_at))
+            self.photos.labels(photo_source(record.image)).inc()
         elif record.status == "failed":
             self.jobs_failed.inc()
         elif record.status == "deleted":
@@ -1255,6 +1279,11 @@ def _remove_if_exists(path: Path) -> None:
 # `image` object a page needs to show and credit it). The Unsplash source buys photos
 # in batches of 30 so a burst of jobs costs one API call per 30 jobs; without an access
 # key a built-in catalog of real Unsplash food photos stands in.
+# Unsplash allows a key 50 calls an hour (a demo key) or 5,000 (production): under load
+# fresh photos run out long before jobs do. So the source spends the key's budget at an
+# even pace over its window, a little ahead of the jobs about to fall due, and a job
+# that falls due when no fresh photo can reach it within PHOTO_WAIT resolves on time
+# with one that jobs resolved with before, marked `"reused": true`.
 
 
 class ImageUnavailable(Exception):
@@ -1271,17 +1300,31 @@ class RateLimited(Exception):
 
 
 class KeyRejected(Exception):
-    """Unsplash refused the access key: waiting jobs fail at once."""
+    """Unsplash refused the access key: with PHOTO_REUSE=never, waiting jobs fail at once."""
 
 
 UNSPLASH_BATCH = 30
 POOL_MAX_AGE = 3600.0
+# How far ahead of the jobs about to fall due photos are bought, and how much sooner
+# than the even pace a call may come: a call takes a moment, and a job is on time.
+BUY_AHEAD = 5.0
+BUYER_TICK = 0.5
+REUSE_SET_SIZE = 10_000
+REUSE_SEED_SCAN = 100_000  # jobs looked at, newest first, to fill the set at start
 
 
 class Photo(NamedTuple):
     result: str  # the URL a job resolves with (urls.regular)
     image: dict  # what a page needs to show and credit it
     fetched_at: float = 0.0  # time.monotonic() when bought; the pool drops stale ones
+
+
+def photo_source(image: dict | None) -> str:
+    """How a job's photo came to it, as jobservice_photos_total counts: bought for it
+    (fresh), bought before (reused), or the built-in catalog's."""
+    if not image or image.get("source") == "catalog":
+        return "catalog"
+    return "reused" if image.get("reused") else "fresh"
 
 
 class CatalogImages:
@@ -1303,23 +1346,207 @@ class CatalogImages:
             "pageUrl": None,
             "color": None,
             "source": "catalog",
+            "reused": True,
         })
 
     def describe(self) -> str:
         return f"built-in catalog of {len(self.photos)} Unsplash food photos"
 
-    @property
-    def pool_size(self) -> int:
-        return 0  # nothing is bought
+    def status(self) -> dict:
+        return {"source": "catalog", "state": "ok"}
 
-    async def take(self) -> Photo:
+    def start(self, store, demand) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def draw(self) -> Photo:
         return random.choice(self.photos)
+
+    async def take(self, deadline: float | None = None) -> Photo:
+        return self.draw()
 
     def put_back(self, photo: Photo) -> None:
         pass
 
 
+def _bought(job: Job) -> bool:
+    image = job.image
+    return image is not None and image.get("source") == "unsplash" and not image.get("reused")
+
+
+class RecentPhotos:
+    """The last photos that jobs resolved with fresh, for a job that falls due when no
+    fresh one can reach it in time: one is drawn at random and marked reused. It hears
+    every resolution the store commits (in Redis mode every node's, so the set is the
+    cluster's), and starts from the newest among the jobs kept; until a photo was ever
+    bought, the catalog is the set. It holds the jobs' own objects: it costs a list."""
+
+    def __init__(self, fallback: CatalogImages, size: int = REUSE_SET_SIZE):
+        self.fallback = fallback
+        self.size = size
+        self._photos: list[tuple[str, dict]] = []
+        self._oldest = 0  # the entry the next one replaces, once the list is full
+
+    def watch(self, store: JobStore) -> None:
+        newest = []
+        for job in itertools.islice(reversed(store.jobs.values()), REUSE_SEED_SCAN):
+            if job.status == "resolved" and _bought(job):
+                newest.append((job.result, job.image))
+                if len(newest) == self.size:
+                    break
+        self._photos, self._oldest = newest[::-1], 0
+        store.listeners.append(self.remember)
+
+    def remember(self, record: Job | Tombstone) -> None:
+        if record.status != "resolved" or not _bought(record):
+            return
+        if len(self._photos) < self.size:
+            self._photos.append((record.result, record.image))
+        else:
+            self._photos[self._oldest] = (record.result, record.image)
+            self._oldest = (self._oldest + 1) % self.size
+
+    def __len__(self) -> int:
+        return len(self._photos)
+
+    def draw(self) -> Photo:
+        if not self._photos:
+            return self.fallback.draw()
+        result, image = random.choice(self._photos)
+        return Photo(result, {**image, "reused": True})
+
+
+def _header_count(headers, name: str) -> int | None:
+    value = headers.get(name, "").strip()
+    return int(value) if is_ascii_number(value) and len(value) < 12 else None
+
+
+def _retry_after(headers) -> float | None:
+    """Retry-After in seconds (a number or an HTTP date), if the answer has one."""
+    raw = headers.get("Retry-After", "").strip()
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(raw).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class Quota:
+    """The access key's budget, as X-Ratelimit-Limit and X-Ratelimit-Remaining give it on
+    every answer. Unsplash never says when its window turns, so a window is taken to
+    start when its first answer came back: it turns no later than that plus
+    UNSPLASH_QUOTA_WINDOW, whether Unsplash counts fixed hours or a rolling one, so a call
+    made then is never refused for the old window. A refusal (403 "Rate Limit Exceeded",
+    429) means spent until the window turns, or a whole window from now if that is not
+    known: one probe per pause, never a storm of refused calls.
+
+    Calls are paced: one may be made while more remain than the even share of the
+    window's time left (a lead of BUY_AHEAD aside). So when jobs keep coming, the budget
+    lasts the window and is spent by its end; what went unused while nobody asked is
+    there for the next burst."""
+
+    FIELDS = ("limit", "remaining", "turns_at", "probe_until")
+
+    def __init__(self, window: float):
+        self.window = window
+        self.limit = 0  # 0 until Unsplash has said
+        self.remaining = 0
+        self.turns_at = 0.0  # wall clock; until then, `remaining` holds
+        self.probe_until = 0.0  # a call is finding out about a window not known yet
+
+    def wait(self, now: float, paced: bool = True) -> float:
+        """Seconds until a call may be made: 0 for now."""
+        if now < self.probe_until:
+            return self.probe_until - now
+        if now >= self.turns_at:
+            return 0.0  # a new window, or nothing known yet: the call finds out
+        if self.remaining <= 0:
+            return self.turns_at - now
+        if not paced or not self.limit:
+            return 0.0
+        # Allowed once remaining > limit * (turns_at - now - BUY_AHEAD) / window.
+        share = self.remaining * self.window / self.limit
+        return max(0.0, self.turns_at - BUY_AHEAD - share - now)
+
+    def reserve(self, now: float, paced: bool, timeout: float) -> float:
+        """Count a call if one may be made now: 0. Else the seconds until one may. A
+        call into a window not known yet is its probe, the only one until it is answered
+        (or `timeout` has passed)."""
+        wait = self.wait(now, paced)
+        if wait:
+            return wait
+        if now < self.turns_at:
+            self.remaining -= 1
+        else:
+            self.probe_until = now + timeout
+        return 0.0
+
+    def answered(self, now: float, headers) -> None:
+        """An answer came back (`now`, once it did) with these headers."""
+        limit = _header_count(headers, "X-Ratelimit-Limit")
+        remaining = _header_count(headers, "X-Ratelimit-Remaining")
+        if limit is not None:
+            self.limit = limit
+        if remaining is None:
+            return
+        self.probe_until = 0.0
+        if now >= self.turns_at:
+            self.turns_at, self.remaining = now + self.window, remaining
+        else:
+            # Calls made meanwhile may not be counted in it yet: the lower figure holds.
+            self.remaining = min(self.remaining, remaining)
+        if self.remaining <= 0:
+            self.refused(now, headers)
+
+    def refused(self, now: float, headers) -> None:
+        """The budget is spent (a refusal, or the answer to the last call allowed)."""
+        limit = _header_count(headers, "X-Ratelimit-Limit")
+        if limit is not None:
+            self.limit = limit
+        self.remaining, self.probe_until = 0, 0.0
+        retry_after = _retry_after(headers)
+        if retry_after is not None:
+            self.turns_at = now + retry_after
+        elif now >= self.turns_at:
+            self.turns_at = now + self.window
+
+    def fields(self) -> dict[str, str]:
+        return {name: str(getattr(self, name)) for name in self.FIELDS}
+
+    def load(self, fields: dict) -> None:
+        """The state `fields()` gave, as another process of the service left it."""
+        for name in self.FIELDS:
+            kind = type(getattr(self, name))
+            try:
+                setattr(self, name, kind(fields.get(name) or 0))
+            except ValueError:
+                setattr(self, name, kind(0))
+
+    def describe(self, now: float) -> dict:
+        known = now < self.turns_at
+        return {"limit": self.limit or None,
+                "remaining": self.remaining if known else self.limit or None,
+                "windowTurnsAt": iso(self.turns_at) if known else None}
+
+
+def backoff(settings: Settings, failures: int) -> float:
+    """Exponential, with full jitter: how long to wait after `failures` in a row."""
+    cap = min(settings.retry_max_delay, settings.retry_base_delay * 2 ** min(failures - 1, 30))
+    return random.uniform(0, cap)
+
+
 class UnsplashImages:
+    """Photos bought from Unsplash, 30 a call, into a pool. The Redis mode's subclass
+    keeps the pool and the key's budget in Redis, through the methods marked as its
+    seams."""
+
     batch_size = UNSPLASH_BATCH
 
     def __init__(self, session: aiohttp.ClientSession, settings: Settings,
@@ -1328,22 +1555,166 @@ class UnsplashImages:
         self._settings = settings
         self._metrics = metrics or Metrics()
         self._pool: deque[Photo] = deque()
-        self._paused_until = 0.0
+        self.quota = Quota(settings.unsplash_quota_window)
+        self.reuse = RecentPhotos(CatalogImages())
+        self.problem: str | None = None  # why no fresh photo can be bought now
+        self._key_rejected = False
+        self._purchase: asyncio.Task | None = None  # the call under way
+        self._reserving = asyncio.Lock()
+        self._calls_from = 0.0  # after a failed call (its backoff) or a rejected key
+        self._failures = 0
+        self._buyer: asyncio.Task | None = None
 
     def describe(self) -> str:
         settings = self._settings
         path = urlsplit(settings.unsplash_api_url).path
         return f"Unsplash API at {settings.unsplash_origin}{path}"
 
-    async def take(self) -> Photo:
+    def status(self) -> dict:
+        """For /healthz: whether fresh photos come, and the key's budget."""
+        now = time.time()
+        if self.problem is not None:
+            state = "key_rejected" if self._key_rejected else "unavailable"
+        elif self.quota.remaining <= 0 < self.quota.wait(now, paced=False):
+            state = "spent"
+        elif self.quota.wait(now) > 0:
+            state = "paced"
+        else:
+            state = "ok"
+        return {"source": "unsplash", "state": state, "error": self.problem,
+                "reuse": "fallback" if self._settings.photo_reuse else "never",
+                "pool": self.pool_size, **self.quota.describe(now)}
+
+    @property
+    def pool_size(self) -> int:
+        return len(self._pool)
+
+    def start(self, store: JobStore, demand) -> None:
+        """Hear what jobs resolve with, for reuse, and (unless PHOTO_REUSE=never) buy
+        ahead of the jobs that `demand(by, enough)` counts as falling due by then."""
+        self.reuse.watch(store)
+        if self._settings.photo_reuse:
+            self._buyer = asyncio.create_task(self._buy_ahead(demand), name="photo buyer")
+
+    async def stop(self) -> None:
+        tasks = [task for task in (self._buyer, self._purchase) if task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:  # bounded: a Redis client can swallow a cancellation (RedisJobStore.close)
+            await asyncio.wait(tasks, timeout=self._settings.unsplash_timeout)
+
+    def put_back(self, photo: Photo) -> None:
+        if not photo.image.get("reused"):
+            self._pool.appendleft(photo)  # keeps its age: an hour is an hour since bought
+
+    async def take(self, deadline: float | None = None) -> Photo:
+        """A photo for a job that is due: a fresh one if one is at hand or can be bought
+        by `deadline` (wall clock), else one bought before, reused. Without a deadline
+        (PHOTO_REUSE=never), only a fresh one, however long it takes: a call that fails
+        raises, for the scheduler to count against the job or to wait out."""
+        while (photo := await self._pooled()) is None:
+            purchase = await self._start_purchase(None, urgent=deadline is None)
+            if purchase is None:
+                return await self._bought_elsewhere(deadline) or self.reuse.draw()
+            if deadline is None:
+                await purchase
+                continue
+            await asyncio.wait((purchase,), timeout=max(0.0, deadline - time.time()))
+            if not purchase.done():
+                return self.reuse.draw()
+        return photo
+
+    async def _start_purchase(self, wanted: int | None, urgent: bool) -> asyncio.Task | None:
+        """The call under way, or a new one if the budget allows one now (for `wanted`
+        more photos than are at hand, or None: for a job due now); else None. A job that
+        must have a fresh photo (urgent) waits out a spent budget (RateLimited) but not
+        the pace, and fails over at the scheduler's pace rather than at the backoff's."""
+        async with self._reserving:
+            if self._purchase is None:
+                if not urgent and time.time() < self._calls_from:
+                    return None
+                wait = await self._reserve(wanted, urgent)
+                if wait > 0 and urgent:
+                    raise RateLimited(wait, "the access key's calls are used up for now")
+                if wait > 0:
+                    return None
+                self._purchase = asyncio.create_task(self._purchase_batch(),
+                                                     name="photo purchase")
+                self._purchase.add_done_callback(_retrieve)
+            return self._purchase
+
+    async def _purchase_batch(self) -> None:
+        try:
+            photos = await self._buy()
+        except ImageUnavailable as exc:
+            self._failures += 1
+            self._calls_from = time.time() + backoff(self._settings, self._failures)
+            self._trouble(str(exc))
+            raise
+        except KeyRejected as exc:
+            self._calls_from = time.time() + self._settings.retry_max_delay
+            self._trouble(str(exc), key_rejected=True)
+            raise
+        finally:
+            self._purchase = None
+        self._failures = 0
+        self._trouble(None)
+        await self._stock(photos)
+
+    def _trouble(self, problem: str | None, key_rejected: bool = False) -> None:
+        """Note why fresh photos cannot be had (None: they can again), logged once per
+        change rather than once per call."""
+        changed = ((problem is None) != (self.problem is None)
+                   or key_rejected != self._key_rejected)
+        self.problem, self._key_rejected = problem, key_rejected
+        if not changed:
+            return
+        if problem is None:
+            log.info("Unsplash answers again: fresh photos resume")
+            return
+        meanwhile = ("due jobs resolve with photos bought before" if self._settings.photo_reuse
+                     else "due jobs fail" if key_rejected else "due jobs wait")
+        (log.error if key_rejected else log.warning)(
+            "no fresh photos for now: %s; meanwhile %s", problem, meanwhile)
+
+    async def _buy_ahead(self, demand) -> None:
+        """Keep the pool ahead of the jobs due within BUY_AHEAD, as the budget allows."""
+        while True:
+            pooled = self.pool_size
+            wanted = demand(time.time() + BUY_AHEAD, pooled + 1) - pooled
+            if wanted > 0 and self._purchase is None:
+                purchase = await self._start_purchase(wanted, urgent=False)
+                if purchase is not None:
+                    await asyncio.wait((purchase,))
+                    continue
+            await asyncio.sleep(BUYER_TICK)
+
+    # The seams: where photos are pooled, and where the key's budget is kept.
+
+    async def _pooled(self) -> Photo | None:
+        """A fresh photo from the pool, if it holds one not older than POOL_MAX_AGE."""
         now = time.monotonic()
         while self._pool and now - self._pool[0].fetched_at > POOL_MAX_AGE:
             self._pool.popleft()
-        if not self._pool:
-            if now < self._paused_until:
-                raise RateLimited(self._paused_until - now)
-            self._pool.extend(await self._buy())
-        return self._pool.popleft()
+        return self._pool.popleft() if self._pool else None
+
+    async def _stock(self, photos: list[Photo]) -> None:
+        self._pool.extend(photos)
+
+    async def _bought_elsewhere(self, deadline: float) -> Photo | None:
+        """A photo that another process's call brings by `deadline`; here there is none."""
+        return None
+
+    async def _reserve(self, wanted: int | None, urgent: bool) -> float:
+        """Count a call against the budget if one may be made now: 0; else the seconds
+        until one may. (Here the buyer has compared `wanted` with the pool already.)"""
+        return self.quota.reserve(time.time(), not urgent, self._settings.unsplash_timeout)
+
+    async def _settle_quota(self, headers, refused: bool) -> None:
+        """What an answer (or a refusal) says of the budget."""
+        (self.quota.refused if refused else self.quota.answered)(time.time(), headers)
+
+    # One call
 
     async def _buy(self) -> list[Photo]:
         """One call for a batch of photos, counted by outcome."""
@@ -1358,15 +1729,13 @@ class UnsplashImages:
         except KeyRejected:
             outcome = "key_rejected"
             raise
+        except ImageUnavailable:
+            raise
+        except Exception as exc:  # a bug must not stop photos from being bought
+            log.exception("buying photos failed")
+            raise ImageUnavailable(f"internal error: {exc}") from None
         finally:
             self._metrics.unsplash_requests.labels(outcome).inc()
-
-    @property
-    def pool_size(self) -> int:
-        return len(self._pool)
-
-    def put_back(self, photo: Photo) -> None:
-        self._pool.appendleft(photo)  # keeps its age: an hour is an hour since bought
 
     async def _fetch(self) -> list[Photo]:
         settings = self._settings
@@ -1386,9 +1755,13 @@ class UnsplashImages:
         except aiohttp.ClientError as exc:
             raise ImageUnavailable(f"cannot reach Unsplash: {self._scrub(str(exc))}") from None
 
-        if status == 429 or (status == 403 and b"rate limit" in body.lower()):
-            self._pause(headers)
-            raise RateLimited(self._paused_until - time.monotonic())
+        refused = status == 429 or (status == 403 and b"rate limit" in body.lower())
+        await self._settle_quota(headers, refused)
+        quota, now = self.quota, time.time()
+        if refused:
+            log.warning("Unsplash refused a call: the access key's calls are used up until "
+                        "%s", iso(quota.turns_at))
+            raise RateLimited(quota.turns_at - now)
         if status == 401:
             raise KeyRejected("Unsplash rejected the access key (HTTP 401); set a valid "
                               "UNSPLASH_ACCESS_KEY and retry the job")
@@ -1396,10 +1769,9 @@ class UnsplashImages:
             detail = self._scrub(body.decode("utf-8", "replace"))[:200].strip()
             raise ImageUnavailable(f"Unsplash answered HTTP {status}"
                                    + (f": {detail}" if detail else ""))
-        if headers.get("X-Ratelimit-Remaining", "").strip() == "0":
-            self._pause(headers)
-            log.warning("Unsplash rate limit used up; pausing API calls for %.0f s",
-                        self._paused_until - time.monotonic())
+        if quota.remaining <= 0 < quota.wait(now, paced=False):
+            log.warning("the access key's Unsplash calls are used up until %s; then fresh "
+                        "photos resume", iso(quota.turns_at))
         try:
             data = json.loads(body)
             fetched_at = time.monotonic()
@@ -1410,19 +1782,6 @@ class UnsplashImages:
         if not photos:
             raise ImageUnavailable("Unsplash sent a response that is not photo JSON")
         return photos
-
-    def _pause(self, headers) -> None:
-        wait = self._settings.retry_max_delay
-        raw = headers.get("Retry-After", "").strip()
-        if raw:
-            try:
-                wait = float(raw)
-            except ValueError:
-                try:
-                    wait = parsedate_to_datetime(raw).timestamp() - time.time()
-                except (TypeError, ValueError):
-                    pass
-        self._paused_until = time.monotonic() + max(0.0, wait)
 
     def _scrub(self, text: str) -> str:
         key = self._settings.unsplash_access_key
@@ -1444,7 +1803,14 @@ class UnsplashImages:
             "pageUrl": (item.get("links") or {}).get("html"),
             "color": item.get("color"),
             "source": "unsplash",
+            "reused": False,
         }, fetched_at)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """A purchase's failure is in the source's state already; nobody need await it."""
+    if not task.cancelled():
+        task.exception()
 
 
 # --- Scheduler ----------------------------------------------------------------------
@@ -1476,6 +1842,7 @@ class Scheduler:
     def start(self) -> None:
         self.index()
         self.store.replaced.append(self.index)
+        self.images.start(self.store, self.due_within)
         self._task = asyncio.create_task(self._resolve_ready(), name="resolver")
 
     def index(self) -> None:
@@ -1499,6 +1866,7 @@ class Scheduler:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        await self.images.stop()
 
     def _on_commit(self, record: Job | Tombstone) -> None:
         if record.status == "pending":
@@ -1514,6 +1882,17 @@ class Scheduler:
     def next_due(self) -> float:
         """When the earliest pending job is due (inf if none is)."""
         return self._heap[0][0] if self._heap else math.inf
+
+    def due_within(self, by: float, enough: int) -> int:
+        """How many jobs are ready or fall due by `by`, counted up to `enough`: only the
+        heap's entries that early are looked at, so it costs what it counts."""
+        heap, count, stack = self._heap, len(self._ready), [0]
+        while stack and count < enough:
+            index = stack.pop()
+            if index < len(heap) and heap[index][0] <= by:
+                count += 1
+                stack += (2 * index + 1, 2 * index + 2)
+        return count
 
     def _next_wake(self) -> float:
         wake = self.next_due()
@@ -1589,14 +1968,13 @@ class Scheduler:
                     await self._wakeup.wait()
                 continue
             try:
-                photo = await self.images.take()
+                photo = await self.images.take(self._deadline(job))
             except RateLimited as exc:
                 log.warning("%s", exc)
                 self.store.metrics.unsplash_rate_limited.inc(exc.retry_after)
                 await asyncio.sleep(exc.retry_after)
                 continue
             except KeyRejected as exc:
-                log.error("%s", exc)
                 while (job := self._next_ready()) is not None:
                     self._ready.popleft()
                     self._fail(job, str(exc))
@@ -1604,13 +1982,13 @@ class Scheduler:
             except ImageUnavailable as exc:
                 failures += 1
                 self._count_attempt(str(exc))
-                await asyncio.sleep(self._backoff(failures))
+                await asyncio.sleep(backoff(self.settings, failures))
                 continue
             except Exception as exc:  # a bug must not stop every job from resolving
                 log.exception("image source failed")
                 failures += 1
                 self._count_attempt(f"internal error: {exc}")
-                await asyncio.sleep(self._backoff(failures))
+                await asyncio.sleep(backoff(self.settings, failures))
                 continue
             failures = 0
             if self._next_ready() is not job:
@@ -1627,10 +2005,10 @@ class Scheduler:
         """Find more ready jobs when the queue runs dry; the heap alone feeds it here."""
         return False
 
-    def _backoff(self, failures: int) -> float:
-        cap = min(self.settings.retry_max_delay,
-                  self.settings.retry_base_delay * 2 ** min(failures - 1, 30))
-        return random.uniform(0, cap)
+    def _deadline(self, job: Job) -> float | None:
+        """Until when a due job waits for a fresh photo before it takes one bought before;
+        with PHOTO_REUSE=never, for as long as it takes."""
+        return job.due_at + self.settings.photo_wait if self.settings.photo_reuse else None
 
     def _count_attempt(self, reason: str) -> None:
         """The failed call was for the next batch of ready jobs: they count an attempt."""
@@ -2498,6 +2876,7 @@ async def health(request: web.Request) -> web.Response:
         "pendingFill": round(store.counts["pending"] / settings.max_pending_jobs, 4),
         "storage": "failing" if store.fault else "ok",
         "images": request.app[IMAGES].describe(),
+        "photos": request.app[IMAGES].status(),
     }))
 
 
@@ -2914,7 +3293,10 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     store = app[STORE]
     for status, count in store.counts.items():
         metrics.jobs.labels(status).set(count)
-    metrics.photo_pool.set(app[IMAGES].pool_size)
+    photos = app[IMAGES].status()
+    metrics.photo_pool.set(photos.get("pool", 0))
+    metrics.quota_limit.set(photos.get("limit") or 0)
+    metrics.quota_remaining.set(photos.get("remaining") or 0)
     native = sum(peer.frames is NativeFrames for peer in app[HUB].peers)
     polling = app[ENGINE].polling_count
     metrics.peers.labels("websocket").set(native)

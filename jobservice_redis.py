@@ -15,8 +15,9 @@ Socket.IO cannot tell the two apart:
   ones with a lease it renews, and resolves a job with a write that only succeeds while
   the job is still pending and still its claim. A killed node's claims lapse after
   JOB_LEASE and are claimed by another: a photo may be fetched twice, a job resolves once;
-- the photo pool: one list for the cluster, and the Unsplash rate-limit pause and a
-  rejected key are keys every node reads.
+- the photo pool: one list for the cluster, the access key's budget one hash every
+  node changes in a WATCHed transaction (so N nodes spend what one key allows), and a
+  rejected key a key every node reads.
 
 Times come from the nodes' clocks (as in BullMQ and arq): keep them in sync (NTP).
 Redis Cluster is not supported; one Redis (with replicas, if you like) is.
@@ -37,7 +38,7 @@ import aiofiles.os
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 import jobservice
 from jobservice import (
@@ -55,6 +56,7 @@ from jobservice import (
     Tombstone,
     UnsplashImages,
     _without_password,
+    backoff,
     iso,
     json_before_seq,
     record_from_dict,
@@ -86,7 +88,8 @@ class Keys:
         self.deleted = prefix + "deleted"  # zset: deletion record by seq
         self.forgotten = prefix + "forgotten"  # seq of the last deletion let go
         self.photos = prefix + "photos"  # list: "<bought at, ms> <[result, image]>"
-        self.paused = prefix + "unsplash:paused"  # set (with a TTL) by a rate limit
+        self.quota = prefix + "unsplash:quota"  # hash: the key's budget (Quota.fields)
+        self.buying = prefix + "unsplash:buying"  # zset: node by end of its call (ms)
         self.rejected = prefix + "unsplash:rejected"  # set (with a TTL) by a 401
 
     def all(self) -> list[str]:
@@ -208,21 +211,16 @@ end
 return 0
 """
 
-# A photo from the shared pool (older ones than ARGV[1] are dropped), or why not:
-# {kind, value, photos left}.
+# A photo from the shared pool (older ones than ARGV[1] are dropped), if it holds one:
+# {photo or '', photos left}.
 TAKE_PHOTO = """
-local rejected = redis.call('GET', KEYS[3])
-if rejected then return {'rejected', rejected, 0} end
 while true do
   local photo = redis.call('LPOP', KEYS[1])
-  if not photo then break end
+  if not photo then return {'', 0} end
   if tonumber(string.match(photo, '^(%d+) ')) >= tonumber(ARGV[1]) then
-    return {'photo', photo, redis.call('LLEN', KEYS[1])}
+    return {photo, redis.call('LLEN', KEYS[1])}
   end
 end
-local paused = redis.call('PTTL', KEYS[2])
-if paused > 0 then return {'paused', tostring(paused), 0} end
-return {'empty', '', 0}
 """
 
 
@@ -560,6 +558,7 @@ class RedisScheduler(Scheduler):
                 await self.store.release(sorted(self._claimed))
             except StorageError:
                 pass
+        await self.images.stop()
 
     def _on_commit(self, record: Job | Tombstone) -> None:
         if record.status != "pending":
@@ -592,7 +591,7 @@ class RedisScheduler(Scheduler):
         except StorageError:
             self._claim_wanted = True
             self._failures += 1
-            await asyncio.sleep(self._backoff(self._failures))
+            await asyncio.sleep(backoff(self.settings, self._failures))
             return True
         self._failures = 0
         if ids:
@@ -629,15 +628,19 @@ class RedisScheduler(Scheduler):
 
 class SharedPhotoPool(UnsplashImages):
     """Unsplash photos bought in batches of 30 for the whole cluster: one list in Redis.
-    A rate-limit pause and a rejected key are keys too, so one node's 429 pauses all,
-    and one node's 401 fails every node's waiting jobs, once each."""
+    The access key's budget is one hash, read and written back by each node in a
+    WATCHed transaction through the same Quota as in one process, so three nodes pace
+    their calls as one and spend no more than one key allows. A rejected key is a key
+    too: one node's 401 is every node's, for RETRY_MAX_DELAY."""
 
     def __init__(self, session, settings: Settings, metrics: Metrics, store: RedisJobStore):
         super().__init__(session, settings, metrics)
         self.keys = store.keys
         self.redis = store.redis
+        self.node = store.node
         self._take_script = self.redis.register_script(TAKE_PHOTO)
         self._shared_size = 0
+        self._buying_elsewhere = False  # as the last reservation found
 
     def describe(self) -> str:
         return super().describe() + ", photos shared through Redis"
@@ -646,58 +649,143 @@ class SharedPhotoPool(UnsplashImages):
     def pool_size(self) -> int:
         return len(self._pool) + self._shared_size
 
-    async def take(self) -> Photo:
-        now = time.monotonic()  # put back here (its job did not store), or not shareable
-        while self._pool and now - self._pool[0].fetched_at > jobservice.POOL_MAX_AGE:
-            self._pool.popleft()
-        if self._pool:
-            return self._pool.popleft()
-        keys, timeout = self.keys, self._settings.redis_timeout
+    def _out_of_reach(self) -> RateLimited:
+        return RateLimited(self._settings.redis_timeout,
+                           "the shared photo pool (Redis) is out of reach")
+
+    async def _pooled(self) -> Photo | None:
+        photo = await super()._pooled()  # put back here (its job did not store)
+        if photo is not None:
+            return photo
         try:
-            async with asyncio.timeout(timeout):
-                kind, value, self._shared_size = await self._take_script(
-                    keys=[keys.photos, keys.paused, keys.rejected],
-                    args=[ms(time.time() - jobservice.POOL_MAX_AGE)])
+            async with asyncio.timeout(self._settings.redis_timeout):
+                value, self._shared_size = await self._take_script(
+                    keys=[self.keys.photos], args=[ms(time.time() - jobservice.POOL_MAX_AGE)])
         except (RedisError, OSError, TimeoutError):
-            raise RateLimited(timeout, "the shared photo pool (Redis) is out of reach") from None
-        if kind == "photo":  # its age goes with it: put back, it is no younger
-            bought, _, text = value.partition(" ")
-            result, image = json.loads(text)
-            age = max(0.0, time.time() - int(bought) / 1000)
-            return Photo(result, image, time.monotonic() - age)
-        if kind == "rejected":
-            raise KeyRejected(value)
-        if kind == "paused":
-            raise RateLimited(int(value) / 1000)
-        if now < self._paused_until:  # this node's own pause, if sharing it failed
-            raise RateLimited(self._paused_until - now)
-        try:
-            photos = await self._buy()
-        except RateLimited as exc:
-            await self._share(keys.paused, "1", exc.retry_after)
-            raise
-        except KeyRejected as exc:
-            await self._share(keys.rejected, str(exc), self._settings.retry_max_delay)
-            raise
-        if self._paused_until > time.monotonic():  # that was the last call allowed for now
-            await self._share(keys.paused, "1", self._paused_until - time.monotonic())
-        if len(photos) > 1:
-            bought = ms(time.time())
+            if not self._settings.photo_reuse:
+                raise self._out_of_reach() from None
+            return None
+        if not value:
+            return None
+        return _shared_photo(value)
+
+    async def _bought_elsewhere(self, deadline: float) -> Photo | None:
+        """While another node's call is under way, its photos are awaited (BLPOP) until
+        the job's deadline, as a call of this node's own would be."""
+        timeout = self._settings.redis_timeout / 2  # a blocked read within the client's
+        while self._buying_elsewhere and (left := deadline - time.time()) > 0:
             try:
-                async with asyncio.timeout(timeout):
-                    await self.redis.rpush(keys.photos, *(
-                        f"{bought} {json.dumps([photo.result, photo.image])}"
-                        for photo in photos[1:]))
+                answer = await self.redis.blpop([self.keys.photos], min(left, timeout))
             except (RedisError, OSError, TimeoutError):
-                self._pool.extend(photos[1:])  # kept here rather than wasted
-        return photos[0]
+                return None
+            if answer is not None:
+                photo = _shared_photo(answer[1])
+                if time.monotonic() - photo.fetched_at <= jobservice.POOL_MAX_AGE:
+                    return photo
+        return None
+
+    async def _stock(self, photos: list[Photo]) -> None:
+        wall, now = ms(time.time()), time.monotonic()
+        try:
+            async with asyncio.timeout(self._settings.redis_timeout):
+                await self.redis.rpush(self.keys.photos, *(
+                    f"{wall - ms(now - photo.fetched_at)} {json.dumps([photo.result, photo.image])}"
+                    for photo in photos))
+        except (RedisError, OSError, TimeoutError):
+            self._pool.extend(photos)  # kept here rather than wasted
+
+    async def _reserve(self, wanted: int | None, urgent: bool) -> float:
+        keys, timeout = self.keys, self._settings.unsplash_timeout
+
+        async def reserve(pipe) -> float:
+            self.quota.load(await pipe.hgetall(keys.quota))
+            now = time.time()
+            buying = await pipe.zcount(keys.buying, ms(now), "+inf")
+            self._buying_elsewhere = buying > 0
+            # Photos in the pool or on their way from another node's call serve the jobs
+            # about to fall due as well as this node's would.
+            if wanted is not None and wanted <= pooled + buying * self.batch_size:
+                return jobservice.BUYER_TICK
+            wait = self.quota.reserve(now, not urgent, timeout)
+            if not wait:  # the call is in `buying` at once: others wait for its photos
+                pipe.multi()
+                pipe.hset(keys.quota, mapping=self.quota.fields())
+                pipe.zadd(keys.buying, {self.node: ms(now + timeout)})
+                await pipe.execute()
+            return wait
+
+        try:
+            async with asyncio.timeout(self._settings.redis_timeout):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.get(keys.rejected)
+                    pipe.pttl(keys.rejected)
+                    pipe.llen(keys.photos)
+                    rejected, rejected_ms, pooled = await pipe.execute()
+                if rejected:
+                    if urgent:
+                        raise KeyRejected(rejected)
+                    self._trouble(rejected, key_rejected=True)
+                    return max(rejected_ms, 1) / 1000
+                return await self._watched(reserve)
+        except (RedisError, OSError, TimeoutError):
+            if urgent:
+                raise self._out_of_reach() from None
+            return self._settings.redis_timeout
+
+    async def _settle_quota(self, headers, refused: bool) -> None:
+        def settle(quota, now):
+            (quota.refused if refused else quota.answered)(now, headers)
+
+        async def write(pipe) -> None:
+            self.quota.load(await pipe.hgetall(self.keys.quota))
+            settle(self.quota, time.time())
+            pipe.multi()
+            pipe.hset(self.keys.quota, mapping=self.quota.fields())
+            await pipe.execute()
+
+        try:
+            async with asyncio.timeout(self._settings.redis_timeout):
+                await self._watched(write)
+        except (RedisError, OSError, TimeoutError):
+            settle(self.quota, time.time())  # this node knows, at least
+
+    async def _watched(self, body):
+        """body(pipe) with the cluster's budget WATCHed: its reads see one state, and its
+        transaction fails, to be run again, if another node changed the budget first."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(self.keys.quota, self.keys.buying)
+                    return await body(pipe)
+                except WatchError:
+                    continue
+
+    async def _buy(self) -> list[Photo]:
+        try:
+            return await super()._buy()
+        except KeyRejected as exc:
+            await self._share(self.keys.rejected, str(exc), self._settings.retry_max_delay)
+            raise
+        finally:
+            try:
+                async with asyncio.timeout(self._settings.redis_timeout):
+                    await self.redis.zrem(self.keys.buying, self.node)
+            except (RedisError, OSError, TimeoutError):
+                pass  # it lapses by itself
 
     async def _share(self, key: str, value: str, seconds: float) -> None:
         try:
             async with asyncio.timeout(self._settings.redis_timeout):
                 await self.redis.set(key, value, px=max(1, ms(seconds)))
         except (RedisError, OSError, TimeoutError):
-            pass  # this node pauses anyway; the others find out for themselves
+            pass  # this node knows anyway; the others find out for themselves
+
+
+def _shared_photo(value: str) -> Photo:
+    """A photo from the shared list; its age goes with it, as it is no younger."""
+    bought, _, text = value.partition(" ")
+    result, image = json.loads(text)
+    return Photo(result, image, time.monotonic() - max(0.0, time.time() - int(bought) / 1000))
 
 
 # import / export

@@ -121,8 +121,9 @@ async def test_paging_rejects_bad_values(start_service):
 
 
 async def test_retry_rules(start_service, open_events, fake_unsplash, unsplash_env):
-    fake_unsplash.mode = "500"
-    client = await start_service({**unsplash_env, "JOB_MAX_ATTEMPTS": "2"})
+    fake_unsplash.mode = "500"  # and the job must have a fresh photo, so it fails
+    client = await start_service({**unsplash_env, "JOB_MAX_ATTEMPTS": "2",
+                                  "PHOTO_REUSE": "never"})
     events = await open_events(client)
     [job_id] = await create_jobs(client, 1)
     conflict = await client.post(f"/jobs/{job_id}/retry")

@@ -528,7 +528,7 @@ async def test_failed_job_shows_error_and_retries(service_process, fake, open_pa
     await fake.control(mode="500")
     service = await service_process(service_env(
         fake, JOB_DELAY_MIN="0.3", JOB_DELAY_MAX="0.3", JOB_MAX_ATTEMPTS="2",
-        RETRY_BASE_DELAY="0.01", RETRY_MAX_DELAY="0.05"))
+        RETRY_BASE_DELAY="0.01", RETRY_MAX_DELAY="0.05", PHOTO_REUSE="never"))
     watched = await open_page(service.url)
     page = watched.page
     await wait_live(page)
@@ -573,6 +573,60 @@ async def test_failed_job_shows_error_and_retries(service_process, fake, open_pa
         "document.querySelector('[data-testid=\"announcer\"]').textContent)",
         arg=job_id, timeout=5_000)
 
+    assert watched.navigations == 1
+    watched.assert_clean()
+
+
+async def test_a_reused_photo_says_so_and_a_rejected_key_is_shown(service_process, fake,
+                                                                  open_page, artifacts):
+    """30 jobs use up the one batch bought; then the key is revoked. The next job still
+    resolves on time, with a photo bought before: its credit says "reused" (quietly),
+    and the page tells whoever watches that the key was rejected. Once the key works
+    again, fresh photos come back and the notice goes."""
+    service = await service_process(service_env(
+        fake, JOB_DELAY_MIN="0.3", JOB_DELAY_MAX="0.3", RETRY_MAX_DELAY="0.3"))
+    watched = await open_page(service.url)
+    page = watched.page
+    await wait_live(page)
+    for _ in range(3):
+        await page.click('[data-testid="new-ten"]')
+    await page.wait_for_function(
+        "() => { const li = [...document.querySelectorAll('[data-testid=\"job-list\"] > li')];"
+        " return li.length === 30 && li.every((x) => x.dataset.status === 'resolved'); }",
+        timeout=15_000)
+    first = (await summary(page))["ids"][0]
+    assert await page.locator(f'{row(first)} [data-testid="reused"]').count() == 0
+    async with aiohttp.ClientSession() as http, http.get(f"{service.url}/healthz") as health:
+        assert (await health.json())["photos"]["pool"] == 0  # nothing fresh left to use
+    notice = page.locator('[data-testid="photo-notice"]')
+    assert await notice.is_hidden()
+
+    await fake.control(mode="401")
+    await page.click('[data-testid="new-job"]')
+    await page.wait_for_function(
+        "() => { const li = document.querySelectorAll('[data-testid=\"job-list\"] > li');"
+        " return li.length === 31 && li[0].dataset.status === 'resolved'; }", timeout=5_000)
+    reused = (await summary(page))["ids"][0]
+    job = await api_job(service.url, reused)
+    assert job["image"]["reused"] is True and job["image"]["source"] == "unsplash"
+    await assert_thumb_loaded(page, reused, fake.url)  # Unsplash's own URL, hotlinked
+    credit = page.locator(f'{row(reused)} [data-testid="credit"]')
+    assert await credit.text_content() == f"Photo by {job['image']['author']} on Unsplash · reused"
+    await notice.wait_for(state="visible", timeout=10_000)
+    text = await notice.text_content()
+    assert "rejected" in text and "UNSPLASH_ACCESS_KEY" in text, text
+    assert await notice.get_attribute("data-state") == "key_rejected"
+    await page.screenshot(path=artifacts / "key-rejected.png")
+
+    await fake.control(mode="ok")
+    await page.click('[data-testid="new-job"]')
+    await page.wait_for_function(
+        "() => { const li = document.querySelectorAll('[data-testid=\"job-list\"] > li');"
+        " return li.length === 32 && li[0].dataset.status === 'resolved'; }", timeout=5_000)
+    fresh = (await summary(page))["ids"][0]
+    assert (await api_job(service.url, fresh))["image"]["reused"] is False
+    assert await page.locator(f'{row(fresh)} [data-testid="reused"]').count() == 0
+    await notice.wait_for(state="hidden", timeout=10_000)
     assert watched.navigations == 1
     watched.assert_clean()
 

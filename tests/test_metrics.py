@@ -78,7 +78,9 @@ async def test_rate_limits_and_failures_are_counted(start_service, fake_unsplash
                                                     open_events):
     fake_unsplash.script.extend(["429", "500"])
     fake_unsplash.retry_after = "0.05"
-    client = await start_service({**unsplash_env, "JOB_RETENTION": "0"})
+    # A job that must have a fresh photo waits the rate limit out, and counts the wait.
+    client = await start_service({**unsplash_env, "JOB_RETENTION": "0",
+                                  "PHOTO_REUSE": "never"})
     events = await open_events(client)
     [job_id] = await create_jobs(client, 1)
     await events.resolutions([job_id])
@@ -91,8 +93,9 @@ async def test_rate_limits_and_failures_are_counted(start_service, fake_unsplash
 
 async def test_expiry_and_failed_jobs_are_counted(start_service, fake_unsplash, unsplash_env,
                                                   open_events):
-    fake_unsplash.mode = "401"
-    client = await start_service({**unsplash_env, "JOB_RETENTION": "0.1"})
+    fake_unsplash.mode = "401"  # and the job must have a fresh photo, so it fails
+    client = await start_service({**unsplash_env, "JOB_RETENTION": "0.1",
+                                  "PHOTO_REUSE": "never"})
     events = await open_events(client)
     [job_id] = await create_jobs(client, 1)
     await events.until(lambda name, job: name == "ON_DELETED_JOB" and job["id"] == job_id)

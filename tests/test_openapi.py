@@ -252,7 +252,8 @@ def live(tmp_path_factory):
     service = None
     try:
         fake_url = f"http://127.0.0.1:{json.loads(fake.wait_for(str.strip))['port']}"
-        env = {**os.environ, **FAST_ENV, "PYTHONUNBUFFERED": "1",
+        # Jobs that must have a fresh photo, so that a rejected key makes failed ones.
+        env = {**os.environ, **FAST_ENV, "PYTHONUNBUFFERED": "1", "PHOTO_REUSE": "never",
                "UNSPLASH_ACCESS_KEY": FUZZ_KEY, "UNSPLASH_API_URL": fake_url}
         service = Process([str(ROOT / "jobservice.py"), "--port", "0", "--data", str(data)], env)
         url = listening_url(service)

@@ -236,8 +236,9 @@ async def test_max_pending_jobs_refuses_with_429_and_stores_nothing(start_servic
 
 
 async def test_a_retry_obeys_the_cap(start_service, fake_unsplash, unsplash_env, open_events):
-    fake_unsplash.mode = "401"  # jobs fail at once
-    client = await start_service({**unsplash_env, "MAX_PENDING_JOBS": "1"})
+    fake_unsplash.mode = "401"  # jobs that must have a fresh photo fail at once
+    client = await start_service({**unsplash_env, "MAX_PENDING_JOBS": "1",
+                                  "PHOTO_REUSE": "never"})
     events = await open_events(client)
     [failed] = await create_jobs(client, 1)
     assert (await events.resolutions([failed]))[failed]["status"] == "failed"

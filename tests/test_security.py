@@ -114,8 +114,9 @@ async def test_the_key_never_appears_in_responses_events_files_or_logs(
         service_process, fake_process, jobs_file):
     key = f"KEYMARKER{secrets.token_hex(16)}"
     fake_url = await fake_process(key)
+    # Jobs that must have a fresh photo, so that failures put Unsplash's words in jobs.
     service = await service_process({"UNSPLASH_ACCESS_KEY": key, "UNSPLASH_API_URL": fake_url,
-                                     "JOB_MAX_ATTEMPTS": "2"})
+                                     "JOB_MAX_ATTEMPTS": "2", "PHOTO_REUSE": "never"})
     say = Recorder(service.url)
     events, sio_events = [], []
     async with aiohttp.ClientSession() as http:
@@ -191,7 +192,7 @@ async def test_a_key_echoed_by_the_api_stays_out_of_jobs_and_logs(service_proces
     server = await aiohttp_server(echo_app)
     api = str(server.make_url("")).rstrip("/")
     service = await service_process({"UNSPLASH_ACCESS_KEY": key, "UNSPLASH_API_URL": api,
-                                     "JOB_MAX_ATTEMPTS": "1"})
+                                     "JOB_MAX_ATTEMPTS": "1", "PHOTO_REUSE": "never"})
     say = Recorder(service.url)
     events = []
     async with aiohttp.ClientSession() as http, http.ws_connect(f"{service.url}/ws") as ws:

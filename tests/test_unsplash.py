@@ -2,6 +2,9 @@
 
 Every test drives the service through HTTP and `/ws` only; the network code is never
 mocked. Waiting is always on events (`EventStream.resolutions`), never on sleeps.
+Sections 3 to 6 are about a job that must have a fresh photo (PHOTO_REUSE=never): its
+attempts, its failure, the pauses it waits out. What a due job does by default when no
+fresh photo can come in time is in tests/test_quota.py.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from fake_unsplash import FakeUnsplash
 import jobservice
 
 IMAGE_KEYS = {"id", "thumb", "small", "alt", "author", "authorUrl", "pageUrl", "color",
-              "source"}
+              "source", "reused"}
+NEVER_REUSE = {"PHOTO_REUSE": "never"}
 
 
 class RecordingUnsplash(FakeUnsplash):
@@ -155,7 +159,7 @@ async def test_sixty_jobs_cost_two_calls_and_each_photo_serves_one_job(
 async def test_500_then_bad_json_then_ok_resolves_on_third_attempt(
         start_service, fake_unsplash, unsplash_env, open_events):
     fake_unsplash.script.extend(["500", "badjson"])
-    client = await start_service(unsplash_env)
+    client = await start_service({**unsplash_env, **NEVER_REUSE})
     events = await open_events(client)
     [job] = await run_jobs(client, events, 1)
 
@@ -172,7 +176,7 @@ async def test_stall_beyond_timeout_counts_as_a_failed_attempt(
     timeout = float(FAST_ENV["UNSPLASH_TIMEOUT"])
     fake_unsplash.stall_seconds = timeout + 0.3
     fake_unsplash.script.append("stall")
-    client = await start_service(unsplash_env)
+    client = await start_service({**unsplash_env, **NEVER_REUSE})
     events = await open_events(client)
     [job] = await run_jobs(client, events, 1)
 
@@ -197,7 +201,7 @@ async def test_permanent_failure_fails_after_max_attempts_then_retry_resolves(
         start_service, fake_unsplash, unsplash_env, open_events, mode, cause):
     fake_unsplash.mode = mode
     fake_unsplash.stall_seconds = 0.8
-    client = await start_service({**unsplash_env, "JOB_MAX_ATTEMPTS": "3"})
+    client = await start_service({**unsplash_env, **NEVER_REUSE, "JOB_MAX_ATTEMPTS": "3"})
     events = await open_events(client)
     [job] = await run_jobs(client, events, 1)
 
@@ -231,7 +235,9 @@ async def test_rate_limits_pause_without_costing_attempts(
         start_service, fake_unsplash, unsplash_env, open_events):
     fake_unsplash.retry_after = "0.05"
     fake_unsplash.script.extend(["429", "429", "403-rate"])
-    client = await start_service(unsplash_env)  # RETRY_MAX_DELAY 0.05: the 403's pause
+    # The 403 names no time: the key is spent until the window turns, a window from now.
+    client = await start_service({**unsplash_env, **NEVER_REUSE,
+                                  "UNSPLASH_QUOTA_WINDOW": "0.05"})
     events = await open_events(client)
     [job] = await run_jobs(client, events, 1)
 
@@ -252,7 +258,7 @@ async def test_remaining_zero_pauses_before_the_next_call(
     pause = 0.6
     fake_unsplash.retry_after = str(pause)
     fake_unsplash.script.append("remaining0")
-    client = await start_service(unsplash_env)
+    client = await start_service({**unsplash_env, **NEVER_REUSE})
     events = await open_events(client)
     jobs = await run_jobs(client, events, 31, concurrently=True)
 
@@ -308,7 +314,7 @@ async def test_401_fails_waiting_jobs_at_once_and_never_leaks_the_key(
     caplog.set_level(logging.DEBUG, logger="aiohttp")
     fake_unsplash.retry_after = "0.5"
     fake_unsplash.script.extend(["429", "401"])
-    client = await start_service(unsplash_env)
+    client = await start_service({**unsplash_env, **NEVER_REUSE})
     events = await open_events(client)
     jobs = await run_jobs(client, events, 5, concurrently=True)
 
@@ -331,7 +337,8 @@ async def test_wrong_key_fails_the_job_with_one_call(start_service, fake_unsplas
     caplog.set_level(logging.DEBUG, logger="jobservice")
     caplog.set_level(logging.DEBUG, logger="aiohttp")
     wrong_key = secrets.token_hex(20)
-    client = await start_service({**unsplash_env, "UNSPLASH_ACCESS_KEY": wrong_key})
+    client = await start_service({**unsplash_env, **NEVER_REUSE,
+                                  "UNSPLASH_ACCESS_KEY": wrong_key})
     events = await open_events(client)
     [job] = await run_jobs(client, events, 1)
 
@@ -343,22 +350,31 @@ async def test_wrong_key_fails_the_job_with_one_call(start_service, fake_unsplas
     assert_key_absent(wrong_key, texts + log_texts(caplog))
 
 
+@pytest.mark.parametrize("reuse", ["never", "fallback"])
 @pytest.mark.parametrize("offset", [10, 180], ids=["key-inside-excerpt", "key-across-cut"])
 async def test_key_echoed_in_an_error_body_is_not_passed_on(
-        start_service, fake_unsplash, unsplash_env, open_events, caplog, offset):
+        start_service, fake_unsplash, unsplash_env, open_events, caplog, offset, reuse):
     """An error body (say, from a proxy) that repeats the key must not carry it, or a
-    piece of it, into the job's error. At offset 180 the 40-character key straddles
-    character 200 of the body."""
+    piece of it, into the job's error, or (when the job resolves with a reused photo
+    instead) into /healthz's word on why there are no fresh photos. At offset 180 the
+    40-character key straddles character 200 of the body."""
     caplog.set_level(logging.DEBUG, logger="jobservice")
     caplog.set_level(logging.DEBUG, logger="aiohttp")
     fake_unsplash.script.append(f"echo-key@{offset}")
-    client = await start_service({**unsplash_env, "JOB_MAX_ATTEMPTS": "1"})
+    client = await start_service({**unsplash_env, "PHOTO_REUSE": reuse,
+                                  "JOB_MAX_ATTEMPTS": "1", "RETRY_BASE_DELAY": "60",
+                                  "RETRY_MAX_DELAY": "60"})
     events = await open_events(client)
     [job] = await run_jobs(client, events, 1)
 
     assert fake_unsplash.calls == 1
-    assert job["status"] == "failed", job
-    assert "500" in job["error"], job["error"]
+    if reuse == "never":
+        assert job["status"] == "failed", job
+        assert "500" in job["error"], job["error"]
+    else:
+        assert job["status"] == "resolved" and job["image"]["reused"], job
+        health = await (await client.get("/healthz")).json()
+        assert "500" in health["photos"]["error"], health
     texts = await everything_the_service_says(client, events, [job["id"]])
     assert_key_absent(fake_unsplash.key, texts + log_texts(caplog))
 
