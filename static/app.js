@@ -2,8 +2,8 @@
 // behind the login form when the server wants a token.
 
 import {
-  ApiError, closeSession, createJob, deleteJob, firstPageUrl, getJob, getSession, getStats,
-  listPage, retryJob, setUnauthorizedHandler,
+  ApiError, closeSession, createJob, deleteJob, firstPageUrl, getJob, getPhotoStatus, getSession,
+  getStats, listPage, retryJob, setUnauthorizedHandler,
 } from './js/api.js';
 import { Announcer } from './js/announcer.js';
 import { Connection } from './js/connection.js';
@@ -11,7 +11,9 @@ import { JobList } from './js/list.js';
 import { LoginForm } from './js/login.js';
 import { altText, closeConfirm, openConfirm } from './js/rows.js';
 import { onTick } from './js/ticker.js';
-import { now, shortId } from './js/util.js';
+import {
+  formatClock, now, parseTime, shortId,
+} from './js/util.js';
 import { Viewer } from './js/viewer.js';
 
 const $ = (sel) => document.querySelector(sel);
@@ -36,6 +38,7 @@ const ui = {
   empty: $('#empty'),
   emptyText: $('#empty .empty-text'),
   notice: $('#notice'),
+  photoNotice: $('#photo-notice'),
   live: $('#announcer'),
   viewer: $('[data-testid="viewer"]'),
   board: $('#board'),
@@ -233,6 +236,76 @@ function resetTotals() {
     delete el.dataset.value;
   }
   ui.stats.setAttribute('aria-busy', 'true');
+}
+
+// ---------- photos: say so when fresh ones cannot be had ----------
+
+// Asked when the list loads and when a reused photo arrives (at most every 5 s), and
+// again every minute while the notice shows, so that it goes once fresh photos are back.
+const photoCheck = {
+  timer: null, at: 0, inflight: false, lastStart: -Infinity,
+};
+const PHOTO_CHECK_SOON = 5000;
+const PHOTO_CHECK_AGAIN = 60000;
+
+function photoNoticeText(photos) {
+  const never = photos.reuse === 'never';
+  const meanwhile = never ? 'new jobs wait for one' : 'new jobs show photos used before';
+  if (photos.state === 'key_rejected') {
+    const jobs = never ? 'new jobs fail' : 'new jobs show photos used before';
+    return `Unsplash rejected the service's access key, so no fresh photos can be bought: ${jobs}. `
+      + 'Whoever runs the service must set a valid UNSPLASH_ACCESS_KEY.';
+  }
+  if (photos.state === 'spent') {
+    const until = formatClock(parseTime(photos.windowTurnsAt));
+    const limit = Number.isInteger(photos.limit) ? ` (the key allows ${photos.limit} calls an hour)` : '';
+    return `Fresh photos are used up for now${limit}: ${meanwhile}${until ? ` until ${until}` : ''}.`;
+  }
+  if (photos.state === 'unavailable') return `Unsplash is not answering right now: ${meanwhile} until it does.`;
+  return '';
+}
+
+async function checkPhotos() {
+  const { epoch } = session;
+  photoCheck.timer = null;
+  if (photoCheck.inflight || !session.active) return;
+  photoCheck.inflight = true;
+  photoCheck.lastStart = Date.now();
+  let photos = null;
+  try {
+    photos = await getPhotoStatus();
+  } catch {
+    photos = null; // the next check, or the next reused photo, asks again
+  } finally {
+    photoCheck.inflight = false;
+  }
+  if (epoch !== session.epoch) return;
+  const text = photos ? photoNoticeText(photos) : '';
+  if (ui.photoNotice.textContent !== text) ui.photoNotice.textContent = text;
+  ui.photoNotice.hidden = !text;
+  if (text) {
+    ui.photoNotice.dataset.state = photos.state;
+    schedulePhotoCheck(PHOTO_CHECK_AGAIN);
+  }
+}
+
+/** A check `delay` after the last one began, unless one is due sooner already. */
+function schedulePhotoCheck(delay) {
+  if (!session.active) return;
+  const at = Math.max(Date.now(), photoCheck.lastStart + delay);
+  if (photoCheck.timer !== null) {
+    if (photoCheck.at <= at) return;
+    clearTimeout(photoCheck.timer);
+  }
+  photoCheck.at = at;
+  photoCheck.timer = setTimeout(checkPhotos, at - Date.now());
+}
+
+function resetPhotoNotice() {
+  if (photoCheck.timer !== null) clearTimeout(photoCheck.timer);
+  photoCheck.timer = null;
+  ui.photoNotice.hidden = true;
+  ui.photoNotice.textContent = '';
 }
 
 // ---------- creating jobs (optimistic) ----------
@@ -438,12 +511,17 @@ const connection = new Connection({
     ui.notice.hidden = true;
     if (!first) announcer.say('The job list was reloaded.');
     announceChanges = true;
+    checkPhotos();
   },
   getSince: () => state.lastSeq,
   onJob(_event, job) {
     if (Number.isFinite(job.seq) && job.seq > state.lastSeq) state.lastSeq = job.seq;
     list.apply(job);
     refreshTotals();
+    // A reused photo may mean news; a fresh one while the notice shows, that it is over.
+    if (job.image && (job.image.reused === true || !ui.photoNotice.hidden)) {
+      schedulePhotoCheck(PHOTO_CHECK_SOON);
+    }
   },
   onDeleted(info) {
     if (Number.isFinite(info.seq) && info.seq > state.lastSeq) state.lastSeq = info.seq;
@@ -533,6 +611,7 @@ function clearBoard() {
   renderBadge();
   ui.notice.hidden = true;
   ui.notice.textContent = '';
+  resetPhotoNotice();
 }
 
 /** The login form instead of the board; message says why, if there is something to say. */

@@ -116,6 +116,13 @@ export async function getStats() {
   return data;
 }
 
+/** Where photos come from now (`photos` of /healthz), or null if it does not say. */
+export async function getPhotoStatus() {
+  const { data } = await request('GET', '/healthz');
+  const photos = data && typeof data === 'object' ? data.photos : null;
+  return photos && typeof photos === 'object' && typeof photos.state === 'string' ? photos : null;
+}
+
 /** Deletes (or, for a pending job, cancels) a job. A 404 is an ApiError with status 404. */
 export async function deleteJob(id) {
   await request('DELETE', `/jobs/${encodeURIComponent(id)}`);

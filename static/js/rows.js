@@ -33,6 +33,16 @@ export function buildCredit(image) {
   } else {
     p.append('Photo on ', unsplash);
   }
+  // Shown before: no fresh photo could come in time (the key's budget, or Unsplash).
+  const note = image && image.reused === true
+    ? (image.source === 'catalog' ? 'catalog photo' : 'reused') : '';
+  if (note) {
+    p.append(' · ', h('span', {
+      className: 'credit-note', 'data-testid': 'reused',
+      title: 'No fresh photo could come in time, so this one was shown before.',
+      text: note,
+    }));
+  }
   return p;
 }
 
