@@ -21,6 +21,11 @@ What it measures (see --help for the knobs):
   and the service's RSS per idle polling session.
 * Unsplash efficiency: API calls per resolved job for a burst of 3,000 jobs against
   tests/fake_unsplash.py.
+* Under the Unsplash quota (--only quota), the fake playing a key's limit scaled 100x
+  in time (an hour is 36 s): a demo key (5 calls a window) at 10 jobs/s for 3 minutes,
+  and a production key (500 a window) at 1,000 jobs/s for a minute, delays 5-60 s:
+  resolution lateness p99, the share of fresh photos, the calls made of those the
+  windows allowed, and refused calls.
 * Redis scale-out mode (REDIS_URL), on redis-servers of its own (AOF fsynced always):
   POST /jobs throughput of one node and of two nodes on one Redis as a share of the
   file mode (alternating, same run); event latency from a resolution on node A to a /ws
@@ -69,7 +74,8 @@ LONG_DELAYS = {"JOB_DELAY_MIN": "86400", "JOB_DELAY_MAX": "172800", "JOB_DELAY_S
 SERVICE_VARS = ("HOST", "PORT", "JOBS_FILE", "UNSPLASH_ACCESS_KEY", "UNSPLASH_API_URL",
                 "UNSPLASH_TIMEOUT", "JOB_DELAY_MIN", "JOB_DELAY_MAX", "JOB_DELAY_STEP",
                 "RETRY_BASE_DELAY", "RETRY_MAX_DELAY", "JOB_MAX_ATTEMPTS", "CORS_ORIGINS",
-                "REDIS_URL", "REDIS_PREFIX", "REDIS_TIMEOUT", "JOB_LEASE")
+                "REDIS_URL", "REDIS_PREFIX", "REDIS_TIMEOUT", "JOB_LEASE",
+                "UNSPLASH_QUOTA_WINDOW", "PHOTO_REUSE", "PHOTO_WAIT")
 
 BARE_APP = r'''
 import json, sys, uuid
@@ -1203,6 +1209,79 @@ def bench_unsplash(ctx, results: Results) -> None:
                 ideal=1 / 30, burst_s=burst_seconds, all_resolved_s=all_done)
 
 
+def _quota_run(ctx, label: str, quota: int, rate: int, seconds: int) -> dict:
+    """Jobs at `rate` a second for `seconds`, against a fake key allowed `quota` calls
+    per 36 s window; once every job has resolved, what they resolved with."""
+    window = 36
+    fake_log = open(ctx.workdir / f"fake-{label}.log", "wb")
+    fake = subprocess.Popen([PY, str(FAKE_UNSPLASH), "--port", "0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=fake_log, text=True)
+    server = None
+    mp = multiprocessing.get_context("fork")
+    out = mp.Queue()
+    try:
+        fake_port = json.loads(fake.stdout.readline())["port"]
+        request(fake_port, "POST", "/_control",
+                json.dumps({"quota": quota, "window": window}).encode())
+        server = start_service(ctx.workdir, label, None, {
+            "UNSPLASH_ACCESS_KEY": "test-key",
+            "UNSPLASH_API_URL": f"http://127.0.0.1:{fake_port}",
+            "UNSPLASH_QUOTA_WINDOW": str(window), "JOB_DELAY_MIN": "5",
+            "JOB_DELAY_MAX": "60", "JOB_DELAY_STEP": "0.05", "JOB_RETENTION": "0"})
+        server.wait_healthy()
+        load = mp.Process(target=_soak_load, args=(server.port, rate, seconds, out),
+                          daemon=True)
+        load.start()
+        load.join(seconds + 120)
+        posted = out.get(timeout=60)
+        deadline = time.monotonic() + 180
+        while server.health()["pending"] and time.monotonic() < deadline:
+            time.sleep(1)
+        jobs = json.loads(request(server.port, "GET", "/jobs?status=resolved")[2])
+        windows = json.loads(request(fake_port, "GET", "/_stats")[2])["windows"]
+    finally:
+        if server is not None:
+            server.stop()
+        fake.terminate()
+        fake.wait(10)
+        fake_log.close()
+    late = [parse_iso(job["resolvedAt"]) - parse_iso(job["dueAt"]) for job in jobs]
+    fresh = sum(not (job["image"] or {}).get("reused") for job in jobs)
+    made = sum(window["calls"] for window in windows)
+    span = max(parse_iso(job["dueAt"]) for job in jobs) - min(
+        parse_iso(job["createdAt"]) for job in jobs)
+    allowed = quota * max(1, -(-int(span) // window))
+    return {"jobs": len(jobs), "posted": sum(m["count"] for m in posted.values()),
+            "errors": sum(m["errors"] for m in posted.values()),
+            "lateness_p99_ms": percentile(late, 0.99) * 1000, "lateness_max_ms": max(late) * 1000,
+            "fresh_share": fresh / len(jobs), "calls": made, "allowed": allowed,
+            "refused": sum(window["refused"] for window in windows),
+            "refused_most_in_a_window": max(window["refused"] for window in windows)}
+
+
+def bench_quota(ctx, results: Results) -> None:
+    """On time under the key's quota, at two scaled keys. The fresh share is bounded by
+    what the key sells (30 photos a call): 150 a window against 360 jobs for the demo
+    key, 15,000 against 36,000 for the production key."""
+    runs = {"demo": _quota_run(ctx, "quota-demo", 5, 10, 60 if ctx.quick else 180),
+            "production": _quota_run(ctx, "quota-production", 500, 1000,
+                                     20 if ctx.quick else 60)}
+    results.raw["quota"] = runs
+    for name, run in runs.items():
+        log(f"quota, {name} key: {run}")
+        key = f"{name} key ({'5' if name == 'demo' else '500'} calls per 36 s)"
+        results.add(f"Under a scaled {key}: resolution lateness p99", run["lateness_p99_ms"],
+                    "ms", "< 1,000 ms", run["lateness_p99_ms"] < 1000, fmt="{:.0f}",
+                    max_ms=run["lateness_max_ms"], jobs=run["jobs"], errors=run["errors"])
+        results.add("… fresh photos, share of jobs", run["fresh_share"] * 100, "%", "",
+                    None, fmt="{:.1f}")
+        results.add("… calls made of those the windows allowed", run["calls"] / run["allowed"]
+                    * 100, "%", ">= 60 %", run["calls"] >= 0.6 * run["allowed"],
+                    fmt="{:.0f}", calls=run["calls"], allowed=run["allowed"])
+        results.add("… refused calls (most in one window)", run["refused"], "",
+                    "<= 1 a window", run["refused_most_in_a_window"] <= 1, fmt="{:,.0f}")
+
+
 # --- Redis scale-out mode ----------------------------------------------------------------
 
 
@@ -1694,9 +1773,10 @@ def bench_redis(ctx, results: Results) -> None:
 
 SECTIONS = {"post": bench_post, "access": bench_access, "reads": bench_reads,
             "memory": bench_memory, "restart": bench_restart, "fanout": bench_fanout,
-            "polling": bench_polling, "unsplash": bench_unsplash, "redis": bench_redis,
-            "soak": bench_soak}
-DEFAULT_SECTIONS = [name for name in SECTIONS if name != "soak"]  # soak: --only soak
+            "polling": bench_polling, "unsplash": bench_unsplash, "quota": bench_quota,
+            "redis": bench_redis, "soak": bench_soak}
+# soak and quota take minutes of wall clock each: --only soak, --only quota
+DEFAULT_SECTIONS = [name for name in SECTIONS if name not in ("soak", "quota")]
 
 
 class Context:
