@@ -200,7 +200,9 @@ def start_service(aiohttp_client, jobs_file, backend):
     async def start(env: dict | None = None, *, path: Path | None = None):
         settings = jobservice.load_settings(
             ["--data", str(path or jobs_file)], {**FAST_ENV, **backend, **(env or {})})
-        return await aiohttp_client(jobservice.create_app(settings))
+        client = await aiohttp_client(jobservice.create_app(settings))
+        await client.app[jobservice.STORE].until_ready()  # a Redis-mode node loads first
+        return client
 
     return start
 
