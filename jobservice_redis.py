@@ -583,6 +583,9 @@ class RedisJobStore(JobStore):
                     self._settle()
                     for listener in self.replaced:
                         listener()
+                    if self._tail_fault is not None:  # what it loaded is this Redis's own
+                        self._tail_fault = None
+                        self._recovered()
                     continue
                 if self._tail_fault is not None and not await self._history_kept():
                     await self._skip_lost_changes()
@@ -639,10 +642,13 @@ class RedisJobStore(JobStore):
             seq, here, first = await pipe.execute()
         if int(seq or 0) < self.seq:
             return False
+        if self._last_text is None:  # loaded, and nothing applied since: the seq says all
+            return True
         if here:
-            return self._last_text is None or here[0][1]["r"] == self._last_text
-        # Not there: trimmed (the tail finds the gap and reloads), or never written here.
-        return not first or int(first[0][0].partition("-")[0]) > self.seq
+            return here[0][1]["r"] == self._last_text
+        # Not there: trimmed (the tail finds the gap and reloads), or never written here
+        # (trimming keeps thousands of entries: an empty stream lost them too).
+        return bool(first) and int(first[0][0].partition("-")[0]) > self.seq
 
     async def _skip_lost_changes(self) -> None:
         log.error("Redis at %s lacks changes this node applied (up to seq %d): a replica "

@@ -1655,6 +1655,103 @@ def _redis_memory(ctx, results: Results) -> None:
                 rss_empty_mb=rss_empty / 2**20, rss_full_mb=rss_full / 2**20)
 
 
+def _ping_loop(port: int, stop, out) -> None:
+    """In a process of its own: PING Redis every 5 ms until told to stop; the slowest
+    answer, and how many there were."""
+    import redis as redis_py
+    client = redis_py.Redis(host="127.0.0.1", port=port, socket_timeout=60)
+    slowest, count = 0.0, 0
+    while not stop.is_set():
+        started = time.perf_counter()
+        client.ping()
+        took = time.perf_counter() - started
+        slowest, count = max(slowest, took), count + 1
+        time.sleep(max(0.0, 0.005 - took))
+    client.close()
+    out.put((slowest, count))
+
+
+def _import(ctx, redis: RedisServer, prefix: str, snapshot: Path) -> None:
+    done = subprocess.run([PY, str(SERVICE), "import", str(snapshot)], cwd=ROOT,
+                          env=service_env({"REDIS_URL": redis.url, "REDIS_PREFIX": prefix}),
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"import failed ({done.returncode}): {done.stderr[-2000:]}")
+
+
+def _redis_start(ctx, results: Results) -> None:
+    """A node's start on a Redis that holds N pending jobs (imported): process start to
+    /healthz 200, the slowest PING another client saw meanwhile (one every 5 ms), the
+    node's peak RSS while loading (VmHWM) and its RSS per job after, against an empty
+    node's RSS."""
+    sizes = [25_000] if ctx.quick else [300_000] + ([1_000_000] if ctx.million else [])
+    raw = results.raw["redis"]["start"] = {}
+    mp = multiprocessing.get_context("fork")
+    for size in sizes:
+        snapshot = ctx.snapshots.get(size)[0]
+        with redis_cluster(ctx, f"redis-start-{size}", 0) as (redis, _, _prefix):
+            empty = start_redis_node(ctx, redis, f"bench-{uuid.uuid4().hex[:8]}:", "redis-empty")
+            try:
+                empty.wait_healthy()
+                time.sleep(0.5)
+                rss_empty = empty.rss()
+            finally:
+                empty.stop()
+            prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+            started = time.monotonic()
+            _import(ctx, redis, prefix, snapshot)
+            log(f"redis start: imported {size:,} jobs in {time.monotonic() - started:.1f} s")
+            while any(redis.client.info("persistence")[key] for key in (  # the AOF rewrite
+                    "aof_rewrite_in_progress", "aof_rewrite_scheduled")):  # after the import
+                time.sleep(0.2)
+            redis.client.config_set("latency-monitor-threshold", 1)  # ms: Redis's own view
+            redis.client.execute_command("LATENCY", "RESET")
+            stop, out = mp.Event(), mp.Queue()
+            pinger = mp.Process(target=_ping_loop, args=(redis.port, stop, out), daemon=True)
+            pinger.start()
+            time.sleep(0.5)
+            node = start_redis_node(ctx, redis, prefix, f"redis-start-{size}-node")
+            try:
+                ready_s = node.wait_healthy(timeout=600)
+                time.sleep(0.5)
+                stop.set()
+                slowest, pings = out.get(timeout=60)
+                pinger.join(10)
+                rss, peak, jobs = node.rss(), node.status("VmHWM"), node.health()["jobs"]
+                # [event, when, latest ms, max ms]: "command" is a command that ran long
+                events = {event: worst for event, _, _, worst in
+                          redis.client.execute_command("LATENCY", "LATEST")}
+            finally:
+                node.stop()
+                if pinger.is_alive():
+                    pinger.kill()
+        per_job = (rss - rss_empty) / max(jobs, 1)
+        peak_share = (peak - rss_empty) / max(rss - rss_empty, 1)
+        raw[size] = {"ready_s": ready_s, "slowest_ping_ms": slowest * 1000, "pings": pings,
+                     "redis_latency_events_max_ms": events,
+                     "rss": rss, "rss_peak": peak, "rss_empty": rss_empty, "jobs": jobs}
+        log(f"redis start @ {size:,}: ready in {ready_s:.2f} s, slowest PING "
+            f"{slowest * 1000:.1f} ms of {pings:,} (Redis's latency monitor: {events}), "
+            f"RSS {rss / 2**20:.0f} MiB "
+            f"({per_job:,.0f} B a job), peak {peak / 2**20:.0f} MiB")
+        big = size >= 300_000
+        results.add(f"Redis-mode node start to /healthz 200 @ {size:,} jobs", ready_s, "s",
+                    "< 5 s" if size == 300_000 else "", ready_s < 5 if size == 300_000
+                    else None, fmt="{:.2f}", jobs_loaded=jobs)
+        results.add(f"Redis-mode node start @ {size:,} jobs: slowest PING of another client "
+                    "(every 5 ms)", slowest * 1000, "ms", "< 50 ms" if big else "",
+                    slowest < 0.05 if big else None, fmt="{:.1f}", pings=pings,
+                    redis_slowest_command_ms=events.get("command", 0),
+                    note="Redis's latency monitor (threshold 1 ms) counts the server's own "
+                         "stalls; the PING time also holds the client's waits for a CPU")
+        results.add(f"Redis-mode node start @ {size:,} jobs: RSS per job after", per_job, "B",
+                    "<= 1.5 KB" if big else "", per_job <= 1536 if big else None,
+                    fmt="{:,.0f}", rss_mb=rss / 2**20, rss_empty_mb=rss_empty / 2**20)
+        results.add(f"Redis-mode node start @ {size:,} jobs: peak RSS while loading, over "
+                    "the registry's", peak_share, "x", "<= 1.5x", peak_share <= 1.5,
+                    fmt="{:.2f}", peak_mb=peak / 2**20)
+
+
 def bench_redis(ctx, results: Results) -> None:
     """The Redis scale-out mode (REDIS_URL), each part on its own fresh redis-server."""
     missing = None
@@ -1675,7 +1772,9 @@ def bench_redis(ctx, results: Results) -> None:
     ctx.redis_problems = []
     results.raw["redis"] = {"version": version, "problems": ctx.redis_problems}
     failed = []
-    for part in (_redis_throughput, _redis_event_latency, _redis_fanout_rows, _redis_memory):
+    parts = (_redis_throughput, _redis_event_latency, _redis_fanout_rows, _redis_memory,
+             _redis_start)
+    for part in ctx.redis_parts or parts:
         try:
             part(ctx, results)
         except Exception as exc:  # the other parts still run
@@ -1697,6 +1796,7 @@ SECTIONS = {"post": bench_post, "access": bench_access, "reads": bench_reads,
             "polling": bench_polling, "unsplash": bench_unsplash, "redis": bench_redis,
             "soak": bench_soak}
 DEFAULT_SECTIONS = [name for name in SECTIONS if name != "soak"]  # soak: --only soak
+REDIS_PARTS = ["throughput", "event_latency", "fanout_rows", "memory", "start"]
 
 
 class Context:
@@ -1722,6 +1822,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", action="append", choices=sorted(SECTIONS),
                         help="run only these sections (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder and logs")
+    parser.add_argument("--redis-part", action="append", choices=REDIS_PARTS,
+                        help="of the redis section, run only these parts (repeatable)")
     parser.add_argument("--soak-minutes", type=int, default=10,
                         help="length of the soak run (--only soak; default 10)")
     parser.add_argument("--soak-rate", type=int, default=1000,
@@ -1734,6 +1836,7 @@ def main(argv=None) -> int:
     ctx.duration, ctx.repeats, ctx.resolutions = args.duration, args.repeats, args.resolutions
     ctx.pairs = args.pairs
     ctx.million, ctx.memory_jobs = args.million, 100_000
+    ctx.redis_parts = [globals()[f"_redis_{name}"] for name in args.redis_part or ()]
     ctx.soak_minutes, ctx.soak_rate = args.soak_minutes, args.soak_rate
     if args.quick:
         ctx.duration, ctx.repeats, ctx.resolutions, ctx.million = 1.0, 1, 3, False

@@ -61,13 +61,16 @@ def free_port() -> int:
 
 class RedisServer:
     """A redis-server of the test's own, as durable as the README recommends: every
-    write is in the append-only file, fsynced, before it is acknowledged."""
+    write is in the append-only file, fsynced, before it is acknowledged (unless
+    `persistent` is false: then a restart starts empty). `args` are added to its own."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, persistent: bool = True, args=()):
         self.folder = folder
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
+        self.persistent = persistent
+        self.args = list(args)
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         binary = shutil.which("redis-server")
@@ -77,8 +80,9 @@ class RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-             "--protected-mode", "no", "--logfile", str(self.folder / "redis.log")])
+             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
+             "--save", "", "--protected-mode", "no", "--logfile",
+             str(self.folder / "redis.log"), *self.args])
         deadline = timeout
         while deadline > 0:
             try:
