@@ -11,13 +11,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import signal
 import time
 
 import aiohttp
+import pytest
 import redis.asyncio
-from conftest import ServiceProcess
-from test_cluster import RESOLVED, health, quiet_until, watch  # noqa: F401
+from conftest import Sentinels, ServiceProcess
+from test_cluster import CREATED, RESOLVED, health, post, quiet_until, watch  # noqa: F401
 from test_cluster_start import listing
+
+import jobservice
 
 
 async def test_a_primary_killed_under_load_fails_over_and_loses_nothing_acknowledged(
@@ -125,3 +129,68 @@ async def test_a_primary_killed_under_load_fails_over_and_loses_nothing_acknowle
             if node.process and node.process.returncode is None:
                 node.process.kill()
                 await node.process.wait()
+
+
+async def test_a_change_no_replica_confirms_is_refused_and_appears_once_one_does(
+        tmp_path, watch, http):
+    """REDIS_MIN_REPLICAS_ACK=1 and the only replica stopped (SIGSTOP): a POST gets 503
+    within about REDIS_TIMEOUT, and no client hears of the job. The script did store it,
+    so once the replica answers again it appears, on every node, and resolves, as a job
+    whose 201 was lost would."""
+    group = Sentinels(tmp_path / "redis", replicas=1, sentinels=0).start()
+    env = {"REDIS_URL": group.primary.url, "REDIS_MIN_REPLICAS_ACK": "1",
+           "REDIS_TIMEOUT": "0.5"}
+    nodes = [ServiceProcess(tmp_path / f"node{n}.json", env) for n in range(2)]
+    try:
+        await asyncio.gather(*(node.start() for node in nodes))
+        a, b = nodes
+        streams = [await watch(node) for node in nodes]
+        stream = streams[1]
+        first = await post(http, a)
+        for each in streams:
+            await each.resolutions([first])
+
+        replica = group.replicas[0].process
+        replica.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            async with http.post(f"{a.url}/jobs") as response:
+                body = await response.json()
+            assert response.status == 503, body
+            assert "replicas confirmed" in body["error"]["message"]
+            assert time.monotonic() - started < 3 * 0.5 + 1
+            assert [job["id"] for job in (await listing(http, b))[0]] == [first]
+        finally:
+            replica.send_signal(signal.SIGCONT)
+        _, job = await stream.until(lambda name, job: name == CREATED)
+        assert job["id"] != first and job["status"] == "pending"
+        for each in streams:
+            await each.resolutions([job["id"]])
+        for node in nodes:
+            assert [item["id"] for item in (await listing(http, node))[0]] == [first, job["id"]]
+        assert (await health(http, a))["storage"] == "ok"
+    finally:
+        for node in nodes:
+            if node.process and node.process.returncode is None:
+                node.process.kill()
+                await node.process.wait()
+        group.stop()
+
+
+def test_sentinel_settings_are_checked():
+    def error(env: dict) -> str:
+        with pytest.raises(jobservice.ConfigError) as caught:
+            jobservice.load_settings([], env)
+        return str(caught.value)
+
+    assert "REDIS_SENTINELS" in error({"REDIS_SENTINELS": "localhost",
+                                       "REDIS_SENTINEL_MASTER": "jobs"})
+    assert "go together" in error({"REDIS_SENTINELS": "10.0.0.5:26379"})
+    assert "set one of them" in error({"REDIS_SENTINELS": "10.0.0.5:26379",
+                                       "REDIS_SENTINEL_MASTER": "jobs",
+                                       "REDIS_URL": "redis://10.0.0.6/0"})
+    assert "REDIS_MIN_REPLICAS_ACK" in error({"REDIS_MIN_REPLICAS_ACK": "one"})
+    settings = jobservice.load_settings([], {"REDIS_SENTINELS": "10.0.0.5:26379,[::1]:26380",
+                                             "REDIS_SENTINEL_MASTER": "jobs"})
+    assert settings.redis and settings.redis_sentinels == (("10.0.0.5", 26379),
+                                                           ("::1", 26380))
