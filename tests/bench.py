@@ -50,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -1211,13 +1212,13 @@ class RedisServer(Server):
     the append-only file fsynced on every write (as durable as the file mode's fsync per
     batch), no RDB snapshots. Stopped by its own pid, like the services."""
 
-    def __init__(self, workdir: Path, name: str = "redis"):
+    def __init__(self, workdir: Path, name: str = "redis", args=()):
         port = free_port()
         folder = workdir / f"{name}-{port}"
         folder.mkdir()
         super().__init__(name, ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                                 "--dir", str(folder), "--appendonly", "yes",
-                                "--appendfsync", "always", "--save", ""],
+                                "--appendfsync", "always", "--save", "", *args],
                          dict(os.environ), folder / "redis.log", port)
         self.url = f"redis://127.0.0.1:{port}/0"
         self.client = None
@@ -1752,6 +1753,156 @@ def _redis_start(ctx, results: Results) -> None:
                     fmt="{:.2f}", peak_mb=peak / 2**20)
 
 
+def _replica_of(ctx, primary: RedisServer, name: str) -> RedisServer:
+    """A replica of `primary` (the same AOF settings), once it is in sync."""
+    replica = RedisServer(ctx.workdir, name, ["--replicaof", "127.0.0.1", str(primary.port)])
+    replica.wait_healthy()
+    while replica.client.info("replication")["master_link_status"] != "up":
+        time.sleep(0.02)
+    return replica
+
+
+def _redis_replicas(ctx, results: Results) -> None:
+    """POST /jobs on one node whose Redis has one replica, REDIS_MIN_REPLICAS_ACK=1 (a
+    WAIT after each read of the stream) against 0, alternating, in the same run."""
+    runs: dict = {"0": [], "1": []}
+    for repeat in range(ctx.repeats):
+        for ack in ("0", "1") if repeat % 2 == 0 else ("1", "0"):
+            redis = RedisServer(ctx.workdir, f"replicas-{ack}-primary",
+                                ["--repl-diskless-sync-delay", "0"])
+            replica = node = None
+            try:
+                redis.wait_healthy()
+                replica = _replica_of(ctx, redis, f"replicas-{ack}-replica")
+                node = start_redis_node(ctx, redis, "bench:", f"replicas-{ack}-node",
+                                        {"REDIS_MIN_REPLICAS_ACK": ack})
+                node.wait_healthy()
+                url = f"http://127.0.0.1:{node.port}"
+                ctx.wrk.run(url + "/healthz", "get", 1)
+                run = ctx.wrk.run(url + "/jobs", "post", ctx.duration)
+            finally:
+                for server in (node, replica, redis):
+                    if server is not None:
+                        server.stop()
+                if node is not None:
+                    ctx.redis_problems.extend(f"{node.name}: {line}"
+                                              for line in _log_problems(node))
+            runs[ack].append(run)
+            log(f"POST /jobs, one replica, REDIS_MIN_REPLICAS_ACK={ack}: {run['rps']:,.0f} "
+                f"req/s, p99 {run['p99_ms']:.1f} ms, errors {run['errors']}")
+    ratios = [one["rps"] / zero["rps"] for zero, one in zip(runs["0"], runs["1"], strict=True)]
+    results.raw["redis"]["replicas"] = {"runs": runs, "ratios": ratios}
+    results.add("POST /jobs Redis mode, 1 node, one replica: REDIS_MIN_REPLICAS_ACK=1, share "
+                "of =0", median(ratios) * 100, "%", fmt="{:.0f}", per_repeat=ratios,
+                rps_ack0=median([run["rps"] for run in runs["0"]]),
+                rps_ack1=median([run["rps"] for run in runs["1"]]),
+                p99_ms_ack0=median([run["p99_ms"] for run in runs["0"]]),
+                p99_ms_ack1=median([run["p99_ms"] for run in runs["1"]]),
+                errors=sum(run["errors"] for runs_ in runs.values() for run in runs_))
+
+
+def _sentinel_conf(folder: Path, port: int, primary: int) -> Path:
+    config = folder / "sentinel.conf"
+    config.write_text(f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {folder}\n"
+                      f"sentinel monitor jobs 127.0.0.1 {primary} 2\n"
+                      "sentinel down-after-milliseconds jobs 1000\n"
+                      "sentinel failover-timeout jobs 2000\n")
+    return config
+
+
+def _redis_failover(ctx, results: Results) -> None:
+    """A primary, a replica, three sentinels (down after 1 s) and two nodes with
+    REDIS_MIN_REPLICAS_ACK=1 under POST load (a client per node, back to back): the
+    primary is SIGKILLed and comes back as the new primary's replica once Sentinel has
+    switched. Failover time: the kill to the first 201 on every node; 201s lost."""
+    import redis as redis_py
+    primary = RedisServer(ctx.workdir, "failover-primary", ["--repl-diskless-sync-delay", "0"])
+    servers: list[Server] = [primary]
+    try:
+        primary.wait_healthy()
+        replica = _replica_of(ctx, primary, "failover-replica")
+        replica.client.config_set("repl-diskless-sync-delay", 0)
+        servers.append(replica)
+        ports = [free_port() for _ in range(3)]
+        for port in ports:
+            folder = ctx.workdir / f"sentinel-{port}"
+            folder.mkdir()
+            servers.append(Server(f"sentinel-{port}", [
+                "redis-server", str(_sentinel_conf(folder, port, primary.port)), "--sentinel"],
+                dict(os.environ), folder / "sentinel.log", port))
+        watcher = redis_py.Redis(port=ports[0], decode_responses=True, socket_timeout=30)
+        while True:  # every sentinel knows the others and the replica: polled, like health
+            states = [redis_py.Redis(port=port, decode_responses=True).sentinel_master("jobs")
+                      for port in ports]
+            if all(state["num-other-sentinels"] == 2 and state["num-slaves"] == 1
+                   for state in states):
+                break
+            time.sleep(0.1)
+        env = {"REDIS_SENTINELS": ",".join(f"127.0.0.1:{port}" for port in ports),
+               "REDIS_SENTINEL_MASTER": "jobs", "REDIS_MIN_REPLICAS_ACK": "1",
+               "REDIS_TIMEOUT": "1"}
+        nodes = [start_service(ctx.workdir, f"failover-node{n}", None, {**LONG_DELAYS, **env})
+                 for n in range(2)]
+        servers.extend(nodes)
+        for node in nodes:
+            node.wait_healthy()
+        switched = watcher.pubsub()
+        switched.subscribe("+switch-master")
+        switched.get_message(timeout=5)
+        acknowledged: list[str] = []
+        first_after: dict[int, float] = {}
+        stop, killed = [False], [0.0]
+
+        def load(node: Server) -> None:
+            while not stop[0]:
+                status, _, body = request(node.port, "POST", "/jobs", b"{}")
+                if status == 201:
+                    acknowledged.append(json.loads(body)["id"])
+                    if killed[0] and node.port not in first_after:
+                        first_after[node.port] = time.monotonic()
+        threads = [threading.Thread(target=load, args=(node,)) for node in nodes]
+        for thread in threads:
+            thread.start()
+        time.sleep(2.0)  # load running
+        primary.proc.kill()
+        primary.proc.wait()
+        killed[0] = time.monotonic()
+        while (message := switched.get_message(timeout=30)) is None:
+            pass
+        switch_s = time.monotonic() - killed[0]
+        _, _, _, host, port = message["data"].split()
+        back = RedisServer(ctx.workdir, "failover-old-primary", [
+            "--replicaof", host, port, "--repl-diskless-sync-delay", "0"])
+        servers.append(back)
+        deadline = time.monotonic() + 60
+        while len(first_after) < len(nodes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop[0] = True
+        for thread in threads:
+            thread.join(30)
+        failover_s = max(first_after.values()) - killed[0] if len(first_after) == len(nodes) \
+            else None
+        new_primary = redis_py.Redis(port=int(port), decode_responses=True)
+        stored = set(new_primary.hkeys("jobservice:jobs"))
+        lost = len(set(acknowledged) - stored)
+        switched.close()
+        watcher.close()
+        new_primary.close()
+    finally:
+        for server in reversed(servers):
+            server.stop()
+    results.raw["redis"]["failover"] = {"switch_s": switch_s, "failover_s": failover_s,
+                                        "acknowledged": len(acknowledged), "lost": lost}
+    log(f"failover: Sentinel switched after {switch_s:.2f} s; every node's POST answered 201 "
+        f"again after {failover_s} s; {len(acknowledged):,} acknowledged, {lost} lost")
+    results.add("Failover (primary SIGKILLed under POST load, REDIS_MIN_REPLICAS_ACK=1): the "
+                "kill to a 201 on every node", failover_s, "s", "< 15 s, 0 lost",
+                failover_s is not None and failover_s < 15 and lost == 0, fmt="{:.2f}",
+                sentinel_switch_s=switch_s, acknowledged=len(acknowledged), lost=lost,
+                note="down-after-milliseconds 1000; the dead primary comes back as the new "
+                     "one's replica right after the switch")
+
+
 def bench_redis(ctx, results: Results) -> None:
     """The Redis scale-out mode (REDIS_URL), each part on its own fresh redis-server."""
     missing = None
@@ -1773,7 +1924,7 @@ def bench_redis(ctx, results: Results) -> None:
     results.raw["redis"] = {"version": version, "problems": ctx.redis_problems}
     failed = []
     parts = (_redis_throughput, _redis_event_latency, _redis_fanout_rows, _redis_memory,
-             _redis_start)
+             _redis_start, _redis_replicas, _redis_failover)
     for part in ctx.redis_parts or parts:
         try:
             part(ctx, results)
@@ -1796,7 +1947,8 @@ SECTIONS = {"post": bench_post, "access": bench_access, "reads": bench_reads,
             "polling": bench_polling, "unsplash": bench_unsplash, "redis": bench_redis,
             "soak": bench_soak}
 DEFAULT_SECTIONS = [name for name in SECTIONS if name != "soak"]  # soak: --only soak
-REDIS_PARTS = ["throughput", "event_latency", "fanout_rows", "memory", "start"]
+REDIS_PARTS = ["throughput", "event_latency", "fanout_rows", "memory", "start", "replicas",
+               "failover"]
 
 
 class Context:
