@@ -32,6 +32,7 @@ Redis Cluster is not supported; one primary (with replicas and Sentinel, if you 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import heapq
 import itertools
@@ -546,7 +547,12 @@ class RedisJobStore(JobStore):
         waiters = self._waiters
         while waiters and waiters[0][0] <= self.seq:
             settle(heapq.heappop(waiters)[2])
-        for seq in [seq for seq in self._mine if seq <= self.seq]:
+        done = []
+        for seq in self._mine:  # in the order written, which is seq order (but for a
+            if seq > self.seq:  # failover's lost seqs, which hold the rest up a moment)
+                break
+            done.append(seq)
+        for seq in done:
             record, future = self._mine.pop(seq)
             held = self.jobs.get(record.id)
             if record is not self._applied.pop(seq, None) and (
@@ -946,7 +952,8 @@ async def import_file(settings: Settings, path: Path, force: bool) -> str:
     seq = max([seq, len(jobs), *(job.seq for job in jobs),
                *(tomb.seq for tomb in deleted.values())])
     keys = Keys(settings.redis_prefix)
-    client = connect(settings)
+    # One transaction of every job: at a million, minutes of sending, before any node runs.
+    client = connect(dataclasses.replace(settings, redis_timeout=max(600, settings.redis_timeout)))
     try:
         stored = await client.hgetall(keys.jobs)
         history = int(await client.get(keys.seq) or 0)
