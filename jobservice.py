@@ -2969,7 +2969,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 # --- Application factory ------------------------------------------------------------
 # create_app() wires the pieces; its lifecycle loads the store before the first
-# request is served and, on shutdown, closes sockets, then finishes writing.
+# request is served (a Redis-mode store finishes loading while /healthz answers) and,
+# on shutdown, closes sockets, then finishes writing.
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", JobStore)

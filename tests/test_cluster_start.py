@@ -9,12 +9,14 @@ and Redis stalls that node's load at a point known by bytes, not by time.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from urllib.parse import urlsplit
 
 import aiohttp
-from conftest import EventStream, RedisServer, ServiceProcess, free_port
+import jsonschema_rs
+from conftest import ROOT, EventStream, RedisServer, ServiceProcess, free_port
 from test_cluster import CREATED, RESOLVED, cluster, health, post, redis_client, watch  # noqa: F401
 
 import jobservice
@@ -76,12 +78,19 @@ async def test_a_node_loading_while_another_writes_ends_with_exactly_its_jobs(
     starting = asyncio.create_task(b.start(60))
     try:
         await asyncio.wait_for(proxy.held.wait(), 20)
+        doc = json.loads((ROOT / "static" / "openapi.json").read_text())
         async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
-            assert response.status == 503
-            assert (await response.json())["status"] == "loading"
+            assert response.status == 503 and response.headers["Retry-After"] == "1"
+            body = await response.json()
+            assert body["status"] == "loading"
+            jsonschema_rs.validate(doc["paths"]["/healthz"]["get"]["responses"]["503"]
+                                   ["content"]["application/json"]["schema"], body)
         async with http.get(f"http://127.0.0.1:{port}/jobs") as response:
             assert response.status == 503
-            assert (await response.json())["error"]["code"] == "loading"
+            body = await response.json()
+            assert body["error"]["code"] == "loading"
+            jsonschema_rs.validate({"$ref": "#/components/schemas/Error",
+                                    "components": doc["components"]}, body)
 
         # Meanwhile, on A: every kind of change, to jobs B has and has not read yet.
         for job_id in ids["pending"][::10] + ids["resolved"][::10]:
