@@ -1,7 +1,8 @@
 """jobservice's scale-out mode: any number of processes, on one machine or many, pointed
 at one Redis, are one service.
 
-Imported only when REDIS_URL is set (redis-py is the optional extra `jobservice[redis]`).
+Imported only when REDIS_URL or REDIS_SENTINELS is set (redis-py is the optional extra
+`jobservice[redis]`).
 It implements the same seams as the embedded mode, so the handlers, the event hub and
 Socket.IO cannot tell the two apart:
 

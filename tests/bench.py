@@ -26,7 +26,11 @@ What it measures (see --help for the knobs):
   file mode (alternating, same run); event latency from a resolution on node A to a /ws
   client on node B; fan-out to 3,000 /ws clients over 3 nodes; Redis used_memory per
   pending job (imported, and created by POST with its stream entries) and a node's RSS
-  per job of its replica.
+  per job of its replica; a node's start on 300,000 and 1,000,000 jobs (time to /healthz
+  200, the slowest PING of another client every 5 ms and Redis's latency monitor, RSS
+  per job and its peak while loading); POST with REDIS_MIN_REPLICAS_ACK=1 against 0 on
+  one replica; and a failover (primary SIGKILLed under load, three sentinels): the kill
+  to a 201 on every node, and how many 201s were lost. `--redis-part` picks parts.
 
 Stores are pre-populated by writing a snapshot in the service's own format
 ({"version":1,"seq":N,"jobs":[...]}) with pending jobs due far in the future.
