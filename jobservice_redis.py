@@ -2,9 +2,8 @@
 at one Redis, are one service.
 
 Imported only when REDIS_URL or REDIS_SENTINELS is set (redis-py is the optional extra
-`jobservice[redis]`).
-It implements the same seams as the embedded mode, so the handlers, the event hub and
-Socket.IO cannot tell the two apart:
+`jobservice[redis]`). It implements the same seams as the embedded mode, so the
+handlers, the event hub and Socket.IO cannot tell the two apart:
 
 - the store: every change is made by one Lua script that checks it, numbers it (one
   INCR for the whole cluster), stores it and appends it to a stream whose entry ids are

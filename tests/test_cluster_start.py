@@ -77,51 +77,57 @@ async def test_a_node_loading_while_another_writes_ends_with_exactly_its_jobs(
         "REDIS_TIMEOUT": "30"}, args=["--port", str(port)])
     starting = asyncio.create_task(b.start(60))
     try:
-        await asyncio.wait_for(proxy.held.wait(), 20)
-        doc = json.loads((ROOT / "static" / "openapi.json").read_text())
-        async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
-            assert response.status == 503 and response.headers["Retry-After"] == "1"
-            body = await response.json()
-            assert body["status"] == "loading"
-            jsonschema_rs.validate(doc["paths"]["/healthz"]["get"]["responses"]["503"]
-                                   ["content"]["application/json"]["schema"], body)
-        async with http.get(f"http://127.0.0.1:{port}/jobs") as response:
-            assert response.status == 503
-            body = await response.json()
-            assert body["error"]["code"] == "loading"
-            jsonschema_rs.validate({"$ref": "#/components/schemas/Error",
-                                    "components": doc["components"]}, body)
+        try:
+            await asyncio.wait_for(proxy.held.wait(), 20)
+            doc = json.loads((ROOT / "static" / "openapi.json").read_text())
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                assert response.status == 503 and response.headers["Retry-After"] == "1"
+                body = await response.json()
+                assert body["status"] == "loading"
+                jsonschema_rs.validate(doc["paths"]["/healthz"]["get"]["responses"]["503"]
+                                       ["content"]["application/json"]["schema"], body)
+            async with http.get(f"http://127.0.0.1:{port}/jobs") as response:
+                assert response.status == 503
+                body = await response.json()
+                assert body["error"]["code"] == "loading"
+                jsonschema_rs.validate({"$ref": "#/components/schemas/Error",
+                                        "components": doc["components"]}, body)
 
-        # Meanwhile, on A: every kind of change, to jobs B has and has not read yet.
-        for job_id in ids["pending"][::10] + ids["resolved"][::10]:
-            async with http.delete(f"{a.url}/jobs/{job_id}") as response:
-                assert response.status == 204
-        retried = ids["failed"][::10]
-        for job_id in retried:
-            async with http.post(f"{a.url}/jobs/{job_id}/retry") as response:
-                assert response.status == 202
-        created = [await post(http, a) for _ in range(200)]
-        resolved = await stream.resolutions(retried + created, 30)
-        assert all(job["status"] == "resolved" for job in resolved.values())
-        assert not starting.done(), "B was ready while its load was held"
+            # Meanwhile, on A: every kind of change, to jobs B has and has not read yet.
+            for job_id in ids["pending"][::10] + ids["resolved"][::10]:
+                async with http.delete(f"{a.url}/jobs/{job_id}") as response:
+                    assert response.status == 204
+            retried = ids["failed"][::10]
+            for job_id in retried:
+                async with http.post(f"{a.url}/jobs/{job_id}/retry") as response:
+                    assert response.status == 202
+            created = [await post(http, a) for _ in range(200)]
+            resolved = await stream.resolutions(retried + created, 30)
+            assert all(job["status"] == "resolved" for job in resolved.values())
+            assert not starting.done(), "B was ready while its load was held"
+        finally:
+            proxy.release()
+        await starting
+
+        jobs_a, seq_a = await listing(http, a)
+        jobs_b, seq_b = await listing(http, b)
+        assert seq_b == seq_a == 6000 + 400 + 2 * 200 + 2 * 200
+        assert jobs_b == jobs_a, "B holds exactly A's jobs, in A's order"
+        assert len(jobs_a) == 6000 - 400 + 200
+        async with http.get(f"{b.url}/jobs/stats") as stats_b, \
+                http.get(f"{a.url}/jobs/stats") as stats_a:
+            assert await stats_b.json() == await stats_a.json()
+        loaded = next(match for line in b.log if (match := LOADED.search(line)))
+        assert int(loaded.group(4)) == seq_a - 6000, "the changes made while B loaded were replayed"
+        # And B goes on live: a job created on A now reaches B's clients.
+        events = await watch(b)
+        marker = await post(http, a)
+        await events.until(lambda name, job: name == RESOLVED and job["id"] == marker)
     finally:
-        proxy.release()
-    await starting
-
-    jobs_a, seq_a = await listing(http, a)
-    jobs_b, seq_b = await listing(http, b)
-    assert seq_b == seq_a == 6000 + 400 + 2 * 200 + 2 * 200
-    assert jobs_b == jobs_a, "B holds exactly A's jobs, in A's order"
-    assert len(jobs_a) == 6000 - 400 + 200
-    async with http.get(f"{b.url}/jobs/stats") as stats_b, \
-            http.get(f"{a.url}/jobs/stats") as stats_a:
-        assert await stats_b.json() == await stats_a.json()
-    loaded = next(match for line in b.log if (match := LOADED.search(line)))
-    assert int(loaded.group(4)) == seq_a - 6000, "the changes made while B loaded were replayed"
-    # And B goes on live: a job created on A now reaches B's clients.
-    events = await watch(b)
-    marker = await post(http, a)
-    await events.until(lambda name, job: name == RESOLVED and job["id"] == marker)
+        starting.cancel()
+        if b.process is not None and b.process.returncode is None:
+            b.process.kill()
+            await b.process.wait()
 
 
 async def test_a_redis_back_without_the_changes_is_noticed_and_no_seq_is_used_twice(
