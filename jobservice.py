@@ -105,6 +105,9 @@ class Settings:
     client_rate_limit: tuple[int, float] | None = None  # (requests, per seconds)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     redis_url: str = field(default="", repr=False)  # empty: the embedded mode, jobs.json
+    redis_sentinels: tuple[tuple[str, int], ...] = ()  # or Redis through Sentinel
+    redis_sentinel_master: str = ""
+    redis_min_replicas_ack: int = 0
     redis_prefix: str = "jobservice:"
     redis_timeout: float = 2.0
     job_lease: float = 30.0
@@ -119,6 +122,11 @@ class Settings:
 
     def allows_origin(self, origin: str) -> bool:
         return "*" in self.cors_origins or origin in self.cors_origins
+
+    @property
+    def redis(self) -> bool:
+        """The scale-out mode: jobs in Redis, at REDIS_URL or found through Sentinel."""
+        return bool(self.redis_url or self.redis_sentinels)
 
 
 def _number(env, name: str, default: float, *, minimum: float = 0.0, integer=False):
@@ -194,6 +202,18 @@ def _networks(env, name: str) -> tuple:
                 raise ConfigError(f"{name} entry {item.strip()!r} is not an address or a "
                                   "network like 10.0.0.0/8") from None
     return tuple(networks)
+
+
+def _sentinels(env, name: str) -> tuple[tuple[str, int], ...]:
+    found = []
+    for item in (env.get(name) or "").split(","):
+        host, _, port = item.strip().rpartition(":")
+        if item.strip():
+            if not host.strip("[]") or not is_ascii_number(port) or not 0 < int(port) < 65536:
+                raise ConfigError(f"{name} entry {item.strip()!r} is not host:port, like "
+                                  "10.0.0.5:26379")
+            found.append((host.strip("[]"), int(port)))
+    return tuple(found)
 
 
 def read_tokens(settings: Settings) -> tuple[str, ...]:
@@ -286,10 +306,17 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
     if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"REDIS_URL={_without_password(redis_url)!r} is not a redis://, "
                           "rediss:// or unix:// URL")
+    sentinels = _sentinels(env, "REDIS_SENTINELS")
+    master = (env.get("REDIS_SENTINEL_MASTER") or "").strip()
+    if sentinels and redis_url:
+        raise ConfigError("REDIS_SENTINELS and REDIS_URL both name a Redis; set one of them")
+    if bool(sentinels) != bool(master):
+        raise ConfigError("REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together: the "
+                          "sentinels, and the name they know the primary by")
     if not is_ascii_number(args.workers):
         raise ConfigError(f"--workers {args.workers!r} is not a whole number")
     workers = int(args.workers)
-    if workers and not redis_url:
+    if workers and not (redis_url or sentinels):
         raise ConfigError("--workers needs REDIS_URL (or --redis): processes share jobs "
                           "through Redis, never through one jobs.json")
 
@@ -326,6 +353,9 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         client_rate_limit=_rate(env, "CLIENT_RATE_LIMIT"),
         trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
         redis_url=redis_url,
+        redis_sentinels=sentinels,
+        redis_sentinel_master=master,
+        redis_min_replicas_ack=_number(env, "REDIS_MIN_REPLICAS_ACK", 0, integer=True),
         redis_prefix=env.get("REDIS_PREFIX") or "jobservice:",
         redis_timeout=_number(env, "REDIS_TIMEOUT", 2.0, minimum=1e-3),
         job_lease=_duration(env, "JOB_LEASE", 30.0),
@@ -756,6 +786,10 @@ ORDER_TRIM = 1024
 
 
 class JobStore:
+    # Whole before the first request: load() reads everything. A Redis-mode node loads
+    # in the background instead, and its job routes answer 503 until it is ready.
+    ready = True
+
     def __init__(self, path: Path, replay_window: float = 86400.0,
                  metrics: Metrics | None = None):
         self.path = path
@@ -1183,6 +1217,9 @@ class JobStore:
     def describe(self) -> str:
         return str(self.path)
 
+    async def until_ready(self) -> None:
+        """Return once the registry is whole (here, at once)."""
+
     def get(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
 
@@ -1390,6 +1427,11 @@ class RecentPhotos:
         self._oldest = 0  # the entry the next one replaces, once the list is full
 
     def watch(self, store: JobStore) -> None:
+        self.seed(store)
+        store.listeners.append(self.remember)
+        store.replaced.append(functools.partial(self.seed, store))  # loaded, or reloaded
+
+    def seed(self, store: JobStore) -> None:
         newest = []
         for job in itertools.islice(reversed(store.jobs.values()), REUSE_SEED_SCAN):
             if job.status == "resolved" and _bought(job):
@@ -1397,7 +1439,6 @@ class RecentPhotos:
                 if len(newest) == self.size:
                     break
         self._photos, self._oldest = newest[::-1], 0
-        store.listeners.append(self.remember)
 
     def remember(self, record: Job | Tombstone) -> None:
         if record.status != "resolved" or not _bought(record):
@@ -2863,7 +2904,12 @@ async def job_stats(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     store, settings, access = request.app[STORE], request.app[SETTINGS], request.app[ACCESS]
-    if access.required and access.credential(request)[0] is None:
+    hidden = access.required and access.credential(request)[0] is None
+    if not store.ready:  # a Redis-mode node loading its jobs: up, not yet in service
+        return json_response(json.dumps({"status": "loading"} if hidden else {
+            "status": "loading", "version": __version__, "node": request.app[NODE],
+            "storage": "failing" if store.fault else "ok"}), 503, {"Retry-After": "1"})
+    if hidden:
         return json_response('{"status": "ok"}')  # up, and nothing more without a token
     return json_response(json.dumps({
         "status": "ok",
@@ -3309,7 +3355,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 # --- Application factory ------------------------------------------------------------
 # create_app() wires the pieces; its lifecycle loads the store before the first
-# request is served and, on shutdown, closes sockets, then finishes writing.
+# request is served (a Redis-mode store finishes loading while /healthz answers) and,
+# on shutdown, closes sockets, then finishes writing.
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", JobStore)
@@ -3325,8 +3372,27 @@ NODE = web.AppKey("node", str)
 REFUSED_ORIGINS = web.AppKey("refused_origins", set)
 
 
+# A Redis-mode node serves while it loads its jobs (at start, and again if it falls
+# behind the event stream): /healthz says "loading", and the routes that read or change
+# jobs answer 503 until the registry is whole. A layer of its own, in that mode only,
+# so that the file mode's requests pay nothing for it.
+
+
+@web.middleware
+async def until_loaded(request: web.Request, handler) -> web.StreamResponse:
+    if not request.app[STORE].ready and request.match_info.handler in NEEDS_REGISTRY:
+        raise ApiError(503, "loading", "this node is still loading the jobs; try again in "
+                       "a moment", {"Retry-After": "1"})
+    return await handler(request)
+
+
+NEEDS_REGISTRY = frozenset((create_job, list_jobs, job_stats, get_job, delete_job, retry_job,
+                            events_socket, socketio_endpoint))
+
+
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
+    layers = [guard, until_loaded] if settings.redis else [guard]
+    app = web.Application(middlewares=layers, client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app[SECURITY_HEADERS] = {  # the same for every response: made once
         "X-Content-Type-Options": "nosniff",
@@ -3366,7 +3432,7 @@ def storage(settings: Settings, metrics: Metrics, node: str, session: aiohttp.Cl
     """(store, image source, scheduler class): in memory and jobs.json, or in Redis,
     shared by every process pointed at it. The rest of the service cannot tell which."""
     unsplash = bool(settings.unsplash_access_key)
-    if not settings.redis_url:
+    if not settings.redis:
         images = UnsplashImages(session, settings, metrics) if unsplash else CatalogImages()
         return (JobStore(settings.jobs_file, settings.events_replay_window, metrics),
                 images, Scheduler)
@@ -3448,6 +3514,15 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signal.SIGHUP, rotate)
         host, port = runner.addresses[0][:2]
         store, images = app[STORE], app[IMAGES]
+        if not store.ready:  # a Redis-mode node: /healthz answers "loading" meanwhile
+            log.info("loading the jobs from %s; until then http://%s:%d answers 503 "
+                     "\"loading\"", store.describe(), host if ":" not in host else f"[{host}]",
+                     port)
+            loading = asyncio.ensure_future(store.until_ready())
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait((loading, stopping), return_when=asyncio.FIRST_COMPLETED)
+            loading.cancel()
+            stopping.cancel()
         if not access.required and not ipaddress.ip_address(
                 socket_host(host)).is_loopback:
             log.warning("listening on %s with no API_TOKEN: anyone who can reach this port "
@@ -3587,8 +3662,9 @@ def transfer(command: str, argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(["--redis", args.redis])
-        if not settings.redis_url:
-            raise ConfigError(f"{command} needs REDIS_URL (or --redis URL)")
+        if not settings.redis:
+            raise ConfigError(f"{command} needs REDIS_URL (or --redis URL, or "
+                              "REDIS_SENTINELS)")
         cluster = redis_mode()
     except ConfigError as exc:
         print(f"jobservice: {exc}", file=sys.stderr)
@@ -3614,7 +3690,7 @@ def main(argv: list[str] | None = None) -> int:
         return transfer(argv[0], argv[1:])
     try:
         settings = load_settings(argv)
-        if settings.redis_url:
+        if settings.redis:
             redis_mode()  # a missing extra is a one-line error now, not a traceback later
     except ConfigError as exc:
         print(f"jobservice: {exc}", file=sys.stderr)

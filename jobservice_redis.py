@@ -1,9 +1,9 @@
 """jobservice's scale-out mode: any number of processes, on one machine or many, pointed
 at one Redis, are one service.
 
-Imported only when REDIS_URL is set (redis-py is the optional extra `jobservice[redis]`).
-It implements the same seams as the embedded mode, so the handlers, the event hub and
-Socket.IO cannot tell the two apart:
+Imported only when REDIS_URL or REDIS_SENTINELS is set (redis-py is the optional extra
+`jobservice[redis]`). It implements the same seams as the embedded mode, so the
+handlers, the event hub and Socket.IO cannot tell the two apart:
 
 - the store: every change is made by one Lua script that checks it, numbers it (one
   INCR for the whole cluster), stores it and appends it to a stream whose entry ids are
@@ -19,24 +19,36 @@ Socket.IO cannot tell the two apart:
   node changes in a WATCHed transaction (so N nodes spend what one key allows), and a
   rejected key a key every node reads.
 
+A node loads the registry in short steps (the seq, the jobs a thousand at a time, then
+the changes made meanwhile from the stream), so that no command holds Redis for long,
+and serves /healthz ("loading") while it does. Found through Sentinel, the primary can
+fail over: each node finds the new one, checks that it holds every change the node
+applied, and tails on from its seq. With REDIS_MIN_REPLICAS_ACK=N a node applies (and
+so acknowledges and announces) a change only once WAIT says N replicas have it.
+
 Times come from the nodes' clocks (as in BullMQ and arq): keep them in sync (NTP).
-Redis Cluster is not supported; one Redis (with replicas, if you like) is.
+Redis Cluster is not supported; one primary (with replicas and Sentinel, if you like) is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gc
 import heapq
 import itertools
 import json
 import logging
 import random
+import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import aiofiles.os
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
 
@@ -52,7 +64,6 @@ from jobservice import (
     Scheduler,
     Settings,
     StorageError,
-    StoreCorrupt,
     Tombstone,
     UnsplashImages,
     _without_password,
@@ -71,6 +82,7 @@ STREAM_LENGTH = 50_000
 TAIL_BLOCK_MS = 1000
 TAIL_COUNT = 1000
 WRITE_BATCH = 1000  # changes per script call: a script blocks Redis while it runs
+LOAD_CHUNK = 1000  # jobs per HSCAN and entries per XRANGE while loading: ~1 ms of Redis each
 CLAIM_BATCH = 100
 RECLAIM_BATCH = 1000
 
@@ -91,9 +103,12 @@ class Keys:
         self.quota = prefix + "unsplash:quota"  # hash: the key's budget (Quota.fields)
         self.buying = prefix + "unsplash:buying"  # zset: node by end of its call (ms)
         self.rejected = prefix + "unsplash:rejected"  # set (with a TTL) by a 401
+        # + node: the seq up to which a node has read the stream, written (with a TTL)
+        # only so that the WAIT after it covers what was read (REDIS_MIN_REPLICAS_ACK)
+        self.reading = prefix + "reading:"
 
     def all(self) -> list[str]:
-        return list(vars(self).values())
+        return [key for key in vars(self).values() if key != self.reading]
 
     def for_commit(self) -> list[str]:
         """KEYS[1..8] of the COMMIT script, in its order."""
@@ -211,6 +226,20 @@ end
 return 0
 """
 
+# Changes up to ARGV[1] were applied by some node and then lost (a replica promoted
+# without them, a Redis restarted without its files): hand none of those seqs out again,
+# and have every client that resumes from below it reload its list (RESET).
+SKIP_PAST = """
+local floor = tonumber(ARGV[1])
+for i = 1, 2 do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') < floor then
+    redis.call('SET', KEYS[i], floor)
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', floor)
+return 0
+"""
+
 # A photo from the shared pool (older ones than ARGV[1] are dropped), if it holds one:
 # {photo or '', photos left}.
 TAKE_PHOTO = """
@@ -227,22 +256,57 @@ end
 def connect(settings: Settings, blocking: bool = False) -> aioredis.Redis:
     """A client whose commands give up within REDIS_TIMEOUT. One resend on a broken
     connection (after a Redis restart, the first command meets a dead socket): every
-    script is safe to run twice. The tail's client waits as long as its XREAD blocks."""
+    script is safe to run twice. The tail's client waits as long as its XREAD blocks,
+    and resends nothing: it must see each lost connection, to check what it finds after.
+    Through Sentinel, each new connection goes to the primary the sentinels name."""
     timeout = settings.redis_timeout
-    return aioredis.Redis.from_url(
-        settings.redis_url, decode_responses=True, socket_connect_timeout=timeout,
-        socket_timeout=timeout + (TAIL_BLOCK_MS / 1000 if blocking else 0),
-        retry=Retry(NoBackoff(), 1))
+    options = {"decode_responses": True, "socket_connect_timeout": timeout,
+               "socket_timeout": timeout + (TAIL_BLOCK_MS / 1000 if blocking else 0),
+               "retry": Retry(NoBackoff(), 0 if blocking else 1)}
+    if settings.redis_sentinels:
+        sentinel = Sentinel(settings.redis_sentinels, sentinel_kwargs={
+            "socket_timeout": timeout, "socket_connect_timeout": timeout})
+        return sentinel.master_for(settings.redis_sentinel_master, **options)
+    return aioredis.Redis.from_url(settings.redis_url, **options)
+
+
+async def disconnect(client: aioredis.Redis) -> None:
+    await client.aclose()
+    sentinel = getattr(client.connection_pool, "sentinel_manager", None)
+    if sentinel is not None:
+        await sentinel.aclose()
+
+
+def where(settings: Settings) -> str:
+    if settings.redis_sentinels:
+        return (f"the primary {settings.redis_sentinel_master!r} of the sentinels at "
+                + ", ".join(f"{host}:{port}" for host, port in settings.redis_sentinels))
+    return _without_password(settings.redis_url)
+
+
+def parse_record(text: str) -> Job | Tombstone:
+    """A record as Redis holds it, its JSON text kept. Its status is the one string every
+    job shares (json would give each a copy of its own: 56 bytes a job)."""
+    record = record_from_dict(json.loads(text))
+    record._json = text
+    if type(record) is Job:
+        record.status = sys.intern(record.status)
+    return record
 
 
 def ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
+class ReplicasBehind(RedisError):
+    """WAIT did not count REDIS_MIN_REPLICAS_ACK replicas within REDIS_TIMEOUT."""
+
+
 class RedisJobStore(JobStore):
     """The registry as a replica of Redis. commit() is the same promise as in the
     embedded mode: its future resolves once the change is stored (Redis acknowledged
-    it) and applied here, announced to this node's clients, in seq order."""
+    it, and WAIT counted REDIS_MIN_REPLICAS_ACK replicas) and applied here, announced to
+    this node's clients, in seq order."""
 
     def __init__(self, settings: Settings, metrics: Metrics, node: str):
         super().__init__(Path(settings.jobs_file), settings.events_replay_window, metrics)
@@ -255,68 +319,144 @@ class RedisJobStore(JobStore):
         self._claim = self.redis.register_script(CLAIM)
         self._renew = self.redis.register_script(RENEW)
         self._release = self.redis.register_script(RELEASE)
+        self._skip_past = self.redis.register_script(SKIP_PAST)
         self._pending_writes: list[tuple[Job | Tombstone, str, str, asyncio.Future]] = []
-        self._waiters: list[tuple[int, int, asyncio.Future]] = []  # heap by seq
+        self._waiters: list[tuple[int, int, asyncio.Future]] = []  # applied(), heap by seq
         self._tiebreak = itertools.count()
-        self._mine: dict[int, Job | Tombstone] = {}  # written here, not yet tailed
+        # Written here, by seq, with the future of its commit: kept once it is applied
+        self._mine: dict[int, tuple[Job | Tombstone, asyncio.Future]] = {}
         self._own_seqs: set[int] = set()
         self._tail: asyncio.Task | None = None
         self._tail_fault: Exception | None = None
+        self._loaded = asyncio.Event()
+        self._last_text: str | None = None  # the change numbered self.seq, if known
+        self._applied: dict[int, Job | Tombstone] = {}  # of _mine, just applied as written
 
     def describe(self) -> str:
-        return (f"Redis at {_without_password(self.settings.redis_url)} "
-                f"(prefix {self.settings.redis_prefix!r})")
+        return f"Redis at {where(self.settings)} (prefix {self.settings.redis_prefix!r})"
 
-    # Loading: one consistent snapshot (a MULTI), then the stream from its seq on.
+    @property
+    def ready(self) -> bool:
+        return self._loaded.is_set()
+
+    async def until_ready(self) -> None:
+        await self._loaded.wait()
+
+    # Loading, in steps that each hold Redis for about a millisecond: the seq, then the
+    # jobs (HSCAN) and the deletion records in chunks, then the changes made meanwhile,
+    # from the stream. HSCAN returns every job that exists throughout, maybe twice, and
+    # each change made after the seq was read is in the stream; a record only replaces
+    # an older one, so what comes out is exact. If the stream was trimmed past that seq
+    # meanwhile, it starts over.
 
     async def load(self) -> int:
+        """Only whether Redis answers: the jobs are loaded by the tail, before it tails."""
         try:
-            snapshot = await self._read_snapshot()
+            await self.redis.get(self.keys.seq)
         except (RedisError, OSError) as exc:
-            raise StorageError(f"cannot reach Redis at "
-                               f"{_without_password(self.settings.redis_url)}: {exc}") from None
-        self._install(*snapshot)
+            raise StorageError(f"cannot reach Redis at {where(self.settings)}: "
+                               f"{exc}") from None
         return 0
 
-    async def _read_snapshot(self):
-        keys = self.keys
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.get(keys.seq)
-            pipe.hgetall(keys.jobs)
-            pipe.zrange(keys.deleted, 0, -1)
-            pipe.get(keys.forgotten)
-            seq, stored, deleted, forgotten = await pipe.execute()
-        return int(seq or 0), stored, deleted, int(forgotten or 0)
+    async def load_all(self) -> int:
+        """Load every job; how many changes were made while it did."""
+        # Collecting while a million long-lived objects are made only walks them again
+        # and again; what loading throws away has no cycles.
+        gc.disable()
+        try:
+            while (loaded := await self._read_all()) is None:
+                log.warning("Redis's event stream moved past the seq this node began "
+                            "loading at; loading again")
+        finally:
+            gc.enable()
+        replayed = self._install(*loaded)
+        gc.freeze()  # long-lived: keep them out of every later full collection
+        self._loaded.set()
+        return replayed
 
-    def _install(self, seq: int, stored: dict, deleted: list, forgotten: int) -> None:
-        jobs, created = [], {}
-        for job_id, value in stored.items():
-            cseq, _, text = value.partition(" ")
-            try:
-                job = Job.from_dict(json.loads(text))
-            except ValueError as exc:
-                raise StoreCorrupt(f"job {job_id} in Redis: {exc}") from None
-            job._json = text
-            created[job.id] = int(cseq)
-            jobs.append(job)
-        jobs.sort(key=lambda job: job.seq)
-        self.jobs = {job.id: job for job in jobs}
+    async def _read_all(self):
+        keys, redis = self.keys, self.redis
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.seq)
+            pipe.get(keys.forgotten)
+            seq, forgotten = await pipe.execute()
+        start, forgotten = int(seq or 0), int(forgotten or 0)
+        jobs: dict[str, Job] = {}
+        created: dict[str, int] = {}  # id -> the seq of its creation, for the order
+        cursor = 0
+        while True:
+            cursor, chunk = await redis.hscan(keys.jobs, cursor, count=LOAD_CHUNK)
+            for job_id, value in chunk.items():
+                cseq, _, text = value.partition(" ")
+                job = self._parse(text, f"job {job_id}")
+                if job is not None:
+                    held = jobs.get(job.id)
+                    if held is None or held.seq < job.seq:
+                        jobs[job.id] = job
+                    created[job.id] = int(cseq)
+            if not cursor:
+                break
+        deleted: dict[int, Tombstone] = {}
+        low = forgotten
+        while True:
+            page = await redis.zrangebyscore(keys.deleted, f"({low}", "+inf", start=0,
+                                             num=LOAD_CHUNK, withscores=True)
+            for text, score in page:
+                tomb = self._parse(text, "a deletion record")
+                if tomb is not None:
+                    deleted[tomb.seq] = tomb
+                low = int(score)
+            if len(page) < LOAD_CHUNK:
+                break
+        last, text = start, None
+        while True:
+            entries = await redis.xrange(keys.events, f"{last + 1}-0", "+", count=LOAD_CHUNK)
+            for entry_id, fields in entries:
+                seq = int(entry_id.partition("-")[0])
+                if seq != last + 1:
+                    return None  # trimmed away (or skipped past) since the seq was read
+                last, text = seq, fields["r"]
+                record = self._parse(text, f"change {seq}")
+                if record is None:
+                    continue
+                held = jobs.get(record.id)
+                if isinstance(record, Tombstone):
+                    deleted[seq] = record
+                    if held is not None and held.seq < seq:
+                        del jobs[record.id]
+                elif held is None or held.seq < seq:
+                    jobs[record.id] = record
+                    created.setdefault(record.id, seq)
+            if len(entries) < LOAD_CHUNK:
+                return last, jobs, created, deleted, forgotten, text, last - start
+
+    @staticmethod
+    def _parse(text: str, what: str) -> Job | Tombstone | None:
+        try:
+            return parse_record(text)
+        except ValueError as exc:  # written by no version of this service: left alone
+            log.error("%s in Redis is unreadable, skipped: %s", what, exc)
+            return None
+
+    def _install(self, seq: int, jobs: dict, created: dict, deleted: dict, forgotten: int,
+                 last_text: str | None, replayed: int) -> int:
+        registry = sorted(jobs.values(), key=lambda job: job.seq)
+        jobs.clear()
+        self.jobs = {job.id: job for job in registry}
         self.counts = dict.fromkeys(self.counts, 0)
-        for job in jobs:
+        for job in registry:
             self.counts[job.status] += 1
+        del registry
         self.order = sorted(self.jobs, key=created.__getitem__)
+        created.clear()
         self.position = {job_id: index for index, job_id in enumerate(self.order)}
         self.order_base = self._order_live_from = self._order_dead = 0
-        tombstones = []
-        for text in deleted:
-            tomb = Tombstone.from_dict(json.loads(text))
-            tomb._json = text
-            tombstones.append(tomb)
-        self.tombstones.clear()
-        self.tombstones.extend(sorted(tombstones, key=lambda tomb: tomb.seq))
+        self.tombstones = deque(sorted((tomb for tomb in deleted.values()
+                                        if tomb.seq > forgotten), key=lambda tomb: tomb.seq))
         self.forgotten = forgotten
         self.forget_old_tombstones()
-        self.seq = seq
+        self.seq, self._last_text = seq, last_text
+        return replayed
 
     async def open(self, replayed: int) -> None:
         self._loop = asyncio.get_running_loop()
@@ -379,9 +519,7 @@ class RedisJobStore(JobStore):
                 if seq > 0:
                     record.seq = seq
                     record._json = None
-                    if seq > self.seq:
-                        self._mine[seq] = record
-                    heapq.heappush(self._waiters, (seq, next(self._tiebreak), future))
+                    self._mine[seq] = (record, future)
                     continue
                 self.in_flight.discard(record.id)
                 settle(future, None if seq == 0 else
@@ -391,8 +529,8 @@ class RedisJobStore(JobStore):
     def _note_fault(self, exc: Exception) -> None:
         if self.fault is None:
             log.error("cannot reach Redis at %s: %s; new jobs are refused (503) and "
-                      "resolutions wait until it answers again",
-                      _without_password(self.settings.redis_url), exc or "timed out")
+                      "resolutions wait until it answers again", where(self.settings),
+                      exc or "timed out")
         self.fault = OSError(str(exc) or "timed out")
 
     def _recovered(self) -> None:
@@ -401,9 +539,29 @@ class RedisJobStore(JobStore):
             self.fault = None
 
     def _settle(self) -> None:
+        """Keep the promises of the changes this replica has now applied: a commit's only
+        if the change applied under its seq is the one it wrote (a failover can give its
+        seq to another change); a 503 otherwise, as for a write whose reply was lost."""
         waiters = self._waiters
         while waiters and waiters[0][0] <= self.seq:
             settle(heapq.heappop(waiters)[2])
+        done = []
+        for seq in self._mine:  # in the order written, which is seq order (but for a
+            if seq > self.seq:  # failover's lost seqs, which hold the rest up a moment)
+                break
+            done.append(seq)
+        for seq in done:
+            record, future = self._mine.pop(seq)
+            held = self.jobs.get(record.id)
+            if record is not self._applied.pop(seq, None) and (
+                    held is not None if isinstance(record, Tombstone)
+                    else held is None or held.seq < seq):
+                self.in_flight.discard(record.id)
+                settle(future, StorageError("the change may not have been stored (Redis "
+                                            "failed over or was replaced meanwhile)"))
+            else:
+                settle(future)
+        self._applied.clear()
 
     async def applied(self, seq: int) -> None:
         """Wait until this replica has applied the change numbered seq."""
@@ -412,14 +570,34 @@ class RedisJobStore(JobStore):
             heapq.heappush(self._waiters, (seq, next(self._tiebreak), future))
             await future
 
-    # The tail: the stream, in order, from the seq this replica has.
+    # The tail: the stream, in order, from the seq this replica has. After a lost
+    # connection it checks first that the Redis it reaches holds this replica's history.
 
     async def _follow(self) -> None:
         failures = 0
         while not self._closing:
             try:
+                if not self.ready:
+                    started = time.monotonic()
+                    replayed = await self.load_all()
+                    log.info("loaded %d jobs (%d pending) from Redis in %.2f s, up to seq %d "
+                             "(%d changes made meanwhile)", len(self.jobs),
+                             self.counts["pending"], time.monotonic() - started, self.seq,
+                             replayed)
+                    self._settle()
+                    for listener in self.replaced:
+                        listener()
+                    if self._tail_fault is not None:  # what it loaded is this Redis's own
+                        self._tail_fault = None
+                        self._recovered()
+                    continue
+                if self._tail_fault is not None and not await self._history_kept():
+                    await self._skip_lost_changes()
+                    continue
                 answer = await self._tail_client.xread(
                     {self.keys.events: f"{self.seq}-0"}, count=TAIL_COUNT, block=TAIL_BLOCK_MS)
+                if answer and self.settings.redis_min_replicas_ack:
+                    await self._confirm(answer[0][1])
             except (RedisError, OSError) as exc:
                 self._tail_fault = exc
                 self._note_fault(exc)
@@ -431,25 +609,81 @@ class RedisJobStore(JobStore):
                 self._recovered()
             failures = 0
             if answer:
-                await self._take(answer[0][1])
+                self._take(answer[0][1])
 
-    async def _take(self, entries: list) -> None:
+    async def _confirm(self, entries: list) -> None:
+        """REDIS_MIN_REPLICAS_ACK=N: return once N replicas hold what was just read, so
+        that no client hears of a change a failover could take back. WAIT counts this
+        connection's own writes, hence one first. Not confirmed within REDIS_TIMEOUT: this
+        node's writers of those changes get 503, and they are read again next time."""
+        needed, timeout = self.settings.redis_min_replicas_ack, self.settings.redis_timeout
+        last = int(entries[-1][0].partition("-")[0])
+        async with self._tail_client.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.reading + self.node, last, px=ms(max(60.0, timeout)))
+            pipe.execute_command("WAIT", needed, ms(timeout))
+            _, confirmed = await pipe.execute()
+        if confirmed >= needed:
+            return
+        refusal = StorageError(f"only {confirmed} of REDIS_MIN_REPLICAS_ACK={needed} "
+                               f"replicas confirmed the change within {timeout:g} s; it "
+                               "may still be stored")
+        for seq, (record, future) in self._mine.items():
+            if seq <= last and not future.done():
+                self.in_flight.discard(record.id)
+                settle(future, refusal)
+        raise ReplicasBehind(refusal)
+
+    async def _history_kept(self) -> bool:
+        """Whether the Redis the tail reaches now (the same, one restarted on its files, or
+        a replica that Sentinel promoted) holds every change this replica applied."""
+        if not self.seq:
+            return True
+        keys = self.keys
+        async with self._tail_client.pipeline(transaction=False) as pipe:
+            pipe.get(keys.seq)
+            pipe.xrange(keys.events, f"{self.seq}-0", f"{self.seq}-0")
+            pipe.xrange(keys.events, "-", "+", count=1)
+            seq, here, first = await pipe.execute()
+        if int(seq or 0) < self.seq:
+            return False
+        if self._last_text is None:  # loaded, and nothing applied since: the seq says all
+            return True
+        if here:
+            return here[0][1]["r"] == self._last_text
+        # Not there: trimmed (the tail finds the gap and reloads), or never written here
+        # (trimming keeps thousands of entries: an empty stream lost them too).
+        return bool(first) and int(first[0][0].partition("-")[0]) > self.seq
+
+    async def _skip_lost_changes(self) -> None:
+        log.error("Redis at %s lacks changes this node applied (up to seq %d): a replica "
+                  "promoted before it had them, or a Redis that lost its files. Those seqs "
+                  "are not used again; this node reloads, and its clients reload their "
+                  "lists (RESET)", where(self.settings), self.seq)
+        await self._skip_past(keys=[self.keys.seq, self.keys.forgotten, self.keys.deleted],
+                              args=[self.seq + 1])
+        self._unload()
+
+    def _take(self, entries: list) -> None:
         records, expected = [], self.seq + 1
         for entry_id, fields in entries:
             seq = int(entry_id.partition("-")[0])
             if seq != expected:  # trimmed away while this node was cut off
-                self._apply(records)
-                await self._reload(seq)
+                log.error("this node fell behind Redis's event stream (it needed seq %d, "
+                          "the next kept is %d): reloading every job; its clients "
+                          "reconnect", expected, seq)
+                self._unload()
                 return
             expected += 1
-            record = self._mine.pop(seq, None)
-            if record is None:  # not written here, or tailed before its reply was read
-                text = fields["r"]
-                record = record_from_dict(json.loads(text))
-                record._json = text
+            text = fields["r"]
+            mine = self._mine.get(seq)
+            if mine is not None and mine[0].json == text:
+                record = self._applied[seq] = mine[0]  # written here: no need to parse it
+            else:
+                record = parse_record(text)
             if fields.get("n") == self.node:
                 self._own_seqs.add(seq)
             records.append(record)
+        self._last_text = text
         self._apply(records)
         self._settle()
 
@@ -459,24 +693,16 @@ class RedisJobStore(JobStore):
             self._own_seqs.discard(record.seq)
         super()._announce(record, own)
 
-    async def _reload(self, seq: int) -> None:
-        log.error("this node fell behind Redis's event stream (it needed seq %d, the "
-                  "oldest kept is %d): reloading every job; its clients reconnect",
-                  self.seq + 1, seq)
-        while True:
-            try:
-                snapshot = await self._read_snapshot()
-                break
-            except (RedisError, OSError) as exc:
-                self._note_fault(exc)
-                await asyncio.sleep(1.0)
-        self._mine.clear()
+    def _unload(self) -> None:
+        """Let the registry go, for the tail to load it again: meanwhile (a few seconds
+        at a million jobs) this node's job routes answer 503 and /healthz "loading"."""
+        self._loaded.clear()
         self._own_seqs.clear()
-        self.in_flight.clear()
-        self._install(*snapshot)
-        self._settle()
-        for listener in self.replaced:
-            listener()
+        self._applied.clear()
+        self.jobs, self.order, self.position = {}, [], {}
+        self.counts = dict.fromkeys(self.counts, 0)
+        self.tombstones.clear()
+        self.seq = 0
 
     # Claims, for the scheduler
 
@@ -520,8 +746,8 @@ class RedisJobStore(JobStore):
             self._tail.cancel()
             await asyncio.wait((self._tail,), timeout=TAIL_BLOCK_MS / 1000
                                + self.settings.redis_timeout)
-        await self.redis.aclose()
-        await self._tail_client.aclose()
+        await disconnect(self.redis)
+        await disconnect(self._tail_client)
 
 
 class RedisScheduler(Scheduler):
@@ -565,6 +791,12 @@ class RedisScheduler(Scheduler):
             self._claimed.discard(record.id)
         super()._on_commit(record)
 
+    def index(self) -> None:
+        super().index()
+        # After a reload the claims this node holds are still its own to resolve.
+        self._ready.extend(self._claimed)
+        self._wakeup.set()
+
     def _release(self, now: float) -> bool:
         while self._heap and self._heap[0][0] <= now:
             heapq.heappop(self._heap)
@@ -585,6 +817,7 @@ class RedisScheduler(Scheduler):
     async def _refill(self) -> bool:
         if not self._claim_wanted or self._stopping:
             return False
+        await self.store.until_ready()  # no claim while loading: it could not be resolved
         self._claim_wanted = False
         try:
             ids, due, lapse, seq = await self.store.claim(CLAIM_BATCH)
@@ -807,7 +1040,8 @@ async def import_file(settings: Settings, path: Path, force: bool) -> str:
     seq = max([seq, len(jobs), *(job.seq for job in jobs),
                *(tomb.seq for tomb in deleted.values())])
     keys = Keys(settings.redis_prefix)
-    client = connect(settings)
+    # One transaction of every job: at a million, minutes of sending, before any node runs.
+    client = connect(dataclasses.replace(settings, redis_timeout=max(600, settings.redis_timeout)))
     try:
         stored = await client.hgetall(keys.jobs)
         history = int(await client.get(keys.seq) or 0)
@@ -842,7 +1076,7 @@ async def import_file(settings: Settings, path: Path, force: bool) -> str:
     except RedisError as exc:
         raise StorageError(f"Redis: {exc}") from None
     finally:
-        await client.aclose()
+        await disconnect(client)
     kind = "the old service's" if migrated else "a"
     pending = sum(job.status == "pending" for job in jobs)
     return (f"imported {len(jobs)} jobs ({pending} pending) from {kind} jobs file {path} "
@@ -853,9 +1087,12 @@ async def export_file(settings: Settings, path: Path, force: bool) -> str:
     source = RedisJobStore(settings, Metrics(), "export")
     try:
         await source.load()
+        await source.load_all()
+    except RedisError as exc:
+        raise StorageError(f"Redis: {exc}") from None
     finally:
-        await source.redis.aclose()
-        await source._tail_client.aclose()
+        await disconnect(source.redis)
+        await disconnect(source._tail_client)
     temp = path.with_name(path.name + ".export")
     target = JobStore(temp)
     target.jobs, target.order = source.jobs, source.order

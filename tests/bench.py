@@ -31,7 +31,11 @@ What it measures (see --help for the knobs):
   file mode (alternating, same run); event latency from a resolution on node A to a /ws
   client on node B; fan-out to 3,000 /ws clients over 3 nodes; Redis used_memory per
   pending job (imported, and created by POST with its stream entries) and a node's RSS
-  per job of its replica.
+  per job of its replica; a node's start on 300,000 and 1,000,000 jobs (time to /healthz
+  200, the slowest PING of another client every 5 ms and Redis's latency monitor, RSS
+  per job and its peak while loading); POST with REDIS_MIN_REPLICAS_ACK=1 against 0 on
+  one replica; and a failover (primary SIGKILLed under load, three sentinels): the kill
+  to a 201 on every node, and how many 201s were lost. `--redis-part` picks parts.
 
 Stores are pre-populated by writing a snapshot in the service's own format
 ({"version":1,"seq":N,"jobs":[...]}) with pending jobs due far in the future.
@@ -55,6 +59,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -1290,13 +1295,13 @@ class RedisServer(Server):
     the append-only file fsynced on every write (as durable as the file mode's fsync per
     batch), no RDB snapshots. Stopped by its own pid, like the services."""
 
-    def __init__(self, workdir: Path, name: str = "redis"):
+    def __init__(self, workdir: Path, name: str = "redis", args=()):
         port = free_port()
         folder = workdir / f"{name}-{port}"
         folder.mkdir()
         super().__init__(name, ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                                 "--dir", str(folder), "--appendonly", "yes",
-                                "--appendfsync", "always", "--save", ""],
+                                "--appendfsync", "always", "--save", "", *args],
                          dict(os.environ), folder / "redis.log", port)
         self.url = f"redis://127.0.0.1:{port}/0"
         self.client = None
@@ -1734,6 +1739,253 @@ def _redis_memory(ctx, results: Results) -> None:
                 rss_empty_mb=rss_empty / 2**20, rss_full_mb=rss_full / 2**20)
 
 
+def _ping_loop(port: int, stop, out) -> None:
+    """In a process of its own: PING Redis every 5 ms until told to stop; the slowest
+    answer, and how many there were."""
+    import redis as redis_py
+    client = redis_py.Redis(host="127.0.0.1", port=port, socket_timeout=60)
+    slowest, count = 0.0, 0
+    while not stop.is_set():
+        started = time.perf_counter()
+        client.ping()
+        took = time.perf_counter() - started
+        slowest, count = max(slowest, took), count + 1
+        time.sleep(max(0.0, 0.005 - took))
+    client.close()
+    out.put((slowest, count))
+
+
+def _import(ctx, redis: RedisServer, prefix: str, snapshot: Path) -> None:
+    done = subprocess.run([PY, str(SERVICE), "import", str(snapshot)], cwd=ROOT,
+                          env=service_env({"REDIS_URL": redis.url, "REDIS_PREFIX": prefix}),
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"import failed ({done.returncode}): {done.stderr[-2000:]}")
+
+
+def _redis_start(ctx, results: Results) -> None:
+    """A node's start on a Redis that holds N pending jobs (imported): process start to
+    /healthz 200, the slowest PING another client saw meanwhile (one every 5 ms), the
+    node's peak RSS while loading (VmHWM) and its RSS per job after, against an empty
+    node's RSS."""
+    sizes = [25_000] if ctx.quick else [300_000] + ([1_000_000] if ctx.million else [])
+    raw = results.raw["redis"]["start"] = {}
+    mp = multiprocessing.get_context("fork")
+    for size in sizes:
+        snapshot = ctx.snapshots.get(size)[0]
+        with redis_cluster(ctx, f"redis-start-{size}", 0) as (redis, _, _prefix):
+            empty = start_redis_node(ctx, redis, f"bench-{uuid.uuid4().hex[:8]}:", "redis-empty")
+            try:
+                empty.wait_healthy()
+                time.sleep(0.5)
+                rss_empty = empty.rss()
+            finally:
+                empty.stop()
+            prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+            started = time.monotonic()
+            _import(ctx, redis, prefix, snapshot)
+            log(f"redis start: imported {size:,} jobs in {time.monotonic() - started:.1f} s")
+            while any(redis.client.info("persistence")[key] for key in (  # the AOF rewrite
+                    "aof_rewrite_in_progress", "aof_rewrite_scheduled")):  # after the import
+                time.sleep(0.2)
+            redis.client.config_set("latency-monitor-threshold", 1)  # ms: Redis's own view
+            redis.client.execute_command("LATENCY", "RESET")
+            stop, out = mp.Event(), mp.Queue()
+            pinger = mp.Process(target=_ping_loop, args=(redis.port, stop, out), daemon=True)
+            pinger.start()
+            time.sleep(0.5)
+            node = start_redis_node(ctx, redis, prefix, f"redis-start-{size}-node")
+            try:
+                ready_s = node.wait_healthy(timeout=600)
+                time.sleep(0.5)
+                stop.set()
+                slowest, pings = out.get(timeout=60)
+                pinger.join(10)
+                rss, peak, jobs = node.rss(), node.status("VmHWM"), node.health()["jobs"]
+                # [event, when, latest ms, max ms]: "command" is a command that ran long
+                events = {event: worst for event, _, _, worst in
+                          redis.client.execute_command("LATENCY", "LATEST")}
+            finally:
+                node.stop()
+                if pinger.is_alive():
+                    pinger.kill()
+        per_job = (rss - rss_empty) / max(jobs, 1)
+        peak_share = (peak - rss_empty) / max(rss - rss_empty, 1)
+        raw[size] = {"ready_s": ready_s, "slowest_ping_ms": slowest * 1000, "pings": pings,
+                     "redis_latency_events_max_ms": events,
+                     "rss": rss, "rss_peak": peak, "rss_empty": rss_empty, "jobs": jobs}
+        log(f"redis start @ {size:,}: ready in {ready_s:.2f} s, slowest PING "
+            f"{slowest * 1000:.1f} ms of {pings:,} (Redis's latency monitor: {events}), "
+            f"RSS {rss / 2**20:.0f} MiB "
+            f"({per_job:,.0f} B a job), peak {peak / 2**20:.0f} MiB")
+        big = size >= 300_000
+        results.add(f"Redis-mode node start to /healthz 200 @ {size:,} jobs", ready_s, "s",
+                    "< 5 s" if size == 300_000 else "", ready_s < 5 if size == 300_000
+                    else None, fmt="{:.2f}", jobs_loaded=jobs)
+        results.add(f"Redis-mode node start @ {size:,} jobs: slowest PING of another client "
+                    "(every 5 ms)", slowest * 1000, "ms", "< 50 ms" if big else "",
+                    slowest < 0.05 if big else None, fmt="{:.1f}", pings=pings,
+                    redis_slowest_command_ms=events.get("command", 0),
+                    note="Redis's latency monitor (threshold 1 ms) counts the server's own "
+                         "stalls; the PING time also holds the client's waits for a CPU")
+        results.add(f"Redis-mode node start @ {size:,} jobs: RSS per job after", per_job, "B",
+                    "<= 1.5 KB" if big else "", per_job <= 1536 if big else None,
+                    fmt="{:,.0f}", rss_mb=rss / 2**20, rss_empty_mb=rss_empty / 2**20)
+        results.add(f"Redis-mode node start @ {size:,} jobs: peak RSS while loading, over "
+                    "the registry's", peak_share, "x", "<= 1.5x", peak_share <= 1.5,
+                    fmt="{:.2f}", peak_mb=peak / 2**20)
+
+
+def _replica_of(ctx, primary: RedisServer, name: str) -> RedisServer:
+    """A replica of `primary` (the same AOF settings), once it is in sync."""
+    replica = RedisServer(ctx.workdir, name, ["--replicaof", "127.0.0.1", str(primary.port)])
+    replica.wait_healthy()
+    while replica.client.info("replication")["master_link_status"] != "up":
+        time.sleep(0.02)
+    return replica
+
+
+def _redis_replicas(ctx, results: Results) -> None:
+    """POST /jobs on one node whose Redis has one replica, REDIS_MIN_REPLICAS_ACK=1 (a
+    WAIT after each read of the stream) against 0, alternating, in the same run."""
+    runs: dict = {"0": [], "1": []}
+    for repeat in range(ctx.repeats):
+        for ack in ("0", "1") if repeat % 2 == 0 else ("1", "0"):
+            redis = RedisServer(ctx.workdir, f"replicas-{ack}-primary",
+                                ["--repl-diskless-sync-delay", "0"])
+            replica = node = None
+            try:
+                redis.wait_healthy()
+                replica = _replica_of(ctx, redis, f"replicas-{ack}-replica")
+                node = start_redis_node(ctx, redis, "bench:", f"replicas-{ack}-node",
+                                        {"REDIS_MIN_REPLICAS_ACK": ack})
+                node.wait_healthy()
+                url = f"http://127.0.0.1:{node.port}"
+                ctx.wrk.run(url + "/healthz", "get", 1)
+                run = ctx.wrk.run(url + "/jobs", "post", ctx.duration)
+            finally:
+                for server in (node, replica, redis):
+                    if server is not None:
+                        server.stop()
+                if node is not None:
+                    ctx.redis_problems.extend(f"{node.name}: {line}"
+                                              for line in _log_problems(node))
+            runs[ack].append(run)
+            log(f"POST /jobs, one replica, REDIS_MIN_REPLICAS_ACK={ack}: {run['rps']:,.0f} "
+                f"req/s, p99 {run['p99_ms']:.1f} ms, errors {run['errors']}")
+    ratios = [one["rps"] / zero["rps"] for zero, one in zip(runs["0"], runs["1"], strict=True)]
+    results.raw["redis"]["replicas"] = {"runs": runs, "ratios": ratios}
+    results.add("POST /jobs Redis mode, 1 node, one replica: REDIS_MIN_REPLICAS_ACK=1, share "
+                "of =0", median(ratios) * 100, "%", fmt="{:.0f}", per_repeat=ratios,
+                rps_ack0=median([run["rps"] for run in runs["0"]]),
+                rps_ack1=median([run["rps"] for run in runs["1"]]),
+                p99_ms_ack0=median([run["p99_ms"] for run in runs["0"]]),
+                p99_ms_ack1=median([run["p99_ms"] for run in runs["1"]]),
+                errors=sum(run["errors"] for runs_ in runs.values() for run in runs_))
+
+
+def _sentinel_conf(folder: Path, port: int, primary: int) -> Path:
+    config = folder / "sentinel.conf"
+    config.write_text(f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {folder}\n"
+                      f"sentinel monitor jobs 127.0.0.1 {primary} 2\n"
+                      "sentinel down-after-milliseconds jobs 1000\n"
+                      "sentinel failover-timeout jobs 2000\n")
+    return config
+
+
+def _redis_failover(ctx, results: Results) -> None:
+    """A primary, a replica, three sentinels (down after 1 s) and two nodes with
+    REDIS_MIN_REPLICAS_ACK=1 under POST load (a client per node, back to back): the
+    primary is SIGKILLed and comes back as the new primary's replica once Sentinel has
+    switched. Failover time: the kill to the first 201 on every node; 201s lost."""
+    import redis as redis_py
+    primary = RedisServer(ctx.workdir, "failover-primary", ["--repl-diskless-sync-delay", "0"])
+    servers: list[Server] = [primary]
+    try:
+        primary.wait_healthy()
+        replica = _replica_of(ctx, primary, "failover-replica")
+        replica.client.config_set("repl-diskless-sync-delay", 0)
+        servers.append(replica)
+        ports = [free_port() for _ in range(3)]
+        for port in ports:
+            folder = ctx.workdir / f"sentinel-{port}"
+            folder.mkdir()
+            servers.append(Server(f"sentinel-{port}", [
+                "redis-server", str(_sentinel_conf(folder, port, primary.port)), "--sentinel"],
+                dict(os.environ), folder / "sentinel.log", port))
+        watcher = redis_py.Redis(port=ports[0], decode_responses=True, socket_timeout=30)
+        while True:  # every sentinel knows the others and the replica: polled, like health
+            states = [redis_py.Redis(port=port, decode_responses=True).sentinel_master("jobs")
+                      for port in ports]
+            if all(state["num-other-sentinels"] == 2 and state["num-slaves"] == 1
+                   for state in states):
+                break
+            time.sleep(0.1)
+        env = {"REDIS_SENTINELS": ",".join(f"127.0.0.1:{port}" for port in ports),
+               "REDIS_SENTINEL_MASTER": "jobs", "REDIS_MIN_REPLICAS_ACK": "1",
+               "REDIS_TIMEOUT": "1"}
+        nodes = [start_service(ctx.workdir, f"failover-node{n}", None, {**LONG_DELAYS, **env})
+                 for n in range(2)]
+        servers.extend(nodes)
+        for node in nodes:
+            node.wait_healthy()
+        switched = watcher.pubsub()
+        switched.subscribe("+switch-master")
+        switched.get_message(timeout=5)
+        acknowledged: list[str] = []
+        first_after: dict[int, float] = {}
+        stop, killed = [False], [0.0]
+
+        def load(node: Server) -> None:
+            while not stop[0]:
+                status, _, body = request(node.port, "POST", "/jobs", b"{}")
+                if status == 201:
+                    acknowledged.append(json.loads(body)["id"])
+                    if killed[0] and node.port not in first_after:
+                        first_after[node.port] = time.monotonic()
+        threads = [threading.Thread(target=load, args=(node,)) for node in nodes]
+        for thread in threads:
+            thread.start()
+        time.sleep(2.0)  # load running
+        primary.proc.kill()
+        primary.proc.wait()
+        killed[0] = time.monotonic()
+        while (message := switched.get_message(timeout=30)) is None:
+            pass
+        switch_s = time.monotonic() - killed[0]
+        _, _, _, host, port = message["data"].split()
+        back = RedisServer(ctx.workdir, "failover-old-primary", [
+            "--replicaof", host, port, "--repl-diskless-sync-delay", "0"])
+        servers.append(back)
+        deadline = time.monotonic() + 60
+        while len(first_after) < len(nodes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop[0] = True
+        for thread in threads:
+            thread.join(30)
+        failover_s = max(first_after.values()) - killed[0] if len(first_after) == len(nodes) \
+            else None
+        new_primary = redis_py.Redis(port=int(port), decode_responses=True)
+        stored = set(new_primary.hkeys("jobservice:jobs"))
+        lost = len(set(acknowledged) - stored)
+        switched.close()
+        watcher.close()
+        new_primary.close()
+    finally:
+        for server in reversed(servers):
+            server.stop()
+    results.raw["redis"]["failover"] = {"switch_s": switch_s, "failover_s": failover_s,
+                                        "acknowledged": len(acknowledged), "lost": lost}
+    log(f"failover: Sentinel switched after {switch_s:.2f} s; every node's POST answered 201 "
+        f"again after {failover_s} s; {len(acknowledged):,} acknowledged, {lost} lost")
+    results.add("Failover (primary SIGKILLed under POST load, REDIS_MIN_REPLICAS_ACK=1): the "
+                "kill to a 201 on every node", failover_s, "s", "< 15 s, 0 lost",
+                failover_s is not None and failover_s < 15 and lost == 0, fmt="{:.2f}",
+                sentinel_switch_s=switch_s, acknowledged=len(acknowledged), lost=lost,
+                note="down-after-milliseconds 1000; the dead primary comes back as the new "
+                     "one's replica right after the switch")
+
+
 def bench_redis(ctx, results: Results) -> None:
     """The Redis scale-out mode (REDIS_URL), each part on its own fresh redis-server."""
     missing = None
@@ -1754,7 +2006,9 @@ def bench_redis(ctx, results: Results) -> None:
     ctx.redis_problems = []
     results.raw["redis"] = {"version": version, "problems": ctx.redis_problems}
     failed = []
-    for part in (_redis_throughput, _redis_event_latency, _redis_fanout_rows, _redis_memory):
+    parts = (_redis_throughput, _redis_event_latency, _redis_fanout_rows, _redis_memory,
+             _redis_start, _redis_replicas, _redis_failover)
+    for part in ctx.redis_parts or parts:
         try:
             part(ctx, results)
         except Exception as exc:  # the other parts still run
@@ -1777,6 +2031,8 @@ SECTIONS = {"post": bench_post, "access": bench_access, "reads": bench_reads,
             "redis": bench_redis, "soak": bench_soak}
 # soak and quota take minutes of wall clock each: --only soak, --only quota
 DEFAULT_SECTIONS = [name for name in SECTIONS if name not in ("soak", "quota")]
+REDIS_PARTS = ["throughput", "event_latency", "fanout_rows", "memory", "start", "replicas",
+               "failover"]
 
 
 class Context:
@@ -1802,6 +2058,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", action="append", choices=sorted(SECTIONS),
                         help="run only these sections (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder and logs")
+    parser.add_argument("--redis-part", action="append", choices=REDIS_PARTS,
+                        help="of the redis section, run only these parts (repeatable)")
     parser.add_argument("--soak-minutes", type=int, default=10,
                         help="length of the soak run (--only soak; default 10)")
     parser.add_argument("--soak-rate", type=int, default=1000,
@@ -1814,6 +2072,7 @@ def main(argv=None) -> int:
     ctx.duration, ctx.repeats, ctx.resolutions = args.duration, args.repeats, args.resolutions
     ctx.pairs = args.pairs
     ctx.million, ctx.memory_jobs = args.million, 100_000
+    ctx.redis_parts = [globals()[f"_redis_{name}"] for name in args.redis_part or ()]
     ctx.soak_minutes, ctx.soak_rate = args.soak_minutes, args.soak_rate
     if args.quick:
         ctx.duration, ctx.repeats, ctx.resolutions, ctx.million = 1.0, 1, 3, False

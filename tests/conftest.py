@@ -61,13 +61,16 @@ def free_port() -> int:
 
 class RedisServer:
     """A redis-server of the test's own, as durable as the README recommends: every
-    write is in the append-only file, fsynced, before it is acknowledged."""
+    write is in the append-only file, fsynced, before it is acknowledged (unless
+    `persistent` is false: then a restart starts empty). `args` are added to its own."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, persistent: bool = True, args=()):
         self.folder = folder
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
+        self.persistent = persistent
+        self.args = list(args)
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         binary = shutil.which("redis-server")
@@ -77,8 +80,9 @@ class RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-             "--protected-mode", "no", "--logfile", str(self.folder / "redis.log")])
+             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
+             "--save", "", "--protected-mode", "no", "--logfile",
+             str(self.folder / "redis.log"), *self.args])
         deadline = timeout
         while deadline > 0:
             try:
@@ -105,6 +109,94 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
+
+
+class Sentinels:
+    """A primary, its replicas, and sentinels (`redis-server --sentinel`) watching it as
+    `master`, each on a free port in a folder of its own. The primary counts as down
+    after 1 s without an answer (Redis's default is 30 s), so that a failover takes a
+    few seconds; less, and a busy 2-core box makes sentinels give up on a healthy one."""
+
+    def __init__(self, folder: Path, replicas: int = 1, sentinels: int = 3,
+                 master: str = "jobs"):
+        self.folder, self.master = folder, master
+        # A replica's first sync starts at once, not after the default 5 s wait for more.
+        quick = ["--repl-diskless-sync-delay", "0"]
+        self.primary = RedisServer(folder / "primary", args=quick)
+        self.replicas = [RedisServer(folder / f"replica{n}", args=quick)
+                         for n in range(replicas)]
+        self.ports = [free_port() for _ in range(sentinels)]
+        self.processes: list[subprocess.Popen] = []
+
+    @property
+    def env(self) -> dict:
+        return {"REDIS_SENTINELS": ",".join(f"127.0.0.1:{port}" for port in self.ports),
+                "REDIS_SENTINEL_MASTER": self.master}
+
+    def start(self, timeout: float = 30.0) -> Sentinels:
+        import redis
+
+        self.primary.start()
+        for replica in self.replicas:
+            replica.args += ["--replicaof", "127.0.0.1", str(self.primary.port)]
+            replica.start()
+        deadline = time.monotonic() + timeout
+        for replica in self.replicas:  # in sync first: sentinels learn of them from the primary
+            client = redis.Redis(port=replica.port, decode_responses=True)
+            try:
+                while client.info("replication")["master_link_status"] != "up":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"a replica was not in sync within {timeout} s")
+                    time.sleep(0.02)
+            finally:
+                client.close()
+        for number, port in enumerate(self.ports):
+            folder = self.folder / f"sentinel{number}"
+            folder.mkdir(parents=True)
+            config = folder / "sentinel.conf"  # a sentinel rewrites its own config file
+            config.write_text(
+                f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {folder}\n"
+                f"logfile {folder / 'sentinel.log'}\n"
+                f"sentinel monitor {self.master} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.master} 1000\n"
+                f"sentinel failover-timeout {self.master} 2000\n")
+            self.processes.append(subprocess.Popen(
+                [shutil.which("redis-server"), str(config), "--sentinel"]))
+        # Until every sentinel knows the replicas and the other sentinels (they meet
+        # through the primary every 2 s): state in other processes, polled.
+        for port in self.ports:
+            client = redis.Redis(port=port, decode_responses=True, socket_timeout=1)
+            try:
+                while True:
+                    try:
+                        state = client.sentinel_master(self.master)
+                        if (state["num-slaves"] >= len(self.replicas)
+                                and state["num-other-sentinels"] == len(self.ports) - 1):
+                            break
+                    except redis.RedisError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"sentinel on {port} not ready within {timeout} s")
+                    time.sleep(0.05)
+            finally:
+                client.close()
+        return self
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for server in (self.primary, *self.replicas):
+            server.kill()
+
+
+@pytest.fixture
+def sentinels(tmp_path):
+    """A primary, one replica and three sentinels of this test's own."""
+    group = Sentinels(tmp_path / "sentinels").start()
+    yield group
+    group.stop()
 
 
 @pytest.fixture(scope="session")
@@ -200,7 +292,9 @@ def start_service(aiohttp_client, jobs_file, backend):
     async def start(env: dict | None = None, *, path: Path | None = None):
         settings = jobservice.load_settings(
             ["--data", str(path or jobs_file)], {**FAST_ENV, **backend, **(env or {})})
-        return await aiohttp_client(jobservice.create_app(settings))
+        client = await aiohttp_client(jobservice.create_app(settings))
+        await client.app[jobservice.STORE].until_ready()  # a Redis-mode node loads first
+        return client
 
     return start
 

@@ -4,7 +4,8 @@ It relays 127.0.0.1:<its port> to a target. On demand it cuts every open connect
 (`cut()`) or refuses new ones (`close_gate()`); in chaos mode it also cuts each
 connection after a random lifetime (`lifetime=(min, max)` seconds) and refuses new
 connections during short random outages (`start_outages()`). A cut or a refusal is an
-abort: the peers see their connection reset, as on a dead network.
+abort: the peers see their connection reset, as on a dead network. `hold_after(n)` stalls
+what the target sends, after n more bytes, until `release()`: a link gone quiet.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ class TcpProxy:
         self.refused = 0  # connections reset at once: gate closed, or target unreachable
         self.cuts = 0  # relayed connections reset while open, by cut() or their lifetime
         self.outages = 0  # times start_outages() closed the gate
+        self.relayed_back = 0  # bytes relayed from the target to the clients
+        self.held = asyncio.Event()  # set once a hold_after() has begun
+        self._hold_at: int | None = None
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._outages: asyncio.Task | None = None
 
     async def start(self) -> TcpProxy:
@@ -42,6 +48,16 @@ class TcpProxy:
 
     def open_gate(self) -> None:
         self.gate_open = True
+
+    def hold_after(self, count: int) -> None:
+        """Relay `count` more bytes from the target, then nothing more from it until
+        release(); `held` is set when the hold begins."""
+        self.held.clear()
+        self._hold_at = self.relayed_back + count
+
+    def release(self) -> None:
+        self._hold_at = None
+        self._flowing.set()
 
     def cut(self) -> None:
         for link in list(self.links):
@@ -63,6 +79,7 @@ class TcpProxy:
         self.open_gate()
 
     async def close(self) -> None:
+        self.release()
         await self.stop_outages()
         self.close_gate()
         self.cut()
@@ -107,7 +124,8 @@ class TcpProxy:
             timer = asyncio.get_running_loop().call_later(
                 self.random.uniform(*self.lifetime), self._cut, link)
         try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            await asyncio.gather(self._pipe(reader, up_writer),
+                                 self._pipe(up_reader, writer, back=True))
         finally:
             if timer is not None:
                 timer.cancel()
@@ -115,12 +133,19 @@ class TcpProxy:
             for transport in link:
                 transport.close()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    back: bool = False) -> None:
         try:
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
+                if back:
+                    self.relayed_back += len(data)
+                    if self._hold_at is not None and self.relayed_back >= self._hold_at:
+                        self._hold_at = None
+                        self._flowing.clear()
+                        self.held.set()
+                    await self._flowing.wait()
             if not writer.transport.is_closing() and writer.can_write_eof():
                 writer.write_eof()  # pass a half-close on
         except (ConnectionError, OSError, RuntimeError):

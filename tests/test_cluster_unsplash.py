@@ -101,7 +101,9 @@ def start_nodes(aiohttp_client, tmp_path, redis_server, fake_unsplash, prefix):
                 {**FAST_ENV, "REDIS_URL": redis_server.url, "REDIS_PREFIX": prefix,
                  "UNSPLASH_ACCESS_KEY": fake_unsplash.key,
                  "UNSPLASH_API_URL": fake_unsplash.url, **(env or {})})
-            nodes.append(await aiohttp_client(jobservice.create_app(settings)))
+            node = await aiohttp_client(jobservice.create_app(settings))
+            await node.app[jobservice.STORE].until_ready()
+            nodes.append(node)
         return nodes
 
     return start
