@@ -64,9 +64,9 @@ def start_nodes(request, aiohttp_client, tmp_path, fake):
     a redis-server of the suite's, with a prefix of this test's own."""
     prefix = f"quota-{secrets.token_hex(4)}:"
 
-    async def start(count: int, env: dict) -> list:
+    async def start(count: int, env: dict, redis: bool | None = None) -> list:
         mode = {}
-        if count > 1:
+        if count > 1 if redis is None else redis:
             server = request.getfixturevalue("redis_server")
             mode = {"REDIS_URL": server.url, "REDIS_PREFIX": prefix}
         nodes = []
@@ -75,7 +75,9 @@ def start_nodes(request, aiohttp_client, tmp_path, fake):
                 ["--data", str(tmp_path / f"jobs{number}.json")],
                 {**FAST_ENV, **mode, "UNSPLASH_ACCESS_KEY": fake.key,
                  "UNSPLASH_API_URL": fake.url, **env})
-            nodes.append(await aiohttp_client(jobservice.create_app(settings)))
+            node = await aiohttp_client(jobservice.create_app(settings))
+            await node.app[jobservice.STORE].until_ready()  # a Redis node loads in the background
+            nodes.append(node)
         return nodes
 
     return start
@@ -321,11 +323,13 @@ async def test_a_rejected_key_is_reported_and_jobs_stay_on_time(start_nodes, fak
 # --- 5. What was bought survives a restart ---------------------------------------------
 
 
+@pytest.mark.parametrize("redis", [False, True], ids=["file", "redis"])
 async def test_photos_bought_before_a_restart_are_reused_after_it(start_nodes, fake,
-                                                                  open_events, tmp_path):
-    """The reuse set starts from the jobs kept: after a restart with Unsplash down, new
-    jobs get the photos the earlier jobs were sold, not the catalog's."""
-    [node] = await start_nodes(1, {})
+                                                                  open_events, redis):
+    """The reuse set starts from the jobs kept (in Redis mode, once the node has loaded
+    them): after a restart with Unsplash down, new jobs get the photos the earlier jobs
+    were sold, not the catalog's."""
+    [node] = await start_nodes(1, {}, redis)
     events = await open_events(node)
     ids = await create_spread([node], 30)
     await final_states(events, ids, timeout=5)
@@ -333,7 +337,7 @@ async def test_photos_bought_before_a_restart_are_reused_after_it(start_nodes, f
     await node.close()
 
     fake.mode = "500"
-    [node] = await start_nodes(1, {})
+    [node] = await start_nodes(1, {}, redis)
     events = await open_events(node)
     ids = await create_spread([node], 20)
     final, _ = await final_states(events, ids, timeout=5)
