@@ -419,11 +419,15 @@ async def sio_connect(http: aiohttp.ClientSession, url: str):
 
 
 async def sio_close_code(ws) -> int | str:
+    """The code of the server's close frame. Not ws.close_code: when the server has closed
+    the connection too, the client's own close reply fails and sets that to 1006."""
     async with asyncio.timeout(5):
         while True:
             message = await ws.receive()
-            if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
-                return ws.close_code
+            if message.type == aiohttp.WSMsgType.CLOSE:
+                return message.data
+            if message.type == aiohttp.WSMsgType.CLOSED:
+                return f"closed without a close frame ({ws.close_code})"
             if message.type == aiohttp.WSMsgType.ERROR:
                 return f"protocol error: {message.data!r}"
 
@@ -442,11 +446,18 @@ async def test_socketio_abuse_is_refused_per_packet(service_process):
             ("CONNECT with broken JSON", ["40{"], 1002),
         ]:
             ws = await sio_connect(http, service.url)
-            for packet in packets:
-                if isinstance(packet, bytes):
-                    await ws.send_bytes(packet)
-                else:
-                    await ws.send_str(packet)
+            for number, packet in enumerate(packets, 1):
+                try:
+                    if isinstance(packet, bytes):
+                        await ws.send_bytes(packet)
+                    else:
+                        await ws.send_str(packet)
+                except ConnectionError:
+                    # The server may refuse a frame from its header and close before the
+                    # client has sent all of it (1 MB): that send fails, and the close
+                    # frame sent before it is still there to read.
+                    if number != len(packets):
+                        raise
             got = await sio_close_code(ws)
             if got != code:
                 problems.append(f"{name}: expected {code}, got {got}")
