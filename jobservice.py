@@ -35,6 +35,7 @@ import signal
 import socket
 import sys
 import time
+import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -2115,6 +2116,78 @@ HTTP_ERROR_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found",
                     431: "headers_too_large"}
 
 
+# Request bodies are decoded here, not by aiohttp: the server runs with SERVER_OPTIONS.
+# aiohttp's own decoding answers a coding it cannot decode (br and zstd, without their
+# libraries) with a plain-text 400 from its parser, raises on a corrupt body wherever it
+# is read (even after the response), and decodes the whole rest of a body nobody reads.
+# Here a coding not decoded is a 415, a body that does not decode is a 400, and no more
+# than `limit` bytes are ever decoded: a few KB of gzip can hold gigabytes.
+SERVER_OPTIONS = {"auto_decompress": False}
+BODY_CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
+                "deflate": zlib.MAX_WBITS}
+
+
+async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
+    """The request's body, decoded if it came gzip- or deflate-coded; ApiError if it is
+    over `limit` bytes (as sent or once decoded), in a coding not decoded, or corrupt."""
+    if (request.content_length or 0) > limit:
+        raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
+    coding = request.headers.get("Content-Encoding")  # the one lookup a plain body costs
+    if coding is not None and coding.strip().lower() != "identity":
+        return await _decoded_body(request, coding, limit)
+    body = bytearray()
+    try:
+        while chunk := await request.content.readany():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
+    except web.RequestPayloadError as exc:
+        raise ApiError(400, "invalid_body", f"the body cannot be read: {exc}") from None
+    return bytes(body)
+
+
+async def _decoded_body(request: web.Request, coding: str, limit: int) -> bytes:
+    name = coding.strip().lower()
+    wbits = BODY_CODINGS.get(name)
+    if wbits is None:
+        raise ApiError(415, "unsupported_content_encoding",
+                       f"Content-Encoding {coding[:40]!r} is not one this service decodes; "
+                       "send the body as it is, or coded with gzip or deflate")
+    decoder = zlib.decompressobj(wbits)
+    body, received = bytearray(), False
+    try:
+        while chunk := await request.content.readany():
+            received = True
+            # At most one byte over the limit is decoded: enough to know it is over.
+            body += decoder.decompress(chunk, limit + 1 - len(body))
+            if len(body) > limit:
+                raise ApiError(413, "payload_too_large",
+                               f"the body is over {limit} bytes once decoded")
+        if received and (not decoder.eof or decoder.unused_data):
+            raise zlib.error("the data is cut short or goes on past its end")
+    except zlib.error:
+        raise ApiError(400, "invalid_content_encoding",
+                       f"the body is not valid {name} data (Content-Encoding)") from None
+    except web.RequestPayloadError as exc:
+        raise ApiError(400, "invalid_body", f"the body cannot be read: {exc}") from None
+    return bytes(body)
+
+
+async def json_body(request: web.Request, shape: str = "a JSON object") -> dict:
+    """The body as a JSON object ({} for none); ApiError 400 if it is not one."""
+    raw = await read_body(request)
+    # No body and "{}", what clients send for "nothing to say", need no parsing (1 us).
+    if raw.strip() in (b"", b"{}"):
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", f"the body must be {shape}")
+    return body
+
+
 # Access: with API_TOKEN or API_TOKENS_FILE set, every door wants a token, by an
 # `Authorization: Bearer` header or by the page's session cookie. The cookie is signed
 # with the token it was traded for, so nothing about sessions is stored, and a token
@@ -2317,17 +2390,7 @@ class Access:
 
 
 async def create_job(request: web.Request) -> web.Response:
-    if request.content_length and request.content_length > MAX_BODY:
-        raise ApiError(413, "payload_too_large", f"the body is over {MAX_BODY} bytes")
-    raw = await request.read()
-    # No body and "{}", what clients send for "nothing to say", need no parsing (1 us).
-    if raw.strip() not in (b"", b"{}"):
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-            raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    await json_body(request)  # optional, and ignored; but bad input is refused
     store = request.app[STORE]
     _admit(request)
     headers = _rate_limit(request)
@@ -2451,18 +2514,25 @@ async def get_job(request: web.Request) -> web.Response:
 
 async def retry_job(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    job = store.get(request.match_info["id"])
-    if job is None:
-        raise ApiError(404, "not_found", "no job with that id")
-    if job.status != "failed" or job.id in store.in_flight:
-        raise ApiError(409, "not_failed", f"only a failed job can be retried; this one is "
-                                          f"{job.status}")
+    _failed_job(store, request.match_info["id"])
+    await json_body(request)  # as for POST /jobs: optional, ignored, and checked
+    job = _failed_job(store, request.match_info["id"])  # again: it may have changed since
     _admit(request)
     headers = _rate_limit(request)
     retried = job.retried(time.time() + request.app[SETTINGS].retry_base_delay)
     await _committed(store, retried)
     headers["Location"] = f"/jobs/{job.id}"
     return json_response(retried.json, 202, headers)
+
+
+def _failed_job(store: JobStore, job_id: str) -> Job:
+    job = store.get(job_id)
+    if job is None:
+        raise ApiError(404, "not_found", "no job with that id")
+    if job.status != "failed" or job.id in store.in_flight:
+        raise ApiError(409, "not_failed", f"only a failed job can be retried; this one is "
+                                          f"{job.status}")
+    return job
 
 
 async def delete_job(request: web.Request) -> web.Response:
@@ -2512,11 +2582,8 @@ async def open_session(request: web.Request) -> web.Response:
     """Trade a token (JSON {"token"} or a Bearer header) for an HttpOnly, SameSite=Strict
     session cookie, so that the page never keeps the token where scripts can read it."""
     access = request.app[ACCESS]
-    try:
-        body = json.loads(await request.read() or b"{}")
-    except (ValueError, RecursionError):
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-    if not isinstance(body, dict) or not isinstance(body.get("token", ""), str):
+    body = await json_body(request, '{"token": "<token>"}')
+    if not isinstance(body.get("token", ""), str):
         raise ApiError(400, "invalid_body", 'the body must be {"token": "<token>"}')
     if not access.required:
         return json_response('{"required": false}')
@@ -2679,18 +2746,16 @@ async def _engineio_post(request: web.Request, session: EngineIOSession) -> web.
         return _engineio_refusal(400, 3, "Bad request")
     session.posting = True
     try:
-        chunks, size = [], 0
-        if (request.content_length or 0) <= EIO_MAX_PAYLOAD:
-            async for chunk in request.content.iter_any():
-                size += len(chunk)
-                if size > EIO_MAX_PAYLOAD:
-                    break
-                chunks.append(chunk)
-        if (request.content_length or 0) > EIO_MAX_PAYLOAD or size > EIO_MAX_PAYLOAD:
-            session.close(1009, "payload too large")
-            return _engineio_refusal(413, 3, f"the body is over {EIO_MAX_PAYLOAD} bytes")
         try:
-            packets = b"".join(chunks).decode("utf-8").split("\x1e")
+            body = await read_body(request, EIO_MAX_PAYLOAD)
+        except ApiError as exc:  # its packets are lost: the client starts over, recovering
+            if exc.status == 413:
+                session.close(1009, "payload too large")
+            else:
+                session.close(1002, "unreadable body")
+            return _engineio_refusal(exc.status, 3, exc.message)
+        try:
+            packets = body.decode("utf-8").split("\x1e")
         except UnicodeDecodeError:
             packets = [""]
         if not all(session.receive(packet) for packet in packets):
@@ -3046,7 +3111,7 @@ async def _close_sockets(app: web.Application) -> None:
 
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0, **SERVER_OPTIONS)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port,

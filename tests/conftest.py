@@ -200,7 +200,8 @@ def start_service(aiohttp_client, jobs_file, backend):
     async def start(env: dict | None = None, *, path: Path | None = None):
         settings = jobservice.load_settings(
             ["--data", str(path or jobs_file)], {**FAST_ENV, **backend, **(env or {})})
-        return await aiohttp_client(jobservice.create_app(settings))
+        return await aiohttp_client(jobservice.create_app(settings),
+                                    server_kwargs=jobservice.SERVER_OPTIONS)
 
     return start
 
