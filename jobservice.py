@@ -34,6 +34,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 import time
 import zlib
 from collections import OrderedDict, deque
@@ -3108,6 +3109,72 @@ async def _close_sockets(app: web.Application) -> None:
 # `jobservice` / `python jobservice.py`: settings, one start-up line, serve until
 # SIGINT or SIGTERM, then stop accepting, close sockets (1001), finish writing, exit 0.
 
+# The log is bounded: of each kind of line (its logger, level and message template), the
+# first in LOG_INTERVAL is written and the rest are counted, and the count is written in
+# one line when the interval is over. A malformed request that aiohttp refused is the
+# client's fault: one line, never a traceback (aiohttp writes a dozen lines for each).
+# A flood of bad requests or connections costs a few lines a kind, not the disk.
+
+LOG_INTERVAL = 10.0
+LOG_KINDS_MAX = 1000
+CLIENT_FAULTS = (aiohttp.http.HttpProcessingError, web.RequestPayloadError, ConnectionError)
+
+
+class BoundedLog(logging.StreamHandler):
+    def __init__(self, stream=None, interval: float = LOG_INTERVAL):
+        super().__init__(stream)
+        self.interval = interval
+        self.kinds: dict[tuple, list] = {}  # kind -> [interval ends, lines left out, sample]
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        if record.exc_info and record.name.startswith("aiohttp") \
+                and isinstance(record.exc_info[1], CLIENT_FAULTS):
+            record = _client_fault(record)
+        # A message made whole before logging (asyncio's) is told by its first line.
+        kind = (record.name, record.levelno, str(record.msg).partition("\n")[0])
+        now = time.monotonic()
+        held = self.kinds.get(kind)
+        if held is not None and now < held[0]:
+            held[1] += 1
+            if held[1] == 1:
+                timer = threading.Timer(held[0] - now, self._report, (kind,))
+                timer.daemon = True
+                timer.start()
+            return
+        if len(self.kinds) >= LOG_KINDS_MAX:
+            self.kinds = {key: value for key, value in self.kinds.items()
+                          if value[0] > now or value[1]}
+        self.kinds[kind] = [now + self.interval, 0, record.getMessage().partition("\n")[0]]
+        super().emit(record)
+
+    def _report(self, kind: tuple) -> None:
+        with self.lock:
+            held = self.kinds.pop(kind, None)
+            if held is None or not held[1]:
+                return
+            summary = logging.LogRecord(
+                kind[0], kind[1], "", 0, "%d more like this in the last %s, left out: %s",
+                (held[1], describe_duration(self.interval), held[2][:300]), None)
+            super().emit(summary)
+
+    def close(self) -> None:
+        for kind in list(self.kinds):  # at exit: what the timers have not told yet
+            self._report(kind)
+        super().close()
+
+
+def _client_fault(record: logging.LogRecord) -> logging.LogRecord:
+    """aiohttp's record of a request it refused, as one line without the traceback."""
+    exc = record.exc_info[1]
+    reason = (getattr(exc, "message", "") or str(exc)).strip().partition("\n")[0]
+    reason = "".join(char if char.isprintable() else "?" for char in reason[:200])
+    fault = logging.makeLogRecord(record.__dict__)
+    fault.levelno, fault.levelname = logging.WARNING, "WARNING"
+    fault.msg, fault.args = "a client's request was refused: %s (%s)", (
+        reason or type(exc).__name__, record.getMessage())
+    fault.exc_info = fault.exc_text = None
+    return fault
+
 
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
@@ -3291,7 +3358,8 @@ def socket_host(host: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        handlers=[BoundedLog()])
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("import", "export"):
         return transfer(argv[0], argv[1:])
