@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import random
+import resource
 import secrets
 import signal
 import socket
@@ -108,6 +109,7 @@ class Settings:
     redis_timeout: float = 2.0
     job_lease: float = 30.0
     workers: int = 0  # --workers N: a supervisor of N processes on one port
+    max_connections: int = 1000  # client connections open at once; derived by load_settings
     reuse_port: bool = False  # set for the supervisor's workers
 
     @property
@@ -229,6 +231,32 @@ def _origin(value: str, name: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+# Descriptors kept for what the service opens itself, whatever its clients do: the journal
+# and the directory it syncs, a snapshot being written, Redis, Unsplash, DNS lookups.
+FD_RESERVE = 64
+
+
+def open_files_limit() -> int:
+    """How many descriptors this process may have open (the soft RLIMIT_NOFILE)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def _max_connections(env) -> int:
+    """MAX_CONNECTIONS, by default half of what the open-files limit leaves after
+    FD_RESERVE: a connection may hold a second descriptor, a file it is being sent."""
+    room = open_files_limit() - FD_RESERVE
+    if not (env.get("MAX_CONNECTIONS") or "").strip():
+        return max(1, room // 2)
+    value = _number(env, "MAX_CONNECTIONS", 0, minimum=1, integer=True)
+    if value > room:
+        raise ConfigError(f"MAX_CONNECTIONS={value} is more than the {max(0, room)} that the "
+                          f"limit of {open_files_limit()} open files (RLIMIT_NOFILE) leaves "
+                          f"room for, after {FD_RESERVE} kept for the journal, Redis and "
+                          "Unsplash; raise the limit (ulimit -n) or lower MAX_CONNECTIONS")
+    return value
+
+
 def load_settings(argv: list[str] | None = None, env=None) -> Settings:
     """Settings from flags (which win) and the environment; ConfigError names the bad one."""
     env = os.environ if env is None else env
@@ -318,6 +346,7 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         job_lease=_duration(env, "JOB_LEASE", 30.0),
         workers=workers,
         reuse_port=args.worker,
+        max_connections=_max_connections(env),
     )
     read_tokens(settings)  # a tokens file that is unreadable or empty stops start-up
     return settings
@@ -371,6 +400,11 @@ class Metrics:
                            ["protocol"])
         self.peers_dropped = counter("jobservice_peers_dropped",
                                      "Event clients the server closed, by reason.", ["reason"])
+        self.connections = gauge("jobservice_connections",
+                                 "Client connections open now (at most MAX_CONNECTIONS).")
+        self.connections_refused = counter("jobservice_connections_refused",
+                                           "Connections closed as soon as they were accepted, "
+                                           "by reason.", ["reason"])
         self.http = HttpTally()
         registry.register(self.http)
         self.storage_ok = gauge("jobservice_storage_ok",
@@ -3176,14 +3210,140 @@ def _client_fault(record: logging.LogRecord) -> logging.LogRecord:
     return fault
 
 
+# Connections are accepted here, not by asyncio's server, so that one past MAX_CONNECTIONS
+# is closed as soon as it is accepted: a flood never takes the descriptors that the
+# journal, a snapshot, Redis and Unsplash need, and established clients never notice it.
+# asyncio's own loop accepts a hundred sockets at a time before any is looked at, and
+# once the descriptors run out it logs a traceback for each accept that fails (and keeps
+# trying, hundreds a second). admit() is where a new connection is judged.
+
+ACCEPT_BACKLOG = 128
+ACCEPT_BATCH = 64  # accepts per wake-up, so that a flood does not hold the loop
+ACCEPT_PAUSE = 1.0  # after an accept failed for want of descriptors or memory
+
+
+class ConnectionGate:
+    def __init__(self, protocol_factory, max_connections: int, metrics: Metrics):
+        self.protocol_factory = protocol_factory  # aiohttp's: a handler per connection
+        self.max_connections = max_connections
+        self.metrics = metrics
+        self.open = 0
+        self.sockets: list[socket.socket] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def listen(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Listen on each address the host names ("" names them all), as create_server."""
+        loop = self._loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        try:
+            for family, address in dict.fromkeys((info[0], info[4]) for info in infos):
+                listener = socket.create_server(address, family=family, backlog=ACCEPT_BACKLOG,
+                                                reuse_port=reuse_port)
+                self.sockets.append(listener)
+                listener.setblocking(False)
+        except BaseException:
+            self.close()
+            raise
+        for listener in self.sockets:
+            loop.add_reader(listener.fileno(), self._accept, listener)
+
+    def admit(self, address) -> str | None:
+        """Why a new connection is refused (the reason it is counted under), or None."""
+        if self.open >= self.max_connections:
+            return "max_connections"
+        return None
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # out of descriptors (or memory): wait, rather than spin
+                log.error("cannot accept connections: %s; trying again in %g s",
+                          exc.strerror, ACCEPT_PAUSE)
+                self._loop.remove_reader(listener.fileno())
+                self._loop.call_later(ACCEPT_PAUSE, self._resume, listener)
+                return
+            refusal = self.admit(address)
+            if refusal is not None:
+                conn.close()
+                self.metrics.connections_refused.labels(refusal).inc()
+                log.warning("closed connections at once: %d are open, the most this service "
+                            "keeps (MAX_CONNECTIONS)", self.open)
+                continue
+            self.open += 1
+            self._loop.create_task(self._serve(conn))
+
+    def _resume(self, listener: socket.socket) -> None:
+        if listener in self.sockets:  # not closed meanwhile
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        connection = Connection(self)
+        try:
+            await self._loop.connect_accepted_socket(lambda: connection, conn)
+        except OSError:  # gone before it was served
+            connection.leave()
+            conn.close()
+
+    def close(self) -> None:
+        """Stop listening; the connections open stay, for the server to close."""
+        for listener in self.sockets:
+            if self._loop is not None:
+                self._loop.remove_reader(listener.fileno())
+            listener.close()
+        self.sockets = []
+
+
+class Connection(asyncio.Protocol):
+    """An admitted connection: aiohttp's handler for it, counted out of the gate at its end."""
+
+    def __init__(self, gate: ConnectionGate):
+        self.gate = gate
+        self.handler = None
+        self.counted = True
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        handler = self.handler = self.gate.protocol_factory()
+        # The transport calls these on the handler itself: the count costs no request.
+        self.data_received, self.eof_received = handler.data_received, handler.eof_received
+        self.pause_writing, self.resume_writing = handler.pause_writing, handler.resume_writing
+        handler.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.leave()
+        if self.handler is not None:
+            self.handler.connection_lost(exc)
+
+    def leave(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.gate.open -= 1
+
+
+def raise_open_files_limit() -> None:
+    """Let the process open as many descriptors as it may: the soft RLIMIT_NOFILE up to
+    the hard one (a soft 1,024 is common, and a few hundred clients would take it all)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # more than the system takes (macOS): keep the limit there is
+
+
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0, **SERVER_OPTIONS)
     await runner.setup()
+    gate = ConnectionGate(runner.server, settings.max_connections, app[METRICS])
+    app[METRICS].connections.set_function(lambda: gate.open)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port,
-                           reuse_port=settings.reuse_port or None)
-        await site.start()
+        await gate.listen(settings.host, settings.port, settings.reuse_port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -3196,7 +3356,7 @@ async def serve(settings: Settings) -> None:
             app[HUB].revoke(access.tokens)
 
         loop.add_signal_handler(signal.SIGHUP, rotate)
-        host, port = runner.addresses[0][:2]
+        host, port = gate.sockets[0].getsockname()[:2]
         store, images = app[STORE], app[IMAGES]
         if not access.required and not ipaddress.ip_address(
                 socket_host(host)).is_loopback:
@@ -3212,7 +3372,8 @@ async def serve(settings: Settings) -> None:
             "jobservice %s listening on http://%s:%d; %d jobs (%d pending) in %s; delays "
             "%g-%g s step %g; retries %g-%g s, %d attempts; CORS %s; images: %s; "
             "finished jobs are kept %s (JOB_RETENTION); deletions are replayed for %s "
-            "(EVENTS_REPLAY_WINDOW); at most %d jobs pending (MAX_PENDING_JOBS)",
+            "(EVENTS_REPLAY_WINDOW); at most %d jobs pending (MAX_PENDING_JOBS); at most %d "
+            "connections (MAX_CONNECTIONS) of %d open files (RLIMIT_NOFILE)",
             __version__, host if ":" not in host else f"[{host}]", port, len(store.jobs),
             store.counts["pending"], store.describe(), settings.job_delay_min,
             settings.job_delay_max, settings.job_delay_step, settings.retry_base_delay,
@@ -3220,12 +3381,13 @@ async def serve(settings: Settings) -> None:
             ", ".join(settings.cors_origins) or "same origin only", images.describe(),
             describe_duration(settings.job_retention) if settings.job_retention
             else "forever", describe_duration(settings.events_replay_window),
-            settings.max_pending_jobs)
+            settings.max_pending_jobs, settings.max_connections, open_files_limit())
         await stop.wait()
         log.info("shutting down")
         if settings.reuse_port:
             await orphan_watch
     finally:
+        gate.close()
         await runner.cleanup()
 
 
@@ -3363,6 +3525,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("import", "export"):
         return transfer(argv[0], argv[1:])
+    raise_open_files_limit()  # first: MAX_CONNECTIONS is derived from the limit
     try:
         settings = load_settings(argv)
         if settings.redis_url:

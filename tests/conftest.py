@@ -323,8 +323,9 @@ async def running_services(jobs_file: Path, backend: dict | None = None):
     """A starter of real service processes; every one still running is killed after."""
     started: list[ServiceProcess] = []
 
-    async def start(env: dict | None = None, path: Path | None = None, args=()):
-        service = ServiceProcess(path or jobs_file, {**(backend or {}), **(env or {})}, args)
+    async def start(env: dict | None = None, path: Path | None = None, args=(), command=None):
+        service = ServiceProcess(path or jobs_file, {**(backend or {}), **(env or {})}, args,
+                                 command)
         started.append(service)
         return await service.start()
 
@@ -339,7 +340,7 @@ async def running_services(jobs_file: Path, backend: dict | None = None):
 
 @pytest.fixture
 async def service_process(jobs_file, backend):
-    """Start real service processes (`await service_process(env, path, args)`)."""
+    """Start real service processes (`await service_process(env, path, args, command)`)."""
     async with running_services(jobs_file, backend) as start:
         yield start
 
