@@ -166,7 +166,7 @@ def describe_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             count = int(seconds // size)
             return f"{count} {unit}{'s' if count != 1 else ''}"
-    return f"{seconds:g} seconds"
+    return f"{seconds:g} second{'s' if seconds != 1 else ''}"
 
 
 RATE_PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
@@ -665,7 +665,10 @@ class Job:
     def from_old_service(cls, data, now: float) -> Job:
         """A job from the NestJS service's file: {id, status, result, createdAt}.
 
-        Its delay was never stored, so a job it left pending is due at once."""
+        Its delay was never stored, so a job it left pending is due at once; nor was when
+        a job finished, so one it left finished is taken as finished now, at the carry-over.
+        JOB_RETENTION counts from there: the old service kept every job forever, and its
+        users' history must not expire the moment they switch over."""
         if not isinstance(data, dict) or not isinstance(data.get("id"), (str, int)):
             raise ValueError("an entry is not an object with an id")
         job_id = str(data["id"])
@@ -684,7 +687,7 @@ class Job:
                      "source": "unsplash"}
         return cls(job_id, status, result if status == "resolved" else None, created_at,
                    now if status == "pending" else created_at,
-                   created_at if status != "pending" else None,
+                   now if status != "pending" else None,
                    0, "failed in the old service" if status == "failed" else None,
                    image if status == "resolved" else None)
 
@@ -809,6 +812,7 @@ class JobStore:
         self._writer: asyncio.Task | None = None
         self._closing = False
         self._migrated = False  # loaded from the old service's file
+        self.carried_over = 0  # ... and how many finished jobs it held
 
     # Loading
 
@@ -840,8 +844,9 @@ class JobStore:
                 await out.flush()
                 await aiofiles.os.wrap(os.fsync)(out.fileno())
             self._migrated = True
-            log.warning("carried over %d jobs from the old service's file; its original is "
-                        "kept as %s", len(jobs), backup)
+            self.carried_over = len(jobs) - self.counts["pending"]
+            log.warning("carried over %d jobs (%d finished) from the old service's file; its "
+                        "original is kept as %s", len(jobs), self.carried_over, backup)
         # Long-lived job objects would otherwise be rescanned by every full collection.
         # No collection first: what loading threw away had no cycles and is gone already,
         # and walking a million jobs to learn that took 0.3 s.
@@ -3368,6 +3373,11 @@ async def serve(settings: Settings) -> None:
         if isinstance(images, CatalogImages):
             log.warning("no UNSPLASH_ACCESS_KEY: photos come from the built-in catalog; set "
                         "UNSPLASH_ACCESS_KEY to an Unsplash access key for fresh random photos")
+        if store.carried_over:
+            retention = settings.job_retention
+            log.info("the %d finished jobs carried over are kept %s (JOB_RETENTION)",
+                     store.carried_over,
+                     f"{describe_duration(retention)} from now" if retention else "forever")
         log.info(
             "jobservice %s listening on http://%s:%d; %d jobs (%d pending) in %s; delays "
             "%g-%g s step %g; retries %g-%g s, %d attempts; CORS %s; images: %s; "
