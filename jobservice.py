@@ -30,11 +30,14 @@ import logging
 import math
 import os
 import random
+import resource
 import secrets
 import signal
 import socket
 import sys
+import threading
 import time
+import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -112,6 +115,7 @@ class Settings:
     redis_timeout: float = 2.0
     job_lease: float = 30.0
     workers: int = 0  # --workers N: a supervisor of N processes on one port
+    max_connections: int = 1000  # client connections open at once; derived by load_settings
     reuse_port: bool = False  # set for the supervisor's workers
 
     @property
@@ -173,7 +177,7 @@ def describe_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             count = int(seconds // size)
             return f"{count} {unit}{'s' if count != 1 else ''}"
-    return f"{seconds:g} seconds"
+    return f"{seconds:g} second{'s' if seconds != 1 else ''}"
 
 
 RATE_PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
@@ -248,6 +252,32 @@ def _origin(value: str, name: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
         raise ConfigError(f"{name} entry {value!r} is not an origin like https://example.com")
     return f"{parts.scheme}://{parts.netloc}"
+
+
+# Descriptors kept for what the service opens itself, whatever its clients do: the journal
+# and the directory it syncs, a snapshot being written, Redis, Unsplash, DNS lookups.
+FD_RESERVE = 64
+
+
+def open_files_limit() -> int:
+    """How many descriptors this process may have open (the soft RLIMIT_NOFILE)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def _max_connections(env) -> int:
+    """MAX_CONNECTIONS, by default half of what the open-files limit leaves after
+    FD_RESERVE: a connection may hold a second descriptor, a file it is being sent."""
+    room = open_files_limit() - FD_RESERVE
+    if not (env.get("MAX_CONNECTIONS") or "").strip():
+        return max(1, room // 2)
+    value = _number(env, "MAX_CONNECTIONS", 0, minimum=1, integer=True)
+    if value > room:
+        raise ConfigError(f"MAX_CONNECTIONS={value} is more than the {max(0, room)} that the "
+                          f"limit of {open_files_limit()} open files (RLIMIT_NOFILE) leaves "
+                          f"room for, after {FD_RESERVE} kept for the journal, Redis and "
+                          "Unsplash; raise the limit (ulimit -n) or lower MAX_CONNECTIONS")
+    return value
 
 
 def load_settings(argv: list[str] | None = None, env=None) -> Settings:
@@ -361,6 +391,7 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         job_lease=_duration(env, "JOB_LEASE", 30.0),
         workers=workers,
         reuse_port=args.worker,
+        max_connections=_max_connections(env),
     )
     read_tokens(settings)  # a tokens file that is unreadable or empty stops start-up
     return settings
@@ -422,6 +453,11 @@ class Metrics:
                            ["protocol"])
         self.peers_dropped = counter("jobservice_peers_dropped",
                                      "Event clients the server closed, by reason.", ["reason"])
+        self.connections = gauge("jobservice_connections",
+                                 "Client connections open now (at most MAX_CONNECTIONS).")
+        self.connections_refused = counter("jobservice_connections_refused",
+                                           "Connections closed as soon as they were accepted, "
+                                           "by reason.", ["reason"])
         self.http = HttpTally()
         registry.register(self.http)
         self.storage_ok = gauge("jobservice_storage_ok",
@@ -683,7 +719,10 @@ class Job:
     def from_old_service(cls, data, now: float) -> Job:
         """A job from the NestJS service's file: {id, status, result, createdAt}.
 
-        Its delay was never stored, so a job it left pending is due at once."""
+        Its delay was never stored, so a job it left pending is due at once; nor was when
+        a job finished, so one it left finished is taken as finished now, at the carry-over.
+        JOB_RETENTION counts from there: the old service kept every job forever, and its
+        users' history must not expire the moment they switch over."""
         if not isinstance(data, dict) or not isinstance(data.get("id"), (str, int)):
             raise ValueError("an entry is not an object with an id")
         job_id = str(data["id"])
@@ -702,7 +741,7 @@ class Job:
                      "source": "unsplash"}
         return cls(job_id, status, result if status == "resolved" else None, created_at,
                    now if status == "pending" else created_at,
-                   created_at if status != "pending" else None,
+                   now if status != "pending" else None,
                    0, "failed in the old service" if status == "failed" else None,
                    image if status == "resolved" else None)
 
@@ -831,6 +870,7 @@ class JobStore:
         self._writer: asyncio.Task | None = None
         self._closing = False
         self._migrated = False  # loaded from the old service's file
+        self.carried_over = 0  # ... and how many finished jobs it held
 
     # Loading
 
@@ -862,8 +902,9 @@ class JobStore:
                 await out.flush()
                 await aiofiles.os.wrap(os.fsync)(out.fileno())
             self._migrated = True
-            log.warning("carried over %d jobs from the old service's file; its original is "
-                        "kept as %s", len(jobs), backup)
+            self.carried_over = len(jobs) - self.counts["pending"]
+            log.warning("carried over %d jobs (%d finished) from the old service's file; its "
+                        "original is kept as %s", len(jobs), self.carried_over, backup)
         # Long-lived job objects would otherwise be rescanned by every full collection.
         # No collection first: what loading threw away had no cycles and is gone already,
         # and walking a million jobs to learn that took 0.3 s.
@@ -2534,6 +2575,78 @@ HTTP_ERROR_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found",
                     431: "headers_too_large"}
 
 
+# Request bodies are decoded here, not by aiohttp: the server runs with SERVER_OPTIONS.
+# aiohttp's own decoding answers a coding it cannot decode (br and zstd, without their
+# libraries) with a plain-text 400 from its parser, raises on a corrupt body wherever it
+# is read (even after the response), and decodes the whole rest of a body nobody reads.
+# Here a coding not decoded is a 415, a body that does not decode is a 400, and no more
+# than `limit` bytes are ever decoded: a few KB of gzip can hold gigabytes.
+SERVER_OPTIONS = {"auto_decompress": False}
+BODY_CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
+                "deflate": zlib.MAX_WBITS}
+
+
+async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
+    """The request's body, decoded if it came gzip- or deflate-coded; ApiError if it is
+    over `limit` bytes (as sent or once decoded), in a coding not decoded, or corrupt."""
+    if (request.content_length or 0) > limit:
+        raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
+    coding = request.headers.get("Content-Encoding")  # the one lookup a plain body costs
+    if coding is not None and coding.strip().lower() != "identity":
+        return await _decoded_body(request, coding, limit)
+    body = bytearray()
+    try:
+        while chunk := await request.content.readany():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
+    except web.RequestPayloadError as exc:
+        raise ApiError(400, "invalid_body", f"the body cannot be read: {exc}") from None
+    return bytes(body)
+
+
+async def _decoded_body(request: web.Request, coding: str, limit: int) -> bytes:
+    name = coding.strip().lower()
+    wbits = BODY_CODINGS.get(name)
+    if wbits is None:
+        raise ApiError(415, "unsupported_content_encoding",
+                       f"Content-Encoding {coding[:40]!r} is not one this service decodes; "
+                       "send the body as it is, or coded with gzip or deflate")
+    decoder = zlib.decompressobj(wbits)
+    body, received = bytearray(), False
+    try:
+        while chunk := await request.content.readany():
+            received = True
+            # At most one byte over the limit is decoded: enough to know it is over.
+            body += decoder.decompress(chunk, limit + 1 - len(body))
+            if len(body) > limit:
+                raise ApiError(413, "payload_too_large",
+                               f"the body is over {limit} bytes once decoded")
+        if received and (not decoder.eof or decoder.unused_data):
+            raise zlib.error("the data is cut short or goes on past its end")
+    except zlib.error:
+        raise ApiError(400, "invalid_content_encoding",
+                       f"the body is not valid {name} data (Content-Encoding)") from None
+    except web.RequestPayloadError as exc:
+        raise ApiError(400, "invalid_body", f"the body cannot be read: {exc}") from None
+    return bytes(body)
+
+
+async def json_body(request: web.Request, shape: str = "a JSON object") -> dict:
+    """The body as a JSON object ({} for none); ApiError 400 if it is not one."""
+    raw = await read_body(request)
+    # No body and "{}", what clients send for "nothing to say", need no parsing (1 us).
+    if raw.strip() in (b"", b"{}"):
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", f"the body must be {shape}")
+    return body
+
+
 # Access: with API_TOKEN or API_TOKENS_FILE set, every door wants a token, by an
 # `Authorization: Bearer` header or by the page's session cookie. The cookie is signed
 # with the token it was traded for, so nothing about sessions is stored, and a token
@@ -2736,17 +2849,7 @@ class Access:
 
 
 async def create_job(request: web.Request) -> web.Response:
-    if request.content_length and request.content_length > MAX_BODY:
-        raise ApiError(413, "payload_too_large", f"the body is over {MAX_BODY} bytes")
-    raw = await request.read()
-    # No body and "{}", what clients send for "nothing to say", need no parsing (1 us).
-    if raw.strip() not in (b"", b"{}"):
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-            raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    await json_body(request)  # optional, and ignored; but bad input is refused
     store = request.app[STORE]
     _admit(request)
     headers = _rate_limit(request)
@@ -2870,18 +2973,25 @@ async def get_job(request: web.Request) -> web.Response:
 
 async def retry_job(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    job = store.get(request.match_info["id"])
-    if job is None:
-        raise ApiError(404, "not_found", "no job with that id")
-    if job.status != "failed" or job.id in store.in_flight:
-        raise ApiError(409, "not_failed", f"only a failed job can be retried; this one is "
-                                          f"{job.status}")
+    _failed_job(store, request.match_info["id"])
+    await json_body(request)  # as for POST /jobs: optional, ignored, and checked
+    job = _failed_job(store, request.match_info["id"])  # again: it may have changed since
     _admit(request)
     headers = _rate_limit(request)
     retried = job.retried(time.time() + request.app[SETTINGS].retry_base_delay)
     await _committed(store, retried)
     headers["Location"] = f"/jobs/{job.id}"
     return json_response(retried.json, 202, headers)
+
+
+def _failed_job(store: JobStore, job_id: str) -> Job:
+    job = store.get(job_id)
+    if job is None:
+        raise ApiError(404, "not_found", "no job with that id")
+    if job.status != "failed" or job.id in store.in_flight:
+        raise ApiError(409, "not_failed", f"only a failed job can be retried; this one is "
+                                          f"{job.status}")
+    return job
 
 
 async def delete_job(request: web.Request) -> web.Response:
@@ -2937,11 +3047,8 @@ async def open_session(request: web.Request) -> web.Response:
     """Trade a token (JSON {"token"} or a Bearer header) for an HttpOnly, SameSite=Strict
     session cookie, so that the page never keeps the token where scripts can read it."""
     access = request.app[ACCESS]
-    try:
-        body = json.loads(await request.read() or b"{}")
-    except (ValueError, RecursionError):
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-    if not isinstance(body, dict) or not isinstance(body.get("token", ""), str):
+    body = await json_body(request, '{"token": "<token>"}')
+    if not isinstance(body.get("token", ""), str):
         raise ApiError(400, "invalid_body", 'the body must be {"token": "<token>"}')
     if not access.required:
         return json_response('{"required": false}')
@@ -3104,18 +3211,16 @@ async def _engineio_post(request: web.Request, session: EngineIOSession) -> web.
         return _engineio_refusal(400, 3, "Bad request")
     session.posting = True
     try:
-        chunks, size = [], 0
-        if (request.content_length or 0) <= EIO_MAX_PAYLOAD:
-            async for chunk in request.content.iter_any():
-                size += len(chunk)
-                if size > EIO_MAX_PAYLOAD:
-                    break
-                chunks.append(chunk)
-        if (request.content_length or 0) > EIO_MAX_PAYLOAD or size > EIO_MAX_PAYLOAD:
-            session.close(1009, "payload too large")
-            return _engineio_refusal(413, 3, f"the body is over {EIO_MAX_PAYLOAD} bytes")
         try:
-            packets = b"".join(chunks).decode("utf-8").split("\x1e")
+            body = await read_body(request, EIO_MAX_PAYLOAD)
+        except ApiError as exc:  # its packets are lost: the client starts over, recovering
+            if exc.status == 413:
+                session.close(1009, "payload too large")
+            else:
+                session.close(1002, "unreadable body")
+            return _engineio_refusal(exc.status, 3, exc.message)
+        try:
+            packets = body.decode("utf-8").split("\x1e")
         except UnicodeDecodeError:
             packets = [""]
         if not all(session.receive(packet) for packet in packets):
@@ -3491,15 +3596,207 @@ async def _close_sockets(app: web.Application) -> None:
 # `jobservice` / `python jobservice.py`: settings, one start-up line, serve until
 # SIGINT or SIGTERM, then stop accepting, close sockets (1001), finish writing, exit 0.
 
+# The log is bounded: of each kind of line (its logger, level and message template), the
+# first in LOG_INTERVAL is written and the rest are counted, and the count is written in
+# one line when the interval is over. A malformed request that aiohttp refused is the
+# client's fault: one line, never a traceback (aiohttp writes a dozen lines for each).
+# A flood of bad requests or connections costs a few lines a kind, not the disk.
+
+LOG_INTERVAL = 10.0
+LOG_KINDS_MAX = 1000
+CLIENT_FAULTS = (aiohttp.http.HttpProcessingError, web.RequestPayloadError, ConnectionError)
+
+
+class BoundedLog(logging.StreamHandler):
+    def __init__(self, stream=None, interval: float = LOG_INTERVAL):
+        super().__init__(stream)
+        self.interval = interval
+        self.kinds: dict[tuple, list] = {}  # kind -> [interval ends, lines left out, sample]
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        if record.exc_info and record.name.startswith("aiohttp") \
+                and isinstance(record.exc_info[1], CLIENT_FAULTS):
+            record = _client_fault(record)
+        # A message made whole before logging (asyncio's) is told by its first line.
+        kind = (record.name, record.levelno, str(record.msg).partition("\n")[0])
+        now = time.monotonic()
+        held = self.kinds.get(kind)
+        if held is not None and now < held[0]:
+            held[1] += 1
+            if held[1] == 1:
+                timer = threading.Timer(held[0] - now, self._report, (kind,))
+                timer.daemon = True
+                timer.start()
+            return
+        if len(self.kinds) >= LOG_KINDS_MAX:
+            self.kinds = {key: value for key, value in self.kinds.items()
+                          if value[0] > now or value[1]}
+        self.kinds[kind] = [now + self.interval, 0, record.getMessage().partition("\n")[0]]
+        super().emit(record)
+
+    def _report(self, kind: tuple) -> None:
+        with self.lock:
+            held = self.kinds.pop(kind, None)
+            if held is None or not held[1]:
+                return
+            summary = logging.LogRecord(
+                kind[0], kind[1], "", 0, "%d more like this in the last %s, left out: %s",
+                (held[1], describe_duration(self.interval), held[2][:300]), None)
+            super().emit(summary)
+
+    def close(self) -> None:
+        for kind in list(self.kinds):  # at exit: what the timers have not told yet
+            self._report(kind)
+        super().close()
+
+
+def _client_fault(record: logging.LogRecord) -> logging.LogRecord:
+    """aiohttp's record of a request it refused, as one line without the traceback."""
+    exc = record.exc_info[1]
+    reason = (getattr(exc, "message", "") or str(exc)).strip().partition("\n")[0]
+    reason = "".join(char if char.isprintable() else "?" for char in reason[:200])
+    fault = logging.makeLogRecord(record.__dict__)
+    fault.levelno, fault.levelname = logging.WARNING, "WARNING"
+    fault.msg, fault.args = "a client's request was refused: %s (%s)", (
+        reason or type(exc).__name__, record.getMessage())
+    fault.exc_info = fault.exc_text = None
+    return fault
+
+
+# Connections are accepted here, not by asyncio's server, so that one past MAX_CONNECTIONS
+# is closed as soon as it is accepted: a flood never takes the descriptors that the
+# journal, a snapshot, Redis and Unsplash need, and established clients never notice it.
+# asyncio's own loop accepts a hundred sockets at a time before any is looked at, and
+# once the descriptors run out it logs a traceback for each accept that fails (and keeps
+# trying, hundreds a second). admit() is where a new connection is judged.
+
+ACCEPT_BACKLOG = 128
+ACCEPT_BATCH = 64  # accepts per wake-up, so that a flood does not hold the loop
+ACCEPT_PAUSE = 1.0  # after an accept failed for want of descriptors or memory
+
+
+class ConnectionGate:
+    def __init__(self, protocol_factory, max_connections: int, metrics: Metrics):
+        self.protocol_factory = protocol_factory  # aiohttp's: a handler per connection
+        self.max_connections = max_connections
+        self.metrics = metrics
+        self.open = 0
+        self.sockets: list[socket.socket] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def listen(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Listen on each address the host names ("" names them all), as create_server."""
+        loop = self._loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        try:
+            for family, address in dict.fromkeys((info[0], info[4]) for info in infos):
+                listener = socket.create_server(address, family=family, backlog=ACCEPT_BACKLOG,
+                                                reuse_port=reuse_port)
+                self.sockets.append(listener)
+                listener.setblocking(False)
+        except BaseException:
+            self.close()
+            raise
+        for listener in self.sockets:
+            loop.add_reader(listener.fileno(), self._accept, listener)
+
+    def admit(self, address) -> str | None:
+        """Why a new connection is refused (the reason it is counted under), or None."""
+        if self.open >= self.max_connections:
+            return "max_connections"
+        return None
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # out of descriptors (or memory): wait, rather than spin
+                log.error("cannot accept connections: %s; trying again in %g s",
+                          exc.strerror, ACCEPT_PAUSE)
+                self._loop.remove_reader(listener.fileno())
+                self._loop.call_later(ACCEPT_PAUSE, self._resume, listener)
+                return
+            refusal = self.admit(address)
+            if refusal is not None:
+                conn.close()
+                self.metrics.connections_refused.labels(refusal).inc()
+                log.warning("closed connections at once: %d are open, the most this service "
+                            "keeps (MAX_CONNECTIONS)", self.open)
+                continue
+            self.open += 1
+            self._loop.create_task(self._serve(conn))
+
+    def _resume(self, listener: socket.socket) -> None:
+        if listener in self.sockets:  # not closed meanwhile
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        connection = Connection(self)
+        try:
+            await self._loop.connect_accepted_socket(lambda: connection, conn)
+        except OSError:  # gone before it was served
+            connection.leave()
+            conn.close()
+
+    def close(self) -> None:
+        """Stop listening; the connections open stay, for the server to close."""
+        for listener in self.sockets:
+            if self._loop is not None:
+                self._loop.remove_reader(listener.fileno())
+            listener.close()
+        self.sockets = []
+
+
+class Connection(asyncio.Protocol):
+    """An admitted connection: aiohttp's handler for it, counted out of the gate at its end."""
+
+    def __init__(self, gate: ConnectionGate):
+        self.gate = gate
+        self.handler = None
+        self.counted = True
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        handler = self.handler = self.gate.protocol_factory()
+        # The transport calls these on the handler itself: the count costs no request.
+        self.data_received, self.eof_received = handler.data_received, handler.eof_received
+        self.pause_writing, self.resume_writing = handler.pause_writing, handler.resume_writing
+        handler.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.leave()
+        if self.handler is not None:
+            self.handler.connection_lost(exc)
+
+    def leave(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.gate.open -= 1
+
+
+def raise_open_files_limit() -> None:
+    """Let the process open as many descriptors as it may: the soft RLIMIT_NOFILE up to
+    the hard one (a soft 1,024 is common, and a few hundred clients would take it all)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # more than the system takes (macOS): keep the limit there is
+
 
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0, **SERVER_OPTIONS)
     await runner.setup()
+    gate = ConnectionGate(runner.server, settings.max_connections, app[METRICS])
+    app[METRICS].connections.set_function(lambda: gate.open)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port,
-                           reuse_port=settings.reuse_port or None)
-        await site.start()
+        await gate.listen(settings.host, settings.port, settings.reuse_port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -3512,7 +3809,7 @@ async def serve(settings: Settings) -> None:
             app[HUB].revoke(access.tokens)
 
         loop.add_signal_handler(signal.SIGHUP, rotate)
-        host, port = runner.addresses[0][:2]
+        host, port = gate.sockets[0].getsockname()[:2]
         store, images = app[STORE], app[IMAGES]
         if not store.ready:  # a Redis-mode node: /healthz answers "loading" meanwhile
             log.info("loading the jobs from %s; until then http://%s:%d answers 503 "
@@ -3533,11 +3830,17 @@ async def serve(settings: Settings) -> None:
         if isinstance(images, CatalogImages):
             log.warning("no UNSPLASH_ACCESS_KEY: photos come from the built-in catalog; set "
                         "UNSPLASH_ACCESS_KEY to an Unsplash access key for fresh random photos")
+        if store.carried_over:
+            retention = settings.job_retention
+            log.info("the %d finished jobs carried over are kept %s (JOB_RETENTION)",
+                     store.carried_over,
+                     f"{describe_duration(retention)} from now" if retention else "forever")
         log.info(
             "jobservice %s listening on http://%s:%d; %d jobs (%d pending) in %s; delays "
             "%g-%g s step %g; retries %g-%g s, %d attempts; CORS %s; images: %s; "
             "finished jobs are kept %s (JOB_RETENTION); deletions are replayed for %s "
-            "(EVENTS_REPLAY_WINDOW); at most %d jobs pending (MAX_PENDING_JOBS)",
+            "(EVENTS_REPLAY_WINDOW); at most %d jobs pending (MAX_PENDING_JOBS); at most %d "
+            "connections (MAX_CONNECTIONS) of %d open files (RLIMIT_NOFILE)",
             __version__, host if ":" not in host else f"[{host}]", port, len(store.jobs),
             store.counts["pending"], store.describe(), settings.job_delay_min,
             settings.job_delay_max, settings.job_delay_step, settings.retry_base_delay,
@@ -3545,12 +3848,13 @@ async def serve(settings: Settings) -> None:
             ", ".join(settings.cors_origins) or "same origin only", images.describe(),
             describe_duration(settings.job_retention) if settings.job_retention
             else "forever", describe_duration(settings.events_replay_window),
-            settings.max_pending_jobs)
+            settings.max_pending_jobs, settings.max_connections, open_files_limit())
         await stop.wait()
         log.info("shutting down")
         if settings.reuse_port:
             await orphan_watch
     finally:
+        gate.close()
         await runner.cleanup()
 
 
@@ -3684,10 +3988,12 @@ def socket_host(host: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        handlers=[BoundedLog()])
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("import", "export"):
         return transfer(argv[0], argv[1:])
+    raise_open_files_limit()  # first: MAX_CONNECTIONS is derived from the limit
     try:
         settings = load_settings(argv)
         if settings.redis:

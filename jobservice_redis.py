@@ -1080,7 +1080,27 @@ async def import_file(settings: Settings, path: Path, force: bool) -> str:
     kind = "the old service's" if migrated else "a"
     pending = sum(job.status == "pending" for job in jobs)
     return (f"imported {len(jobs)} jobs ({pending} pending) from {kind} jobs file {path} "
-            f"into Redis (prefix {settings.redis_prefix!r}); seq is {seq}")
+            f"into Redis (prefix {settings.redis_prefix!r}); seq is {seq}"
+            + _retention_note(settings, jobs, migrated))
+
+
+def _retention_note(settings: Settings, jobs: list[Job], migrated: bool) -> str:
+    """How long the finished jobs imported will be kept. The old service's are taken as
+    finished at the import (it never said when), so their JOB_RETENTION starts now."""
+    finished = [job for job in jobs if job.status != "pending"]
+    retention = settings.job_retention
+    if not finished:
+        return ""
+    if not retention:
+        return f"; the {len(finished)} finished are kept forever (JOB_RETENTION=0)"
+    kept = jobservice.describe_duration(retention)
+    if migrated:
+        return f"; the {len(finished)} finished are kept {kept} from now (JOB_RETENTION)"
+    cutoff = time.time() - retention
+    past = sum((job.resolved_at or job.created_at) <= cutoff for job in finished)
+    return (f"; the {len(finished)} finished are kept {kept} after they finished "
+            f"(JOB_RETENTION)" + (f", so {past} of them expire as soon as a node starts"
+                                  if past else ""))
 
 
 async def export_file(settings: Settings, path: Path, force: bool) -> str:

@@ -292,7 +292,8 @@ def start_service(aiohttp_client, jobs_file, backend):
     async def start(env: dict | None = None, *, path: Path | None = None):
         settings = jobservice.load_settings(
             ["--data", str(path or jobs_file)], {**FAST_ENV, **backend, **(env or {})})
-        client = await aiohttp_client(jobservice.create_app(settings))
+        client = await aiohttp_client(jobservice.create_app(settings),
+                                      server_kwargs=jobservice.SERVER_OPTIONS)
         await client.app[jobservice.STORE].until_ready()  # a Redis-mode node loads first
         return client
 
@@ -416,8 +417,9 @@ async def running_services(jobs_file: Path, backend: dict | None = None):
     """A starter of real service processes; every one still running is killed after."""
     started: list[ServiceProcess] = []
 
-    async def start(env: dict | None = None, path: Path | None = None, args=()):
-        service = ServiceProcess(path or jobs_file, {**(backend or {}), **(env or {})}, args)
+    async def start(env: dict | None = None, path: Path | None = None, args=(), command=None):
+        service = ServiceProcess(path or jobs_file, {**(backend or {}), **(env or {})}, args,
+                                 command)
         started.append(service)
         return await service.start()
 
@@ -432,7 +434,7 @@ async def running_services(jobs_file: Path, backend: dict | None = None):
 
 @pytest.fixture
 async def service_process(jobs_file, backend):
-    """Start real service processes (`await service_process(env, path, args)`)."""
+    """Start real service processes (`await service_process(env, path, args, command)`)."""
     async with running_services(jobs_file, backend) as start:
         yield start
 

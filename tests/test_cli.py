@@ -20,6 +20,8 @@ import jobservice
     ("JOB_DELAY_MAX", "0.01"), ("RETRY_BASE_DELAY", "-1"), ("RETRY_MAX_DELAY", "nan"),
     ("JOB_MAX_ATTEMPTS", "0"), ("JOB_MAX_ATTEMPTS", "2.5"), ("UNSPLASH_TIMEOUT", "inf"),
     ("UNSPLASH_API_URL", "ftp://example.com"), ("CORS_ORIGINS", "example.com"),
+    ("MAX_CONNECTIONS", "0"), ("MAX_CONNECTIONS", "many"),
+    ("MAX_CONNECTIONS", "100000000"),  # more than the open-files limit leaves room for
 ])
 async def test_an_invalid_setting_stops_start_up_naming_it(name, value, tmp_path):
     env = {**os.environ, **FAST_ENV, name: value}

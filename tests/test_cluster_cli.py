@@ -256,17 +256,22 @@ async def test_export_writes_a_file_the_embedded_mode_loads_and_never_overwrites
 async def test_import_reads_the_old_services_array_and_its_waiting_jobs_then_resolve(
         tmp_path, redis_env, services, open_events):
     """Users of the NestJS service move straight to the cluster: its ids (numbers too)
-    are kept, its completed jobs keep their photo and time, and what it left waiting is
+    are kept, its completed jobs keep their photo and creation time, finished ones are
+    kept a JOB_RETENTION from the import (those of 2024 too), and what it left waiting is
     resolved by a node."""
     created = recent_ms(10)  # epoch ms, as the old service stored them
     source = old_service_file(tmp_path / "old.json", [
         {"id": "1", "status": "completed", "result": "https://example.com/1.jpg",
          "createdAt": created},
         {"id": "2", "status": "waiting", "result": None, "createdAt": created + 1000},
-        {"id": 3, "status": "failed", "result": None, "createdAt": created + 2000}])
+        {"id": 3, "status": "failed", "result": None, "createdAt": created + 2000},
+        {"id": "4", "status": "completed", "result": "https://example.com/4.jpg",
+         "createdAt": "2024-03-01T12:00:00.000Z"}])
+    imported = time.time()
     code, out, err = await cli("import", str(source), env=redis_env)
     assert code == 0, err
-    assert "imported 3 jobs (1 pending) from the old service's" in one_line(out)
+    assert "imported 4 jobs (1 pending) from the old service's" in one_line(out)
+    assert "the 3 finished are kept 7 days from now (JOB_RETENTION)" in one_line(out)
     assert [job_id for job_id, _ in (await redis_state(redis_env))["due"]] == ["2"]
 
     node = await services(redis_env, tmp_path / "unused.json")
@@ -276,10 +281,15 @@ async def test_import_reads_the_old_services_array_and_its_waiting_jobs_then_res
 
     served, _ = await listing(node.url)
     assert [(job["id"], job["status"]) for job in served] == [
-        ("1", "resolved"), ("2", "resolved"), ("3", "failed")]
+        ("1", "resolved"), ("2", "resolved"), ("3", "failed"), ("4", "resolved")]
     first = served[0]
     assert first["result"] == "https://example.com/1.jpg"
-    assert first["createdAt"] == first["resolvedAt"] == iso_ms(created)
+    assert first["createdAt"] == iso_ms(created)
+    # The old service never said when a job finished: it did at the import, as far as
+    # this service knows, and JOB_RETENTION counts from there.
+    for job in (first, served[2], served[3]):
+        assert datetime.fromisoformat(job["resolvedAt"]).timestamp() >= imported - 0.001, job
+    assert served[3]["createdAt"] == "2024-03-01T12:00:00.000Z"
     assert served[1]["createdAt"] == iso_ms(created + 1000)
     assert served[2]["result"] is None and served[2]["error"]
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 
+import aiohttp
 import pytest
 from conftest import create_jobs, seed, stored
 
@@ -48,6 +49,69 @@ async def test_the_start_up_log_states_the_retention(service_process):
     await service.stop()
     forever = await service_process({"JOB_RETENTION": "0"})
     assert any("finished jobs are kept forever" in line for line in forever.log)
+
+
+OLD_SERVICE_HISTORY = [  # the NestJS service's jobs.json: a bare array, kept forever
+    {"id": "lunch-2024", "status": "completed", "createdAt": "2024-03-01T12:00:00.000Z",
+     "result": "https://images.unsplash.com/photo-1512621776951-a57141f2eefd"},
+    {"id": 2, "status": "failed", "result": None, "createdAt": 1709294400000},  # epoch ms
+    {"id": "waiting-2024", "status": "waiting", "result": None,
+     "createdAt": "2024-03-01T12:00:10.000Z"},
+]
+
+
+@pytest.mark.file_only  # the old service's jobs.json; `jobservice import`: test_cluster_cli
+async def test_history_carried_over_is_kept_for_the_retention_from_the_carry_over(
+        service_process, open_events, jobs_file):
+    """Jobs the old service finished in 2024 are listed after the switch, for a whole
+    JOB_RETENTION: it counts from the carry-over, and a restart does not start it over."""
+    jobs_file.write_text(json.dumps(OLD_SERVICE_HISTORY))
+    before = time.time()
+    service = await service_process()  # the default JOB_RETENTION, 7 days
+    assert any("the 2 finished jobs carried over are kept 7 days from now (JOB_RETENTION)"
+               in line for line in service.log), service.log
+    events = await open_events(service.url, "?since=0")
+    # The waiting one resolves; an expiry due at start would have been written first.
+    await events.resolutions(["waiting-2024"])
+    assert [name for name, _ in events.seen if name == DELETED] == []
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{service.url}/jobs") as response:
+            jobs = {job["id"]: job for job in await response.json()}
+    assert [(job_id, job["status"]) for job_id, job in jobs.items()] == [
+        ("lunch-2024", "resolved"), ("2", "failed"), ("waiting-2024", "resolved")]
+    for job_id, created in [("lunch-2024", "2024-03-01T12:00:00.000Z"),
+                            ("2", "2024-03-01T12:00:00.000Z")]:
+        assert jobs[job_id]["createdAt"] == created  # the old service's time, as it was
+        # ... and resolvedAt the carry-over's, which the old service never recorded.
+        assert before <= jobservice.parse_time(jobs[job_id]["resolvedAt"], "") <= time.time()
+    assert await service.stop() == 0
+    again = await service_process()  # from the snapshot in this service's format now
+    assert not any("carried over" in line for line in again.log), again.log
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{again.url}/jobs") as response:
+            assert {job["id"]: job for job in await response.json()} == jobs
+
+
+@pytest.mark.file_only
+async def test_carried_over_history_expires_a_retention_after_the_carry_over(
+        service_process, open_events, jobs_file):
+    jobs_file.write_text(json.dumps(OLD_SERVICE_HISTORY[:2]))
+    before = time.time()
+    service = await service_process({"JOB_RETENTION": "1"})
+    assert any("the 2 finished jobs carried over are kept 1 second from now" in line
+               for line in service.log), service.log
+    events = await open_events(service.url, "?since=0")
+    await events.until(lambda name, _: name == "SYNCED")
+    kept = {job["id"]: job["resolvedAt"] for name, job in events.seen if name != "SYNCED"}
+    assert set(kept) == {"lunch-2024", "2"}  # not expired at once
+    gone = {}
+    while len(gone) < 2:
+        _, record = await events.until(lambda name, _: name == DELETED)
+        gone[record["id"]] = record
+    for job_id, record in gone.items():  # a retention after the carry-over, not 2024's
+        carried_over = jobservice.parse_time(kept[job_id], "")
+        assert record["reason"] == "expired" and carried_over >= before
+        assert jobservice.parse_time(record["deletedAt"], "") - carried_over >= 1.0, record
 
 
 async def test_finished_jobs_expire_with_an_event_and_stay_gone(
