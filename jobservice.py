@@ -1570,6 +1570,16 @@ class Quota:
             self.probe_until = now + timeout
         return 0.0
 
+    def settle(self, now: float, headers, refused: bool) -> None:
+        """What a call's outcome says of the budget: an answer's headers (or a refusal),
+        or None when no answer came, which ends a probe without telling anything."""
+        if headers is None:
+            self.probe_until = 0.0
+        elif refused:
+            self.refused(now, headers)
+        else:
+            self.answered(now, headers)
+
     def answered(self, now: float, headers) -> None:
         """An answer came back (`now`, once it did) with these headers."""
         limit = _header_count(headers, "X-Ratelimit-Limit")
@@ -1793,8 +1803,8 @@ class UnsplashImages:
         return self.quota.reserve(time.time(), not urgent, self._settings.unsplash_timeout)
 
     async def _settle_quota(self, headers, refused: bool) -> None:
-        """What an answer (or a refusal) says of the budget."""
-        (self.quota.refused if refused else self.quota.answered)(time.time(), headers)
+        """What an answer, a refusal or no answer (headers None) says of the budget."""
+        self.quota.settle(time.time(), headers, refused)
 
     # One call
 
@@ -1831,10 +1841,11 @@ class UnsplashImages:
             ) as response:
                 body = await response.read()
                 status, headers = response.status, response.headers
-        except TimeoutError:
-            raise ImageUnavailable(
-                f"Unsplash did not answer within {settings.unsplash_timeout:g} s") from None
-        except aiohttp.ClientError as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            await self._settle_quota(None, refused=False)
+            if isinstance(exc, TimeoutError):
+                raise ImageUnavailable(
+                    f"Unsplash did not answer within {settings.unsplash_timeout:g} s") from None
             raise ImageUnavailable(f"cannot reach Unsplash: {self._scrub(str(exc))}") from None
 
         refused = status == 429 or (status == 403 and b"rate limit" in body.lower())

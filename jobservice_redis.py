@@ -966,12 +966,9 @@ class SharedPhotoPool(UnsplashImages):
             return self._settings.redis_timeout
 
     async def _settle_quota(self, headers, refused: bool) -> None:
-        def settle(quota, now):
-            (quota.refused if refused else quota.answered)(now, headers)
-
         async def write(pipe) -> None:
             self.quota.load(await pipe.hgetall(self.keys.quota))
-            settle(self.quota, time.time())
+            self.quota.settle(time.time(), headers, refused)
             pipe.multi()
             pipe.hset(self.keys.quota, mapping=self.quota.fields())
             await pipe.execute()
@@ -980,7 +977,7 @@ class SharedPhotoPool(UnsplashImages):
             async with asyncio.timeout(self._settings.redis_timeout):
                 await self._watched(write)
         except (RedisError, OSError, TimeoutError):
-            settle(self.quota, time.time())  # this node knows, at least
+            self.quota.settle(time.time(), headers, refused)  # this node knows, at least
 
     async def _watched(self, body):
         """body(pipe) with the cluster's budget WATCHed: its reads see one state, and its

@@ -306,11 +306,12 @@ async def test_coded_bodies_are_decoded_or_refused_on_every_route(service_proces
     """Every route that reads a body decodes gzip and deflate, answers a body that does not
     decode with 400, a coding it does not decode with 415, and a bomb with 413 (the limit
     holds for the decoded size); Engine.IO in its own error form. Nothing is logged."""
-    dead = free_port()  # no Unsplash there: each job fails at its first attempt, to retry
+    # No Unsplash there and no reuse: each job fails at its first attempt, for /retry.
+    dead = free_port()
     service = await service_process({"UNSPLASH_ACCESS_KEY": "key", "JOB_MAX_ATTEMPTS": "1",
+                                     "PHOTO_REUSE": "never",
                                      "UNSPLASH_API_URL": f"http://127.0.0.1:{dead}"})
     url, problems = service.url, []
-    logged = len(service.log)
     async with aiohttp.ClientSession() as http:
         failed = await create_jobs(http, url, 4)
 
@@ -319,6 +320,7 @@ async def test_coded_bodies_are_decoded_or_refused_on_every_route(service_proces
             return all(jobs[job_id]["status"] == "failed" for job_id in failed)
 
         await eventually("the jobs failed", all_failed)
+        logged = len(service.log)  # from here on, only the bodies
 
         async def polling_session() -> str:
             async with http.get(f"{url}/socket.io/?EIO=4&transport=polling") as response:

@@ -18,7 +18,7 @@ import time
 
 import pytest
 from aiohttp import web
-from conftest import FAST_ENV, create_jobs, serve_fake
+from conftest import FAST_ENV, create_jobs, free_port, serve_fake
 from fake_unsplash import FakeUnsplash
 
 import jobservice
@@ -226,6 +226,26 @@ async def test_permanent_failure_fails_after_max_attempts_then_retry_resolves(
     assert job["error"] is None
     assert fake_unsplash.calls == 4
     assert job["result"] == fake_unsplash.served[job["image"]["id"]]["urls"]["regular"]
+
+
+async def test_unreachable_unsplash_is_not_taken_for_a_spent_key(
+        start_service, fake_unsplash, open_events, caplog):
+    """A first call that gets no answer at all (nothing listens) tells nothing of the key's
+    budget: the jobs after it make their own attempts and fail for the real reason, and
+    nothing says the key's calls are used up."""
+    caplog.set_level(logging.INFO, logger="jobservice")
+    client = await start_service({**NEVER_REUSE, "UNSPLASH_ACCESS_KEY": fake_unsplash.key,
+                                  "UNSPLASH_API_URL": f"http://127.0.0.1:{free_port()}",
+                                  "JOB_MAX_ATTEMPTS": "1"})
+    events = await open_events(client)
+    jobs = await run_jobs(client, events, 3)
+
+    for job in jobs:
+        assert job["status"] == "failed", job
+        assert "cannot reach unsplash" in job["error"].lower(), job["error"]
+    said = [record.getMessage() for record in caplog.records]
+    assert any("no fresh photos" in line for line in said), said
+    assert not any("used up" in line for line in said), said
 
 
 # --- 5. Rate limits cost no attempts -------------------------------------------------
