@@ -116,7 +116,7 @@ class Settings:
     job_lease: float = 30.0
     workers: int = 0  # --workers N: a supervisor of N processes on one port
     max_connections: int = 1000  # client connections open at once; derived by load_settings
-    reuse_port: bool = False  # set for the supervisor's workers
+    supervisor: int = 0  # a worker's: its supervisor's pid, whose port it shares
 
     @property
     def unsplash_origin(self) -> str:
@@ -297,7 +297,8 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
                              "(env REDIS_URL, e.g. redis://127.0.0.1:6379/0)")
     parser.add_argument("--workers", default="0",
                         help="start and supervise N processes on one port (needs --redis)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=int, default=0, metavar="SUPERVISOR_PID",
+                        help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"jobservice {__version__}")
     args = parser.parse_args(argv)
 
@@ -390,7 +391,7 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         redis_timeout=_number(env, "REDIS_TIMEOUT", 2.0, minimum=1e-3),
         job_lease=_duration(env, "JOB_LEASE", 30.0),
         workers=workers,
-        reuse_port=args.worker,
+        supervisor=args.worker,
         max_connections=_max_connections(env),
     )
     read_tokens(settings)  # a tokens file that is unreadable or empty stops start-up
@@ -3807,13 +3808,13 @@ async def serve(settings: Settings) -> None:
     gate = ConnectionGate(runner.server, settings.max_connections, app[METRICS])
     app[METRICS].connections.set_function(lambda: gate.open)
     try:
-        await gate.listen(settings.host, settings.port, settings.reuse_port)
+        await gate.listen(settings.host, settings.port, reuse_port=bool(settings.supervisor))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        if settings.reuse_port:  # a supervised worker outlives no supervisor, even a killed one
-            orphan_watch = asyncio.create_task(_stop_when_orphaned(stop))
+        if settings.supervisor:  # a worker outlives no supervisor, even a killed one
+            orphan_watch = asyncio.create_task(_stop_when_orphaned(settings.supervisor, stop))
         access = app[ACCESS]
         def rotate() -> None:  # SIGHUP: read API_TOKENS_FILE again, drop revoked peers
             access.reload()
@@ -3862,20 +3863,21 @@ async def serve(settings: Settings) -> None:
             settings.max_pending_jobs, settings.max_connections, open_files_limit())
         await stop.wait()
         log.info("shutting down")
-        if settings.reuse_port:
+        if settings.supervisor:
             await orphan_watch
     finally:
         gate.close()
         await runner.cleanup()
 
 
-async def _stop_when_orphaned(stop: asyncio.Event) -> None:
-    parent = os.getppid()
+async def _stop_when_orphaned(supervisor: int, stop: asyncio.Event) -> None:
+    # The pid comes from the supervisor: one read here at start could already be init's,
+    # were the supervisor killed while this worker was starting.
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), 1.0)
         except TimeoutError:
-            if os.getppid() != parent:
+            if os.getppid() != supervisor:
                 log.warning("the supervisor is gone; stopping")
                 stop.set()
 
@@ -3904,7 +3906,7 @@ async def _supervise(settings: Settings, program: Path) -> int:
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind((settings.host, settings.port))
     port = holder.getsockname()[1]
-    command = [sys.executable, str(program), "--worker",
+    command = [sys.executable, str(program), "--worker", str(os.getpid()),
                "--host", settings.host, "--port", str(port), "--data", str(settings.jobs_file)]
     env = {**os.environ, "REDIS_URL": settings.redis_url}  # not in argv, where ps shows it
     stop = asyncio.Event()

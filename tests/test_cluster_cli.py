@@ -630,7 +630,7 @@ async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
     assert len(workers) == 2
 
     supervisor.process.kill()
-    await supervisor.process.wait()
+    await asyncio.wait_for(supervisor.process.wait(), 15)  # it may wait for the workers' output
     await exits(workers)
     await supervisor.output_closed()  # every line they wrote, read
     assert sum("the supervisor is gone; stopping" in line for line in supervisor.lines) == 2
