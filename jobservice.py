@@ -1931,9 +1931,11 @@ class Scheduler:
         self._ready: deque[str] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._started_at = math.inf
         store.listeners.append(self._on_commit)
 
     def start(self) -> None:
+        self._started_at = time.time()
         self.index()
         self.store.replaced.append(self.index)
         self.images.start(self.store, self.due_within)
@@ -2101,8 +2103,12 @@ class Scheduler:
 
     def _deadline(self, job: Job) -> float | None:
         """Until when a due job waits for a fresh photo before it takes one bought before;
-        with PHOTO_REUSE=never, for as long as it takes."""
-        return job.due_at + self.settings.photo_wait if self.settings.photo_reuse else None
+        with PHOTO_REUSE=never, for as long as it takes. A job that fell due while the
+        service was down gets the same grace from the start as one due then: else every
+        such job would take a reused photo, however well Unsplash answers."""
+        if not self.settings.photo_reuse:
+            return None
+        return max(job.due_at, self._started_at) + self.settings.photo_wait
 
     def _count_attempt(self, reason: str) -> None:
         """The failed call was for the next batch of ready jobs: they count an attempt."""

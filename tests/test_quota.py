@@ -13,6 +13,7 @@ itself (an outage that lasts so long).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import secrets
@@ -344,3 +345,23 @@ async def test_photos_bought_before_a_restart_are_reused_after_it(start_nodes, f
     jobs = list(final.values())
     assert all(job["image"]["reused"] and job["image"]["id"] in sold for job in jobs), \
         [job["image"] for job in jobs]
+
+
+async def test_jobs_that_fell_due_while_down_get_fresh_photos(start_nodes, fake, open_events,
+                                                              tmp_path):
+    """Jobs overdue when the service starts wait for a fresh photo as long as a job due
+    then would (PHOTO_WAIT), rather than taking reused ones because their grace ran out
+    while nothing was running."""
+    now = time.time()
+    overdue = [jobservice.Job(f"overdue-{n}", "pending", None, now - 120, now - 60, seq=n)
+               for n in range(1, 11)]
+    (tmp_path / "jobs0.json").write_text(json.dumps(
+        {"version": 1, "seq": len(overdue), "jobs": [job.to_dict() for job in overdue]}))
+    [node] = await start_nodes(1, {}, redis=False)
+    events = await open_events(node, "?since=0")
+    final = await events.resolutions([job.id for job in overdue])
+    jobs = list(final.values())
+    fresh, reused = assert_photos_honest(jobs, fake)
+    assert reused == [] and len(fresh) == len(overdue)
+    assert fake.calls == 1
+
