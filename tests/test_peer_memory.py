@@ -18,6 +18,9 @@ import socket
 from urllib.parse import urlsplit
 
 import aiohttp
+from conftest import create_jobs
+
+import jobservice
 
 JOBS = 5_000
 MB = 1024 * 1024
@@ -260,3 +263,52 @@ async def test_past_the_total_bound_the_peers_furthest_behind_are_dropped(servic
         await eventually("the sessions furthest behind are dropped, and only those",
                          oldest_shed)
         assert await alive(sessions[-1])
+
+
+async def test_a_replay_read_while_jobs_change_and_go_is_exact(start_service, monkeypatch):
+    """The replay is read from the store batch by batch, and jobs resolve, are deleted
+    and are created between the batches: still every job once, in seq order, up to
+    SYNCED, then the live events, and together they are the store's state."""
+    monkeypatch.setattr(jobservice, "REPLAY_BATCH", 7)
+    monkeypatch.setattr(jobservice, "REPLAY_READ_MAX", 20)
+    client = await start_service()
+    store, hub = client.app[jobservice.STORE], client.app[jobservice.HUB]
+
+    async def settled():
+        async def resolved():
+            return (await (await client.get("/jobs/stats")).json())["pending"] == 0
+        await eventually("every job resolved", resolved)
+
+    await create_jobs(client, 200)
+    await settled()
+    await create_jobs(client, 50)  # pending at attach: they resolve during the replay
+    peer = jobservice.Peer(jobservice.NativeFrames)
+    hub.attach(peer, 0)
+    frames = [peer.next_frame() for _ in range(60)]
+    by_seq = list(store.jobs)
+    for job_id in by_seq[20:50] + by_seq[120:150]:  # half replayed already, half not
+        assert (await client.delete(f"/jobs/{job_id}")).status == 204
+    await create_jobs(client, 20)
+    await settled()
+    while (text := peer.next_frame()) is not None:
+        frames.append(text)
+    hub.detach(peer)
+
+    events = [json.loads(text) for text in frames]
+    synced = next(i for i, (name, _) in enumerate(events) if name == "SYNCED")
+    replay, live = events[:synced], events[synced + 1:]
+    mark = events[synced][1]["seq"]
+    replayed = [payload["seq"] for _, payload in replay]
+    assert replayed == sorted(set(replayed)) and replayed[-1] <= mark
+    assert len({payload["id"] for _, payload in replay}) == len(replay)
+    lived = [payload["seq"] for _, payload in live]
+    assert lived == sorted(set(lived)) and lived[0] > mark
+    state = {}
+    for name, payload in replay + live:
+        if name == "ON_DELETED_JOB":
+            state.pop(payload["id"], None)
+        else:
+            state[payload["id"]] = payload["status"]
+    listed = await (await client.get("/jobs")).json()
+    assert state == {job["id"]: job["status"] for job in listed}
+    assert len(state) == 210
