@@ -217,7 +217,8 @@ async def test_a_slow_reader_of_the_job_list_is_cut_off(service_process):
         async with http.get(f"{service.url}/jobs") as response:
             whole = len(await response.read())
     reader, writer = await open_slow(service.url)
-    writer.write(b"GET /jobs HTTP/1.1\r\nHost: test\r\n\r\n")
+    # Connection: close, so that a server that sends it all ends the connection too.
+    writer.write(b"GET /jobs HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
     await asyncio.sleep(4)  # a client that reads nothing for a while: the point of the test
     received = b""
     try:
