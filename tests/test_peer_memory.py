@@ -280,8 +280,10 @@ async def test_a_replay_read_while_jobs_change_and_go_is_exact(start_service, mo
             return (await (await client.get("/jobs/stats")).json())["pending"] == 0
         await eventually("every job resolved", resolved)
 
-    await create_jobs(client, 200)
+    first = await create_jobs(client, 200)
     await settled()
+    for job_id in first[::20]:  # deleted before: their deletions are in the replay
+        assert (await client.delete(f"/jobs/{job_id}")).status == 204
     await create_jobs(client, 50)  # pending at attach: they resolve during the replay
     peer = jobservice.Peer(jobservice.NativeFrames)
     hub.attach(peer, 0)
@@ -302,6 +304,8 @@ async def test_a_replay_read_while_jobs_change_and_go_is_exact(start_service, mo
     replayed = [payload["seq"] for _, payload in replay]
     assert replayed == sorted(set(replayed)) and replayed[-1] <= mark
     assert len({payload["id"] for _, payload in replay}) == len(replay)
+    assert {payload["id"] for name, payload in replay if name == "ON_DELETED_JOB"} == set(
+        first[::20])
     lived = [payload["seq"] for _, payload in live]
     assert lived == sorted(set(lived)) and lived[0] > mark
     state = {}
@@ -312,4 +316,21 @@ async def test_a_replay_read_while_jobs_change_and_go_is_exact(start_service, mo
             state[payload["id"]] = payload["status"]
     listed = await (await client.get("/jobs")).json()
     assert state == {job["id"]: job["status"] for job in listed}
-    assert len(state) == 210
+    assert len(state) == 200
+
+
+async def test_a_replay_whose_deletions_age_out_before_it_is_read_is_ended(start_service):
+    """Deletions left to replay that are forgotten meanwhile would be a gap: the peer is
+    closed instead, and its reconnection with `since` gets RESET."""
+    client = await start_service()
+    store, hub = client.app[jobservice.STORE], client.app[jobservice.HUB]
+    ids = await create_jobs(client, 5)
+    for job_id in ids:
+        assert (await client.delete(f"/jobs/{job_id}")).status == 204
+    peer = jobservice.Peer(jobservice.NativeFrames)
+    hub.attach(peer, 0)
+    store.replay_window = 0  # as if the window passed while the peer read nothing
+    store.forget_old_tombstones()
+    assert peer.next_frame() is None
+    assert peer.closing and peer.drop_reason == "too_far_behind"
+    hub.detach(peer)
