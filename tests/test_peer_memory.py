@@ -139,7 +139,9 @@ async def test_websockets_that_replay_everything_and_never_read_hold_little(serv
         await connected(http, service.url, 30, "websocket")
         grown = await settled_rss(pid) - before
         print(f"30 non-reading /ws?since=0 over {JOBS} jobs: RSS +{grown / MB:.1f} MB")
-        assert grown < 15 * MB, f"30 stalled replays held {grown / MB:.0f} MB"
+        # 3-10 MB measured (a batch of frames and the transport's buffer each); a copy of
+        # the replay each was +26 MB here, as loopback's kernel buffers take in the rest.
+        assert grown < 20 * MB, f"30 stalled replays held {grown / MB:.0f} MB"
         for writer in sockets:
             writer.transport.abort()
 
