@@ -102,6 +102,9 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     job_retention: float = 7 * 86400.0  # 0 keeps finished jobs forever
     events_replay_window: float = 86400.0
+    peer_drain_timeout: float = 60.0  # an event client takes what waits for it by then
+    peers_max_queued_bytes: int = 256 * 1024 * 1024  # ... of events, all clients together
+    response_write_timeout: float = 60.0  # a client takes a streamed response by then
     max_pending_jobs: int = 1_000_000
     api_token: str = field(default="", repr=False)
     api_tokens_file: Path | None = None
@@ -356,6 +359,18 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         for item in (env.get("CORS_ORIGINS") or "").split(",")
         if item.strip()
     )
+    drain_timeout = _duration(env, "PEER_DRAIN_TIMEOUT", 60.0)
+    if drain_timeout <= 0:
+        raise ConfigError("PEER_DRAIN_TIMEOUT must be above 0: it is how long an event "
+                          "client may leave what is queued for it unread")
+    queued_max = _number(env, "PEERS_MAX_QUEUED_BYTES", 256 * 1024 * 1024, integer=True)
+    if queued_max < PEER_BACKLOG_BYTES:  # below it a peer could be shed within its own bound
+        raise ConfigError(f"PEERS_MAX_QUEUED_BYTES must be at least {PEER_BACKLOG_BYTES} "
+                          "(8 MiB), what one event client may have queued")
+    write_timeout = _duration(env, "RESPONSE_WRITE_TIMEOUT", 60.0)
+    if write_timeout <= 0:
+        raise ConfigError("RESPONSE_WRITE_TIMEOUT must be above 0: it is how long a client "
+                          "may take to read a streamed response")
     if (env.get("JOB_LEASE") or "").strip() and _duration(env, "JOB_LEASE", 30.0) < 1:
         raise ConfigError("JOB_LEASE must be at least 1 s: a node renews its claims every "
                           "third of it")
@@ -378,6 +393,9 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         cors_origins=cors,
         job_retention=_duration(env, "JOB_RETENTION", 7 * 86400.0),
         events_replay_window=_duration(env, "EVENTS_REPLAY_WINDOW", 86400.0),
+        peer_drain_timeout=drain_timeout,
+        peers_max_queued_bytes=queued_max,
+        response_write_timeout=write_timeout,
         max_pending_jobs=_number(env, "MAX_PENDING_JOBS", 1_000_000, minimum=1, integer=True),
         api_token=(env.get("API_TOKEN") or "").strip(),
         api_tokens_file=Path(env["API_TOKENS_FILE"]) if env.get("API_TOKENS_FILE") else None,
@@ -1265,20 +1283,20 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
 
-    def changed_since(self, seq: int) -> list[Job | Tombstone]:
-        """Jobs and deletions whose latest change is above seq, in seq order; O(what
-        changed). Only exact from `forgotten` on: below that, deletions were let go."""
-        changed = []
-        for job in reversed(self.jobs.values()):
-            if job.seq <= seq:
-                break
-            changed.append(job)
-        for tomb in reversed(self.tombstones):
-            if tomb.seq <= seq:
-                break
-            changed.append(tomb)
-        changed.sort(key=lambda record: record.seq)
-        return changed
+    def changed_between(self, after: int, until: int, limit: int) -> list[Job | Tombstone]:
+        """The first `limit` jobs and deletions whose latest change is above `after` and
+        at most `until`, in seq order; O(what changed since `after`). Only exact from
+        `forgotten` on: below that, deletions were let go."""
+        lowest = []
+        for records in (self.jobs.values(), self.tombstones):
+            kept: deque[Job | Tombstone] = deque(maxlen=limit)  # walked down: the lowest stay
+            for record in reversed(records):
+                if record.seq <= after:
+                    break
+                if record.seq <= until:
+                    kept.append(record)
+            lowest.extend(kept)
+        return sorted(lowest, key=lambda record: record.seq)[:limit]
 
     def listing(self, status: str | None = None, limit: int | None = None,
                 cursor: str | None = None, newest_first: bool = False):
@@ -2142,12 +2160,23 @@ class Scheduler:
 
 # --- Event hub ----------------------------------------------------------------------
 # Every committed change is broadcast to every connected peer. A peer has its own
-# bounded backlog and a writer task, so a slow reader delays nobody: past the bound it
+# bounded queue and a writer task, so a slow reader delays nobody: past the bound it
 # is closed with 1013 and comes back with `since`. A peer that reconnects is first sent
-# the jobs that changed since the seq it names, straight from the registry, then
-# SYNCED, then live events: the registry is the log, so nothing extra grows.
+# the jobs that changed since the seq it names, up to the seq it attached at, then
+# SYNCED, then live events. That replay is read from the registry a batch at a time as
+# the peer drains (the registry is the log), so what waits for a peer is never more
+# than a batch and its live events, whatever it asked for. One sweep a second drops
+# the peers that took nothing of what was queued for them within PEER_DRAIN_TIMEOUT
+# (sending frames does not count), and, while all peers together hold more than
+# PEERS_MAX_QUEUED_BYTES, the one furthest behind.
 
 PEER_BACKLOG_BYTES = 8 * 1024 * 1024
+REPLAY_BATCH = 100  # jobs made into frames at a time: about 70 KB
+# Finding where a replay goes on walks what changed since (the registry is ordered by
+# seq but has no index into it), so each walk keeps the next sixteenth of what is left,
+# as references to the immutable records, at most this many (128 KB): a replay of
+# 100,000 jobs costs about 20 walks, not 1,000.
+REPLAY_READ_MAX = 16_384
 # Close codes that mean the server dropped a peer, as jobservice_peers_dropped_total counts.
 DROP_REASONS = {1013: "too_far_behind", 1011: "send_failed", 1002: "protocol_error",
                 1003: "protocol_error", 1008: "too_many_sessions", 1009: "too_large"}
@@ -2188,15 +2217,23 @@ class SocketIOFrames:
 
 
 class Peer:
-    """One subscriber: the replay it asked for, then live events from a bounded backlog.
-    A WebSocket peer has a writer task that sends them; a long-polling peer hands them
-    out to its next poll."""
+    """One subscriber: the replay it asked for, then live events from a backlog, within
+    one bound. A WebSocket peer has a writer task that sends them; a long-polling peer
+    hands them out to its next poll."""
 
     def __init__(self, frames):
         self.frames = frames
-        self.replay: deque[str] = deque()  # as long as what was missed: never cut
+        self.replay: deque[str] = deque()  # the batch of the replay read so far
         self.backlog: deque[str] = deque()
-        self.backlog_bytes = 0
+        self.queued_bytes = 0  # of both
+        # The replay still to read from the store: (seq, up to seq]; then `replay_end`.
+        self.replay_store: JobStore | None = None
+        self.replay_from = self.replay_until = 0
+        self.replay_records: deque[Job | Tombstone] = deque()  # read, not yet made frames
+        self.replay_end: list[str] = []
+        self.taken = 0  # frames handed to the transport, for the drain deadline
+        self.drain_by: float | None = None  # ... by when
+        self.drain_target = 0  # ... `taken` must reach
         self.wakeup = asyncio.Event()
         self.ws: web.WebSocketResponse | None = None
         self.transport = None
@@ -2211,24 +2248,73 @@ class Peer:
         if self.closing:
             return
         self.backlog.append(text)
-        self.backlog_bytes += len(text)
-        if self.backlog_bytes > PEER_BACKLOG_BYTES:
+        self.queued_bytes += len(text)
+        if self.queued_bytes > PEER_BACKLOG_BYTES:
             self.close(1013, "too far behind; reconnect with since")
         else:
             self.wakeup.set()
 
     def start(self, first: list[str]) -> None:
-        self.replay.extend(first)
+        self._queue_replay(first)
         self.wakeup.set()
 
+    def start_replay(self, store: JobStore, since: int, end: list[str]) -> None:
+        """Replay what changed from `since` to now, read as it drains, then `end`."""
+        self.replay_store = store
+        self.replay_from, self.replay_until = since, store.seq
+        self.replay_end = end
+        self.wakeup.set()
+
+    @property
+    def waiting(self) -> bool:
+        """Whether anything is left to send."""
+        return bool(self.replay or self.backlog) or self.replay_store is not None
+
     def next_frame(self) -> str | None:
-        if self.replay:
-            return self.replay.popleft()
-        if self.backlog:
-            text = self.backlog.popleft()
-            self.backlog_bytes -= len(text)
-            return text
-        return None
+        if not self.replay and self.replay_store is not None:
+            self._read_replay()
+        queue = self.replay or self.backlog
+        if not queue:
+            return None
+        text = queue.popleft()
+        self.queued_bytes -= len(text)
+        self.taken += 1
+        return text
+
+    def _read_replay(self) -> None:
+        records = self.replay_records
+        if not records:
+            store = self.replay_store
+            if store.forgotten > self.replay_from:
+                # Deletions still to replay aged out of the window: this replay cannot
+                # be exact any more; from where the peer got to, it is told to RESET.
+                self.close(1013, "the replay fell out of the window; reconnect with since")
+                return
+            left = self.replay_until - self.replay_from
+            records.extend(store.changed_between(
+                self.replay_from, self.replay_until,
+                min(max(REPLAY_BATCH, left // 16), REPLAY_READ_MAX)))
+            if not records:
+                self.replay_store = None
+                self._queue_replay(self.replay_end)
+                return
+            self.replay_from = records[-1].seq
+        texts, room = [], PEER_BACKLOG_BYTES - self.queued_bytes
+        # As many as fit beside its live events, and at least one.
+        while records and len(texts) < REPLAY_BATCH:
+            text = self.frames.event(records[0])
+            room -= len(text)
+            if room < 0 and texts:
+                break
+            texts.append(text)
+            records.popleft()
+        self._queue_replay(texts)
+
+    def _queue_replay(self, texts: list[str]) -> None:
+        self.replay.extend(texts)
+        self.queued_bytes += sum(map(len, texts))
+        if self.queued_bytes > PEER_BACKLOG_BYTES:
+            self.close(1013, "too far behind; reconnect with since")
 
     def take(self, limit: int) -> list[str]:
         """The next frames: at least one if there is any, and no more once `limit`
@@ -2253,15 +2339,18 @@ class Peer:
         except (ConnectionError, RuntimeError):
             self.close(1011, "send failed")
 
-    def close(self, code: int, reason: str, last_words: str = "") -> asyncio.Task | None:
+    def close(self, code: int, reason: str, last_words: str = "",
+              drop_reason: str | None = None) -> asyncio.Task | None:
         if self.closing:
             return None
         self.closing = True
         self.last_words = last_words
-        self.drop_reason = DROP_REASONS.get(code)
+        self.drop_reason = drop_reason or DROP_REASONS.get(code)
         self.replay.clear()
         self.backlog.clear()
-        self.backlog_bytes = 0
+        self.queued_bytes = 0
+        self.replay_store = None
+        self.replay_records.clear()
         self.wakeup.set()  # a waiting poll answers with the close
         if self.writer is not None:
             self.writer.cancel()
@@ -2287,9 +2376,11 @@ class Peer:
 
 
 class EventHub:
-    def __init__(self, store: JobStore):
+    def __init__(self, store: JobStore, settings: Settings):
         self.store = store
+        self.settings = settings
         self.peers: set[Peer] = set()
+        self.sweeper: asyncio.Task | None = None
         store.listeners.append(self.publish)
         store.replaced.append(self.start_over)
 
@@ -2305,18 +2396,50 @@ class EventHub:
         """Register a peer and queue what it missed, atomically: every change up to now
         is in the replay, every later one arrives in its backlog. The handshake (Socket.IO's
         CONNECT reply) follows the replay."""
-        first = []
-        if since is not None:
-            self.store.forget_old_tombstones()
-            if since > self.store.seq or since < self.store.forgotten:
-                first.append(peer.frames.control("RESET", self.store.seq))
-            else:
-                first.extend(peer.frames.event(job) for job in self.store.changed_since(since))
-                first.append(peer.frames.control("SYNCED", self.store.seq))
-        if handshake:
-            first.append(handshake)
+        after = [handshake] if handshake else []
         self.peers.add(peer)
-        peer.start(first)
+        if self.sweeper is None:
+            self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if since is None:
+            peer.start(after)
+            return
+        self.store.forget_old_tombstones()
+        if since > self.store.seq or since < self.store.forgotten:
+            peer.start([peer.frames.control("RESET", self.store.seq), *after])
+        else:
+            peer.start_replay(self.store, since,
+                              [peer.frames.control("SYNCED", self.store.seq), *after])
+
+    async def _sweep(self) -> None:
+        timeout = self.settings.peer_drain_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = loop.time()
+            for peer in tuple(self.peers):
+                if not peer.waiting:
+                    peer.drain_by = None
+                elif peer.drain_by is None or peer.taken >= peer.drain_target:
+                    # What is queued now must be taken by then: a replay not yet read
+                    # counts as one frame, so a peer that takes nothing cannot sit on it.
+                    peer.drain_by = now + timeout
+                    peer.drain_target = (peer.taken + len(peer.replay) + len(peer.backlog)
+                                         + (peer.replay_store is not None))
+                elif now >= peer.drain_by:
+                    peer.close(1013, "events not read in time; reconnect with since",
+                               drop_reason="drain_timeout")
+            self._shed(self.settings.peers_max_queued_bytes)
+
+    def _shed(self, limit: int) -> None:
+        """Close the peers furthest behind while all of them together hold over `limit`."""
+        total = sum(peer.queued_bytes for peer in self.peers)
+        if total <= limit:
+            return
+        for peer in sorted(self.peers, key=lambda peer: peer.queued_bytes, reverse=True):
+            if total <= limit:
+                break
+            total -= peer.queued_bytes
+            peer.close(1013, "the server holds too many queued events; reconnect with since")
 
     def revoke(self, tokens: tuple[str, ...]) -> None:
         """After a rotation: close the peers that came in with a token no longer valid
@@ -2340,6 +2463,12 @@ class EventHub:
             peer.writer.cancel()
 
     async def close_all(self, code: int, reason: str) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            try:
+                await self.sweeper
+            except asyncio.CancelledError:
+                pass
         closing = [peer.close(code, reason) for peer in list(self.peers)]
         await asyncio.gather(*(task for task in closing if task is not None))
 
@@ -2477,8 +2606,7 @@ class EngineIOSession(Peer):
     async def poll(self) -> str:
         """Wait until there is something to send (or the session ends, or is upgrading),
         then the body of the answer to a long-polling GET."""
-        while not (self.replay or self.backlog or self.closing or self.probed
-                   or not self.polling):
+        while not (self.waiting or self.closing or self.probed or not self.polling):
             self.wakeup.clear()
             await self.wakeup.wait()
         if self.closed_by_client:
@@ -2494,8 +2622,9 @@ class EngineIOSession(Peer):
         self.wakeup.set()  # a poll still waiting is answered with a noop
         self.use_websocket(ws, transport)
 
-    def close(self, code: int, reason: str, last_words: str = "") -> asyncio.Task | None:
-        task = super().close(code, reason, last_words)
+    def close(self, code: int, reason: str, last_words: str = "",
+              drop_reason: str | None = None) -> asyncio.Task | None:
+        task = super().close(code, reason, last_words, drop_reason)
         self.engine.forget(self)
         return task
 
@@ -2968,14 +3097,24 @@ async def list_jobs(request: web.Request) -> web.Response:
     response.content_type, response.charset = JSON_TYPE, "utf-8"
     add_headers(request, response)
     await response.prepare(request)
-    if not page:
-        await response.write(b"[]")
-    for start in range(0, len(page), LIST_SLICE):
-        opening = "[" if start == 0 else ","
-        closing = "]" if start + LIST_SLICE >= len(page) else ""
-        await response.write(
-            (opening + ",".join(page[start:start + LIST_SLICE]) + closing).encode())
-    await response.write_eof()
+    # A client that stops reading would hold the list (and the slice in flight) for as
+    # long as it likes: each slice has to be taken within RESPONSE_WRITE_TIMEOUT.
+    timeout = request.app[SETTINGS].response_write_timeout
+    try:
+        if not page:
+            async with asyncio.timeout(timeout):
+                await response.write(b"[]")
+        for start in range(0, len(page), LIST_SLICE):
+            opening = "[" if start == 0 else ","
+            closing = "]" if start + LIST_SLICE >= len(page) else ""
+            async with asyncio.timeout(timeout):
+                await response.write(
+                    (opening + ",".join(page[start:start + LIST_SLICE]) + closing).encode())
+        async with asyncio.timeout(timeout):
+            await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
     return response
 
 
@@ -3592,7 +3731,7 @@ async def _lifecycle(app: web.Application):
         await session.close()
         raise
     app[STORE], app[IMAGES] = store, images
-    app[HUB] = hub = EventHub(store)
+    app[HUB] = hub = EventHub(store, settings)
     app[ENGINE] = EngineIO(hub, app[ACCESS])
     app[SCHEDULER] = scheduler = scheduler_class(store, images, settings)
     await store.open(replayed)

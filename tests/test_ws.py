@@ -172,8 +172,8 @@ async def test_a_client_that_stops_reading_is_dropped_and_delays_no_one(
                 # The reader keeps up the whole time: everything sent so far arrives.
                 for _ in range(50):
                     await reader.next(timeout=5)
-                assert stalled_peer.backlog_bytes <= jobservice.PEER_BACKLOG_BYTES
-        assert stalled_peer.backlog_bytes == 0
+                assert stalled_peer.queued_bytes <= jobservice.PEER_BACKLOG_BYTES
+        assert stalled_peer.queued_bytes == 0
         assert sent <= 5000, "the stalled peer was kept long past its bound"
         async with asyncio.timeout(10):
             while stalled_peer in hub.peers:  # noqa: ASYNC110
