@@ -3369,9 +3369,9 @@ async def _engineio_websocket(request: web.Request, engine: EngineIO,
             elif not session.closing:  # what follows a refused CONNECT is not read
                 session.receive(message.data)
     finally:
-        task = session.close(1000, "")
-        if task is not None:
-            await task
+        session.close(1000, "")
+        if session.closer is not None:
+            await session.closer  # returning first would cut the close handshake short (1006)
     return ws
 
 
