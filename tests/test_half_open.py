@@ -9,6 +9,7 @@ gets only its share of polling sessions and of sessions waiting for their CONNEC
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 from pathlib import Path
@@ -122,10 +123,14 @@ async def test_a_refusal_never_echoes_what_the_client_sent(service_process):
             await ws.send_str(f"40/{MARKER},")
             refusal = await ws.receive(timeout=5)
             assert refusal.data == '44{"message": "Invalid namespace"}'
-            for _ in range(3):  # what follows a refusal is not read, nor answered
-                await ws.send_str(f"40/{MARKER},")
+            # What follows a refusal is not read, nor answered. (Frames the server leaves
+            # unread make its close a reset, which can cut off the close frame.)
+            with contextlib.suppress(ConnectionResetError):
+                for _ in range(3):
+                    await ws.send_str(f"40/{MARKER},")
             closing = await ws.receive(timeout=5)
-            assert closing.type == aiohttp.WSMsgType.CLOSE, (closing.type, closing.data)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), \
+                (closing.type, closing.data)
 
 
 async def test_a_post_of_too_many_packets_is_refused_and_ends_the_session(service_process):
