@@ -225,6 +225,21 @@ async def test_rotation_ends_sessions_opened_with_a_revoked_token(service_proces
         assert status == 200 and '40{"sid"' in body, body
 
 
+async def test_a_connect_checks_the_handshake_token_is_still_valid(start_service, tmp_path):
+    """The handshake's token is checked again at the CONNECT, whatever closed or did not
+    close the session meanwhile: here the tokens are reloaded with no revocation sweep."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    client = await start_service({"API_TOKENS_FILE": str(tokens)})
+    opened = await (await client.get(POLLING, headers=BEARER)).text()
+    url = f"{POLLING}&sid={json.loads(opened[1:])['sid']}"
+    tokens.write_text(f"{OTHER}\n")
+    client.server.app[jobservice.ACCESS].reload()
+    assert await (await client.post(url, data="40")).text() == "ok"
+    refusal, close = (await (await client.get(url)).text()).split("\x1e")
+    assert "unauthorized" in json.loads(refusal[2:])["message"] and close == "1"
+
+
 # --- One address's share ------------------------------------------------------------------
 
 
