@@ -2504,7 +2504,11 @@ class EngineIOSession(Peer):
         if self.closed_by_client:
             return "6"
         if self.closing:
-            return "\x1e".join(filter(None, (self.last_words, "1")))
+            # The last words alone, and the close to the poll after: a stock client takes
+            # in a CONNECT_ERROR on its next tick, so a close in the same body would reach
+            # it first, as a disconnect of a socket that never connected.
+            words, self.last_words = self.last_words, ""
+            return words or "1"
         texts = self.take(EIO_MAX_PAYLOAD) if self.polling else []
         return "\x1e".join(texts) or "6"
 
@@ -2529,11 +2533,11 @@ class EngineIOSession(Peer):
         self.use_websocket(ws, transport)
 
     def close(self, code: int, reason: str, last_words: str = "") -> asyncio.Task | None:
-        # Last words for a polling client go out with its next poll: its sid must still be
-        # known then, or the client hears "Session ID unknown" instead of why. Until that
-        # poll (or the sweep, after a ping timeout) it still counts as waiting for its
-        # CONNECT, under the same caps, and closing it again forgets it.
-        lingers = bool(last_words) and self.polling and not self.polled and not self.closing
+        # Last words for a polling client go out with a poll, and the close with the one
+        # after: its sid must still be known then, or the client hears "Session ID unknown"
+        # instead of why. Until then (or the sweep, after a ping timeout) it still counts as
+        # waiting for its CONNECT, under the same caps, and closing it again forgets it.
+        lingers = bool(last_words) and self.polling and not self.closing
         task = super().close(code, reason, last_words)
         if lingers:
             self.closed_at = asyncio.get_running_loop().time()
@@ -3307,12 +3311,13 @@ async def _engineio_poll(session: EngineIOSession) -> web.Response:
         return _engineio_refusal(400, 3, "Bad request")
     session.polled = True
     try:
-        return _engineio_text(await session.poll())
+        body = await session.poll()
     finally:
         session.polled = False
         session.polled_at = asyncio.get_running_loop().time()
-        if session.closing:  # its last words are said
-            session.engine.forget(session)
+    if body == "1":  # the close is said: nothing more for that sid
+        session.engine.forget(session)
+    return _engineio_text(body)
 
 
 async def _engineio_post(request: web.Request, session: EngineIOSession) -> web.Response:
