@@ -119,6 +119,8 @@ class Settings:
     job_lease: float = 30.0
     workers: int = 0  # --workers N: a supervisor of N processes on one port
     max_connections: int = 1000  # client connections open at once; derived by load_settings
+    polling_sessions_per_address: int = 500  # a share of EIO_MAX_POLLING_SESSIONS
+    half_open_sessions_per_address: int = 100  # a share of EIO_MAX_HALF_OPEN
     supervisor: int = 0  # a worker's: its supervisor's pid, whose port it shares
 
     @property
@@ -411,6 +413,10 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         workers=workers,
         supervisor=args.worker,
         max_connections=_max_connections(env),
+        polling_sessions_per_address=_number(env, "POLLING_SESSIONS_PER_ADDRESS", 500,
+                                             minimum=1, integer=True),
+        half_open_sessions_per_address=_number(env, "HALF_OPEN_SESSIONS_PER_ADDRESS", 100,
+                                               minimum=1, integer=True),
     )
     read_tokens(settings)  # a tokens file that is unreadable or empty stops start-up
     return settings
@@ -2487,9 +2493,17 @@ EIO_MAX_PAYLOAD = 1_000_000
 SIO_CONNECT_TIMEOUT = 45.0
 # An idle polling session costs about 3 KB, and 17 KB with its long-poll held open
 # (tests/bench.py), so 10,000 of them stay under 200 MB. Sessions that have not sent
-# their Socket.IO CONNECT are the cheap ones to flood: once 1,000 wait, the oldest goes.
+# their Socket.IO CONNECT are the cheap ones to flood: once 1,000 wait, the oldest goes
+# (the flooding address's own first). One address may hold only its share of each
+# (POLLING_SESSIONS_PER_ADDRESS, HALF_OPEN_SESSIONS_PER_ADDRESS).
 EIO_MAX_POLLING_SESSIONS = 10_000
 EIO_MAX_HALF_OPEN = 1_000
+# A session that has not connected needs no more than its pings queued: a client that
+# makes it queue more (as refusals once did, 42 times the bytes it sent) is cut off.
+SIO_HALF_OPEN_BACKLOG_BYTES = 4096
+# Packets in one POST: a stock client sends a handful. Past this the POST is refused
+# before any packet is looked at, so one body cannot keep the loop busy for long.
+EIO_MAX_POST_PACKETS = 1000
 
 
 def socketio_sid(pid: str) -> str:
@@ -2527,6 +2541,8 @@ class EngineIOSession(Peer):
         self.connected = False  # Socket.IO CONNECT received
         now = asyncio.get_running_loop().time()
         self.opened_at = now
+        self.polled_at = now  # when a long-poll last ended, or the session opened
+        self.closed_at = now  # set when it closes with last words still to be polled for
         self.ping_at = now + EIO_PING_INTERVAL
         self.pong_by: float | None = None
 
@@ -2562,8 +2578,9 @@ class EngineIOSession(Peer):
                 return False
             return True
         if packet.startswith("0/"):
-            namespace = packet[1:].split(",", 1)[0]
-            self.push(f'44{namespace},{{"message":"Invalid namespace"}}')
+            # Only / is served. The refusal does not name the namespace, since nothing a
+            # client sent is ever sent back; a stock client for it sees its engine close.
+            self.refuse("Invalid namespace")
             return True
         if not packet.startswith("0"):
             self.close(1002, "expected a CONNECT packet for /")
@@ -2578,25 +2595,34 @@ class EngineIOSession(Peer):
             return False
         refusal = self._refusal(auth.get("token"))
         if refusal:
-            self.push("44" + json.dumps({"message": refusal}))  # connect_error, as stock
+            self.refuse(refusal)
             return True
         self.connected = True
-        self.engine.half_open.pop(self.sid, None)
+        self.engine.settle(self)
         pid, since = socketio_resume(self.engine.hub.store, auth)
         handshake = "40" + json.dumps({"sid": socketio_sid(pid), "pid": pid})
         self.engine.hub.attach(self, since, handshake)
         return True
 
+    def refuse(self, message: str) -> None:
+        """Refuse the CONNECT and end the session, as the reference server does: the
+        CONNECT_ERROR (a client's connect_error) is its last packet. The message is always
+        the server's own words."""
+        self.close(1008, "connect refused", "44" + json.dumps({"message": message}))
+
     def _refusal(self, token) -> str | None:
-        """Why a CONNECT may not go on (the token is missing or wrong), or None."""
+        """Why a CONNECT may not go on (the token is missing or wrong), or None. The
+        handshake's token counts only while it is still valid: one revoked since does not.
+        A missing token is a guess like a wrong one, as a session costs no token to open."""
         access = self.engine.access
-        if not access.required or self.token is not None:
+        if not access.required or self.token in access.tokens:
             return None
         now = time.time()
-        if not isinstance(token, str) or not token:
-            return "unauthorized: pass the token as auth: {token}"
         if access.failures.peek(self.client, now) < 1:
             return "too many wrong tokens; wait a minute"
+        if not isinstance(token, str) or not token:
+            access.failures.take(self.client, now)
+            return "unauthorized: pass the token as auth: {token}"
         self.token = access.match(token)
         if self.token is None:
             access.failures.take(self.client, now)
@@ -2612,20 +2638,46 @@ class EngineIOSession(Peer):
         if self.closed_by_client:
             return "6"
         if self.closing:
-            return "\x1e".join(filter(None, (self.last_words, "1")))
+            # The last words alone, and the close to the poll after: a stock client takes
+            # in a CONNECT_ERROR on its next tick, so a close in the same body would reach
+            # it first, as a disconnect of a socket that never connected.
+            words, self.last_words = self.last_words, ""
+            return words or "1"
         texts = self.take(EIO_MAX_PAYLOAD) if self.polling else []
         return "\x1e".join(texts) or "6"
 
+    def push(self, text: str) -> None:
+        if not self.connected and self.queued_bytes + len(text) > SIO_HALF_OPEN_BACKLOG_BYTES:
+            self.close(1008, "too much queued before CONNECT")
+        else:
+            super().push(text)
+
+    def silent(self, now: float) -> bool:
+        """The client stopped answering pings, or, on polling, stopped collecting them:
+        pongs sent blind, without polling, do not keep a session."""
+        if self.pong_by is not None and now >= self.pong_by:
+            return True
+        return (self.polling and not self.polled and not self.upgrading
+                and now >= self.polled_at + EIO_PING_INTERVAL + EIO_PING_TIMEOUT)
+
     def upgrade(self, ws: web.WebSocketResponse, transport) -> None:
-        self.engine.polling_count -= 1
+        self.engine.count_polling(self, -1)
         self.polling = self.upgrading = self.probed = False
         self.wakeup.set()  # a poll still waiting is answered with a noop
         self.use_websocket(ws, transport)
 
     def close(self, code: int, reason: str, last_words: str = "",
               drop_reason: str | None = None) -> asyncio.Task | None:
+        # Last words for a polling client go out with a poll, and the close with the one
+        # after: its sid must still be known then, or the client hears "Session ID unknown"
+        # instead of why. Until then (or the sweep, after a ping timeout) it still counts as
+        # waiting for its CONNECT, under the same caps, and closing it again forgets it.
+        lingers = bool(last_words) and self.polling and not self.closing
         task = super().close(code, reason, last_words, drop_reason)
-        self.engine.forget(self)
+        if lingers:
+            self.closed_at = asyncio.get_running_loop().time()
+        else:
+            self.engine.forget(self)
         return task
 
 
@@ -2637,31 +2689,75 @@ class EngineIO:
         self.access = access
         self.sessions: dict[str, EngineIOSession] = {}
         self.half_open: dict[str, EngineIOSession] = {}  # no CONNECT yet, oldest first
+        self.half_open_by_address: dict[str, dict[str, EngineIOSession]] = {}  # the same
         self.polling_count = 0
+        self.polling_by_address: dict[str, int] = {}
         self.sweeper: asyncio.Task | None = None
 
     def open(self, polling: bool, client: str = "", token: str | None = None
              ) -> EngineIOSession | None:
-        """A new session, or None if the polling sessions are at their cap."""
-        if len(self.half_open) >= EIO_MAX_HALF_OPEN:
-            next(iter(self.half_open.values())).close(1008, "too many sessions waiting")
-        if polling and self.polling_count >= EIO_MAX_POLLING_SESSIONS:
-            oldest = next((s for s in self.half_open.values() if s.polling), None)
-            if oldest is None:
-                return None
-            oldest.close(1008, "too many sessions waiting")
+        """A new session, or None if the polling sessions are at their cap, for all or
+        for the client's address, with none of them waiting for its CONNECT to give way."""
+        settings = self.access.settings
+        own = self.half_open_by_address.get(client, {})
+        if (len(own) >= settings.half_open_sessions_per_address
+                or len(self.half_open) >= EIO_MAX_HALF_OPEN):
+            # The address's own oldest first: a flood from one address pushes out only its own.
+            next(iter((own or self.half_open).values())).close(1008, "too many sessions waiting")
+            own = self.half_open_by_address.get(client, {})
+        if polling and self.polling_by_address.get(client, 0) >= \
+                settings.polling_sessions_per_address and not self._give_way(own):
+            return None
+        if polling and self.polling_count >= EIO_MAX_POLLING_SESSIONS and not (
+                self._give_way(self.half_open_by_address.get(client, {}))
+                or self._give_way(self.half_open)):
+            return None
         session = EngineIOSession(self, polling, client, token)
         self.sessions[session.sid] = self.half_open[session.sid] = session
-        self.polling_count += polling
+        self.half_open_by_address.setdefault(client, {})[session.sid] = session
+        self.count_polling(session, +1)
         if self.sweeper is None:
             self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return session
 
+    @staticmethod
+    def _give_way(waiting: dict[str, EngineIOSession]) -> bool:
+        """Close the oldest polling session of those waiting for their CONNECT, if any."""
+        oldest = next((session for session in waiting.values() if session.polling), None)
+        if oldest is not None:
+            oldest.close(1008, "too many sessions waiting")
+        return oldest is not None
+
+    def count_polling(self, session: EngineIOSession, change: int) -> None:
+        if not session.polling:
+            return
+        self.polling_count += change
+        held = self.polling_by_address.get(session.client, 0) + change
+        if held:
+            self.polling_by_address[session.client] = held
+        else:
+            self.polling_by_address.pop(session.client, None)
+
+    def settle(self, session: EngineIOSession) -> None:
+        """The session is no longer waiting for its CONNECT."""
+        if self.half_open.pop(session.sid, None) is not None:
+            waiting = self.half_open_by_address[session.client]
+            del waiting[session.sid]
+            if not waiting:
+                del self.half_open_by_address[session.client]
+
     def forget(self, session: EngineIOSession) -> None:
         if self.sessions.pop(session.sid, None) is not None:
-            self.polling_count -= session.polling
-        self.half_open.pop(session.sid, None)
+            self.count_polling(session, -1)
+        self.settle(session)
         self.hub.detach(session)
+
+    def revoke(self, tokens: tuple[str, ...]) -> None:
+        """After a rotation: refuse the sessions still waiting for their CONNECT that came
+        in with a token no longer valid (the connected ones are the hub's to close)."""
+        for session in tuple(self.half_open.values()):
+            if session.token is not None and session.token not in tokens:
+                session.refuse("unauthorized: the access token was revoked")
 
     async def _sweep(self) -> None:
         period = min(1.0, EIO_PING_INTERVAL / 4, EIO_PING_TIMEOUT / 4)
@@ -2670,7 +2766,10 @@ class EngineIO:
             await asyncio.sleep(period)
             now = loop.time()
             for session in list(self.sessions.values()):
-                if session.pong_by is not None and now >= session.pong_by:
+                if session.closing:  # its last words were never polled for
+                    if now >= session.closed_at + EIO_PING_TIMEOUT:
+                        self.forget(session)
+                elif session.silent(now):
                     session.close(1000, "ping timeout")
                     self.hub.store.metrics.peers_dropped.labels("ping_timeout").inc()
                 elif not session.connected and now >= session.opened_at + SIO_CONNECT_TIMEOUT:
@@ -3357,9 +3456,13 @@ async def _engineio_poll(session: EngineIOSession) -> web.Response:
         return _engineio_refusal(400, 3, "Bad request")
     session.polled = True
     try:
-        return _engineio_text(await session.poll())
+        body = await session.poll()
     finally:
         session.polled = False
+        session.polled_at = asyncio.get_running_loop().time()
+    if body == "1":  # the close is said: nothing more for that sid
+        session.engine.forget(session)
+    return _engineio_text(body)
 
 
 async def _engineio_post(request: web.Request, session: EngineIOSession) -> web.Response:
@@ -3376,13 +3479,20 @@ async def _engineio_post(request: web.Request, session: EngineIOSession) -> web.
             else:
                 session.close(1002, "unreadable body")
             return _engineio_refusal(exc.status, 3, exc.message)
+        if body.count(b"\x1e") >= EIO_MAX_POST_PACKETS:
+            session.close(1002, "too many packets")
+            return _engineio_refusal(400, 3, f"more than {EIO_MAX_POST_PACKETS} packets "
+                                             "in one payload")
         try:
             packets = body.decode("utf-8").split("\x1e")
         except UnicodeDecodeError:
             packets = [""]
-        if not all(session.receive(packet) for packet in packets):
-            session.close(1002, "bad packet")
-            return _engineio_refusal(400, 3, "Bad request")
+        for packet in packets:
+            if session.closing:  # by the client, or refused: what follows is not read
+                break
+            if not session.receive(packet):
+                session.close(1002, "bad packet")
+                return _engineio_refusal(400, 3, "Bad request")
         return _engineio_text("ok")
     finally:
         session.posting = False
@@ -3406,12 +3516,12 @@ async def _engineio_websocket(request: web.Request, engine: EngineIO,
         async for message in ws:
             if message.type != aiohttp.WSMsgType.TEXT:
                 session.close(1003, "binary packets are not supported")  # ends the loop
-            else:
+            elif not session.closing:  # what follows a refused CONNECT is not read
                 session.receive(message.data)
     finally:
-        task = session.close(1000, "")
-        if task is not None:
-            await task
+        session.close(1000, "")
+        if session.closer is not None:
+            await session.closer  # returning first would cut the close handshake short (1006)
     return ws
 
 
@@ -3964,6 +4074,7 @@ async def serve(settings: Settings) -> None:
         def rotate() -> None:  # SIGHUP: read API_TOKENS_FILE again, drop revoked peers
             access.reload()
             app[HUB].revoke(access.tokens)
+            app[ENGINE].revoke(access.tokens)  # and sessions still waiting to CONNECT
 
         loop.add_signal_handler(signal.SIGHUP, rotate)
         host, port = gate.sockets[0].getsockname()[:2]

@@ -165,13 +165,15 @@ async def sio_open(ws) -> None:
 
 async def test_socketio_over_websocket_by_auth_token_or_cookie(start_service):
     client = await start_service(SECURED)
-    ws = await client.ws_connect(SIO_WS)  # no 401 at the upgrade: the token comes later
+    for connect, said in (("40", "token"), ("40" + json.dumps({"token": OTHER}), "wrong")):
+        ws = await client.ws_connect(SIO_WS)  # no 401 at the upgrade: the token comes later
+        await sio_open(ws)
+        await ws.send_str(connect)
+        refusal = (await ws.receive(timeout=5)).data
+        assert refusal.startswith("44{") and said in json.loads(refusal[2:])["message"]
+        assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.CLOSE  # and it ends
+    ws = await client.ws_connect(SIO_WS)
     await sio_open(ws)
-    await ws.send_str("40")
-    refusal = (await ws.receive(timeout=5)).data
-    assert refusal.startswith("44{") and "token" in json.loads(refusal[2:])["message"]
-    await ws.send_str("40" + json.dumps({"token": OTHER}))
-    assert "wrong" in json.loads((await ws.receive(timeout=5)).data[2:])["message"]
     await ws.send_str("40" + json.dumps({"token": TOKEN}))
     frames = [(await ws.receive(timeout=5)).data for _ in range(2)]
     assert frames[0].startswith('42["SYNCED"') and frames[1].startswith('40{"sid"')
@@ -188,12 +190,17 @@ async def test_socketio_over_websocket_by_auth_token_or_cookie(start_service):
 
 async def test_socketio_over_polling_by_auth_token(start_service):
     client = await start_service(SECURED)
-    opened = await (await client.get(SIO_POLL)).text()
-    sid = json.loads(opened[1:])["sid"]
-    url = f"{SIO_POLL}&sid={sid}"
+
+    async def session_url() -> str:
+        opened = await (await client.get(SIO_POLL)).text()
+        return f"{SIO_POLL}&sid={json.loads(opened[1:])['sid']}"
+
+    url = await session_url()
     assert await (await client.post(url, data="40")).text() == "ok"
     refusal = await (await client.get(url)).text()
     assert refusal.startswith("44{") and "unauthorized" in refusal
+    assert await (await client.get(url)).text() == "1"  # the close, on the poll after
+    url = await session_url()
     assert await (await client.post(url, data="40" + json.dumps({"token": TOKEN}))).text() \
         == "ok"
     packets = (await (await client.get(url)).text()).split("\x1e")

@@ -415,7 +415,7 @@ async def test_a_flood_of_abandoned_handshakes_stays_bounded(start_service, http
     service holds for them (every allocation made under jobservice.py) stops growing.
     (A cap of 300 rather than 1,000 only to keep the traced run short.)"""
     monkeypatch.setattr(jobservice, "EIO_MAX_HALF_OPEN", 300)
-    client = await start_service()
+    client = await start_service({"HALF_OPEN_SESSIONS_PER_ADDRESS": "300"})  # all from one
     engine = client.server.app[jobservice.ENGINE]
     cap = jobservice.EIO_MAX_HALF_OPEN
     url = f"http://{client.host}:{client.port}{POLLING}"
