@@ -3869,7 +3869,10 @@ class Connection(asyncio.Protocol):
         elif handler._waiter is not None:  # between requests, or within one's headers
             if self.awaited != self.requests:
                 # Idle so far (aiohttp's keep-alive timeout applies): the headers' time
-                # begins with their first byte, which this one-off wrapper notes.
+                # begins with their first byte, which this one-off wrapper notes. Bytes
+                # that came before this look (with the previous request, say) go unseen
+                # until the next: such a connection costs what an idle one does, and
+                # is closed as one.
                 self.awaited, self.since = self.requests, None
                 self.data_received = self._first_bytes
             elif self.since is not None and now - self.since >= settings.header_timeout:
