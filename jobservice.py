@@ -119,8 +119,12 @@ class Settings:
     job_lease: float = 30.0
     workers: int = 0  # --workers N: a supervisor of N processes on one port
     max_connections: int = 1000  # client connections open at once; derived by load_settings
+    max_connections_per_address: int = 250  # a quarter of max_connections by default
     polling_sessions_per_address: int = 500  # a share of EIO_MAX_POLLING_SESSIONS
     half_open_sessions_per_address: int = 100  # a share of EIO_MAX_HALF_OPEN
+    header_timeout: float = 30.0  # a request's headers, from connecting or from its first byte
+    body_timeout: float = 30.0  # its body, from its headers
+    keepalive_timeout: float = 75.0  # an idle connection between two requests
     supervisor: int = 0  # a worker's: its supervisor's pid, whose port it shares
 
     @property
@@ -285,6 +289,20 @@ def _max_connections(env) -> int:
     return value
 
 
+def _max_connections_per_address(env, max_connections: int) -> int:
+    """MAX_CONNECTIONS_PER_ADDRESS, by default a quarter of MAX_CONNECTIONS: one host (or
+    one NAT) cannot take every place, it takes at least four to fill the service."""
+    return _number(env, "MAX_CONNECTIONS_PER_ADDRESS", max(1, max_connections // 4),
+                   minimum=1, integer=True)
+
+
+def _timeout(env, name: str, default: float) -> float:
+    value = _duration(env, name, default)
+    if value <= 0:
+        raise ConfigError(f"{name} must be above 0: a client that outlasts it is cut off")
+    return value
+
+
 def load_settings(argv: list[str] | None = None, env=None) -> Settings:
     """Settings from flags (which win) and the environment; ConfigError names the bad one."""
     env = os.environ if env is None else env
@@ -361,18 +379,11 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         for item in (env.get("CORS_ORIGINS") or "").split(",")
         if item.strip()
     )
-    drain_timeout = _duration(env, "PEER_DRAIN_TIMEOUT", 60.0)
-    if drain_timeout <= 0:
-        raise ConfigError("PEER_DRAIN_TIMEOUT must be above 0: it is how long an event "
-                          "client may leave what is queued for it unread")
     queued_max = _number(env, "PEERS_MAX_QUEUED_BYTES", 256 * 1024 * 1024, integer=True)
     if queued_max < PEER_BACKLOG_BYTES:  # below it a peer could be shed within its own bound
         raise ConfigError(f"PEERS_MAX_QUEUED_BYTES must be at least {PEER_BACKLOG_BYTES} "
                           "(8 MiB), what one event client may have queued")
-    write_timeout = _duration(env, "RESPONSE_WRITE_TIMEOUT", 60.0)
-    if write_timeout <= 0:
-        raise ConfigError("RESPONSE_WRITE_TIMEOUT must be above 0: it is how long a client "
-                          "may take to read a streamed response")
+    max_connections = _max_connections(env)
     if (env.get("JOB_LEASE") or "").strip() and _duration(env, "JOB_LEASE", 30.0) < 1:
         raise ConfigError("JOB_LEASE must be at least 1 s: a node renews its claims every "
                           "third of it")
@@ -395,9 +406,9 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         cors_origins=cors,
         job_retention=_duration(env, "JOB_RETENTION", 7 * 86400.0),
         events_replay_window=_duration(env, "EVENTS_REPLAY_WINDOW", 86400.0),
-        peer_drain_timeout=drain_timeout,
+        peer_drain_timeout=_timeout(env, "PEER_DRAIN_TIMEOUT", 60.0),
         peers_max_queued_bytes=queued_max,
-        response_write_timeout=write_timeout,
+        response_write_timeout=_timeout(env, "RESPONSE_WRITE_TIMEOUT", 60.0),
         max_pending_jobs=_number(env, "MAX_PENDING_JOBS", 1_000_000, minimum=1, integer=True),
         api_token=(env.get("API_TOKEN") or "").strip(),
         api_tokens_file=Path(env["API_TOKENS_FILE"]) if env.get("API_TOKENS_FILE") else None,
@@ -412,11 +423,15 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         job_lease=_duration(env, "JOB_LEASE", 30.0),
         workers=workers,
         supervisor=args.worker,
-        max_connections=_max_connections(env),
+        max_connections=max_connections,
+        max_connections_per_address=_max_connections_per_address(env, max_connections),
         polling_sessions_per_address=_number(env, "POLLING_SESSIONS_PER_ADDRESS", 500,
                                              minimum=1, integer=True),
         half_open_sessions_per_address=_number(env, "HALF_OPEN_SESSIONS_PER_ADDRESS", 100,
                                                minimum=1, integer=True),
+        header_timeout=_timeout(env, "HEADER_TIMEOUT", 30.0),
+        body_timeout=_timeout(env, "BODY_TIMEOUT", 30.0),
+        keepalive_timeout=_timeout(env, "KEEPALIVE_TIMEOUT", 75.0),
     )
     read_tokens(settings)  # a tokens file that is unreadable or empty stops start-up
     return settings
@@ -483,6 +498,10 @@ class Metrics:
         self.connections_refused = counter("jobservice_connections_refused",
                                            "Connections closed as soon as they were accepted, "
                                            "by reason.", ["reason"])
+        self.connections_timed_out = counter("jobservice_connections_timed_out",
+                                             "Connections closed because a request did not "
+                                             "arrive in time, by the part that was late.",
+                                             ["part"])
         self.http = HttpTally()
         registry.register(self.http)
         self.storage_ok = gauge("jobservice_storage_ok",
@@ -3935,21 +3954,35 @@ def _client_fault(record: logging.LogRecord) -> logging.LogRecord:
 # journal, a snapshot, Redis and Unsplash need, and established clients never notice it.
 # asyncio's own loop accepts a hundred sockets at a time before any is looked at, and
 # once the descriptors run out it logs a traceback for each accept that fails (and keeps
-# trying, hundreds a second). admit() is where a new connection is judged.
+# trying, hundreds a second). admit() is where a new connection is judged: against
+# MAX_CONNECTIONS, and against MAX_CONNECTIONS_PER_ADDRESS for its peer's address (a
+# trusted proxy's is exempt, every client behind it shares that address).
+#
+# aiohttp has no read timeout: a connection that never finishes its headers, or its
+# body, is served for ever. So once a second the gate looks at every connection (no
+# timer or task per request, which POST /jobs would pay for): a request whose headers
+# are not whole HEADER_TIMEOUT after the connection was made, or after the first byte of
+# them, or whose body is not whole BODY_TIMEOUT after its headers, is closed. An idle
+# connection between two requests is aiohttp's to close (keepalive_timeout, from
+# KEEPALIVE_TIMEOUT); a request being handled (a WebSocket, a long-poll) is never idle.
 
 ACCEPT_BACKLOG = 128
 ACCEPT_BATCH = 64  # accepts per wake-up, so that a flood does not hold the loop
 ACCEPT_PAUSE = 1.0  # after an accept failed for want of descriptors or memory
+SWEEP_INTERVAL = 1.0  # how often the gate looks for requests that are late
 
 
 class ConnectionGate:
-    def __init__(self, protocol_factory, max_connections: int, metrics: Metrics):
+    def __init__(self, protocol_factory, settings: Settings, metrics: Metrics):
         self.protocol_factory = protocol_factory  # aiohttp's: a handler per connection
-        self.max_connections = max_connections
+        self.settings = settings
         self.metrics = metrics
         self.open = 0
+        self.by_address: dict[str, int] = {}  # connections open, by peer address
+        self.connections: set[Connection] = set()
         self.sockets: list[socket.socket] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def listen(self, host: str, port: int, reuse_port: bool = False) -> None:
         """Listen on each address the host names ("" names them all), as create_server."""
@@ -3967,17 +4000,28 @@ class ConnectionGate:
             raise
         for listener in self.sockets:
             loop.add_reader(listener.fileno(), self._accept, listener)
+        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
-    def admit(self, address) -> str | None:
+    def admit(self, address: str) -> str | None:
         """Why a new connection is refused (the reason it is counted under), or None."""
-        if self.open >= self.max_connections:
+        if self.open >= self.settings.max_connections:
             return "max_connections"
+        if self.by_address.get(address, 0) >= self.settings.max_connections_per_address \
+                and not self._trusted_proxy(address):
+            return "max_connections_per_address"
         return None
+
+    def _trusted_proxy(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.settings.trusted_proxies)
 
     def _accept(self, listener: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, address = listener.accept()
+                conn, (address, *_) = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -3992,23 +4036,38 @@ class ConnectionGate:
             if refusal is not None:
                 conn.close()
                 self.metrics.connections_refused.labels(refusal).inc()
-                log.warning("closed connections at once: %d are open, the most this service "
-                            "keeps (MAX_CONNECTIONS)", self.open)
+                if refusal == "max_connections":
+                    log.warning("closed connections at once: %d are open, the most this "
+                                "service keeps (MAX_CONNECTIONS)", self.open)
+                else:
+                    log.warning("closed connections from %s at once: it has %d open, the "
+                                "most one address may keep (MAX_CONNECTIONS_PER_ADDRESS)",
+                                address, self.by_address[address])
                 continue
             self.open += 1
-            self._loop.create_task(self._serve(conn))
+            self.by_address[address] = self.by_address.get(address, 0) + 1
+            self._loop.create_task(self._serve(conn, address))
 
     def _resume(self, listener: socket.socket) -> None:
         if listener in self.sockets:  # not closed meanwhile
             self._loop.add_reader(listener.fileno(), self._accept, listener)
 
-    async def _serve(self, conn: socket.socket) -> None:
-        connection = Connection(self)
+    async def _serve(self, conn: socket.socket, address: str) -> None:
+        connection = Connection(self, address)
         try:
             await self._loop.connect_accepted_socket(lambda: connection, conn)
         except OSError:  # gone before it was served
             connection.leave()
             conn.close()
+
+    def _sweep(self) -> None:
+        self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+        now = self._loop.time()
+        for connection in list(self.connections):
+            late = connection.late(now)
+            if late is not None:
+                self.metrics.connections_timed_out.labels(late).inc()
+                connection.handler.force_close()
 
     def close(self) -> None:
         """Stop listening; the connections open stay, for the server to close."""
@@ -4017,22 +4076,60 @@ class ConnectionGate:
                 self._loop.remove_reader(listener.fileno())
             listener.close()
         self.sockets = []
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
 
 class Connection(asyncio.Protocol):
-    """An admitted connection: aiohttp's handler for it, counted out of the gate at its end."""
+    """An admitted connection: aiohttp's handler for it, counted out of the gate at its end,
+    and how long the request it is on has taken (looked at by the gate's sweep)."""
 
-    def __init__(self, gate: ConnectionGate):
+    def __init__(self, gate: ConnectionGate, address: str):
         self.gate = gate
+        self.address = address
         self.handler = None
         self.counted = True
+        self.requests = 0  # whose headers were whole, when the sweep last looked
+        self.awaited = 0  # the request the sweep last saw awaited (its headers not whole)
+        self.since: float | None = None  # the current part of the request began
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         handler = self.handler = self.gate.protocol_factory()
         # The transport calls these on the handler itself: the count costs no request.
         self.data_received, self.eof_received = handler.data_received, handler.eof_received
         self.pause_writing, self.resume_writing = handler.pause_writing, handler.resume_writing
+        self.since = self.gate._loop.time()
+        self.gate.connections.add(self)
         handler.connection_made(transport)
+
+    def late(self, now: float) -> str | None:
+        """The part of the request that is late ("headers" or "body"), or None."""
+        # aiohttp keeps no account of this: the handler's own fields are read.
+        handler, settings = self.handler, self.gate.settings
+        if handler._request_count != self.requests:  # headers came: the body's time begins
+            self.requests, self.since = handler._request_count, now
+        if handler._request_in_progress:
+            request = handler._current_request
+            if request is not None and not request.content.is_eof() \
+                    and now - self.since >= settings.body_timeout:
+                return "body"
+        elif handler._waiter is not None:  # between requests, or within one's headers
+            if self.awaited != self.requests:
+                # Idle so far (aiohttp's keep-alive timeout applies): the headers' time
+                # begins with their first byte, which this one-off wrapper notes. Bytes
+                # that came before this look (with the previous request, say) go unseen
+                # until the next: such a connection costs what an idle one does, and
+                # is closed as one.
+                self.awaited, self.since = self.requests, None
+                self.data_received = self._first_bytes
+            elif self.since is not None and now - self.since >= settings.header_timeout:
+                return "headers"
+        return None
+
+    def _first_bytes(self, data: bytes) -> None:
+        self.since = self.gate._loop.time()
+        self.data_received = self.handler.data_received
+        self.handler.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.leave()
@@ -4043,6 +4140,12 @@ class Connection(asyncio.Protocol):
         if self.counted:
             self.counted = False
             self.gate.open -= 1
+            self.gate.connections.discard(self)
+            left = self.gate.by_address[self.address] - 1
+            if left:
+                self.gate.by_address[self.address] = left
+            else:
+                del self.gate.by_address[self.address]
 
 
 def raise_open_files_limit() -> None:
@@ -4058,9 +4161,10 @@ def raise_open_files_limit() -> None:
 
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0, **SERVER_OPTIONS)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0,
+                           keepalive_timeout=settings.keepalive_timeout, **SERVER_OPTIONS)
     await runner.setup()
-    gate = ConnectionGate(runner.server, settings.max_connections, app[METRICS])
+    gate = ConnectionGate(runner.server, settings, app[METRICS])
     app[METRICS].connections.set_function(lambda: gate.open)
     try:
         await gate.listen(settings.host, settings.port, reuse_port=bool(settings.supervisor))
@@ -4108,7 +4212,8 @@ async def serve(settings: Settings) -> None:
             "%g-%g s step %g; retries %g-%g s, %d attempts; CORS %s; images: %s; "
             "finished jobs are kept %s (JOB_RETENTION); deletions are replayed for %s "
             "(EVENTS_REPLAY_WINDOW); at most %d jobs pending (MAX_PENDING_JOBS); at most %d "
-            "connections (MAX_CONNECTIONS) of %d open files (RLIMIT_NOFILE)",
+            "connections (MAX_CONNECTIONS) of %d open files (RLIMIT_NOFILE), %d from one address "
+            "(MAX_CONNECTIONS_PER_ADDRESS)",
             __version__, host if ":" not in host else f"[{host}]", port, len(store.jobs),
             store.counts["pending"], store.describe(), settings.job_delay_min,
             settings.job_delay_max, settings.job_delay_step, settings.retry_base_delay,
@@ -4116,7 +4221,8 @@ async def serve(settings: Settings) -> None:
             ", ".join(settings.cors_origins) or "same origin only", images.describe(),
             describe_duration(settings.job_retention) if settings.job_retention
             else "forever", describe_duration(settings.events_replay_window),
-            settings.max_pending_jobs, settings.max_connections, open_files_limit())
+            settings.max_pending_jobs, settings.max_connections, open_files_limit(),
+            settings.max_connections_per_address)
         await stop.wait()
         log.info("shutting down")
         if settings.supervisor:
