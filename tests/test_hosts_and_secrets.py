@@ -269,6 +269,12 @@ async def test_bytes_that_are_not_text_in_a_token_or_cookie_are_a_401(service_pr
         status, body = await raw(service.url, b"GET " + SIO_POLL.encode() + b" HTTP/1.1\r\n"
                                  + host + header + b"\r\nConnection: close\r\n\r\n")
         assert status == 200 and body.startswith(b"0{"), (name, status, body)
+    # JSON can name a character that is not one either: a lone surrogate, as a token.
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{service.url}/session",
+                             data=b'{"token": "\\ud800-0123456789abcdef"}',
+                             headers={"Content-Type": "application/json"}) as response:
+            assert response.status == 401, await response.text()
     assert not [line for line in service.log if "Traceback" in line or "failed" in line], \
         service.log
 
