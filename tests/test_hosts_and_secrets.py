@@ -93,11 +93,9 @@ async def test_a_rebound_host_is_refused_421_on_every_door(service_process):
         assert answers["POST /jobs"] == 201 and answers["WS /ws"] == 101, (host, answers)
 
 
-async def test_a_listening_name_and_allowed_hosts_are_answered_and_star_warns(
-        service_process):
+async def test_allowed_hosts_and_cors_names_are_answered_and_star_warns(service_process):
     service = await service_process({"ALLOWED_HOSTS": "jobs.example.com, LAN-Box",
-                                     "CORS_ORIGINS": "https://app.example:8443"},
-                                    args=["--host", "localhost"])
+                                     "CORS_ORIGINS": "https://app.example:8443"})
     port = port_of(service)
     for host in ("jobs.example.com", f"lan-box:{port}", f"app.example:{port}",
                  "JOBS.example.com:443"):
@@ -128,6 +126,13 @@ async def test_on_every_interface_addresses_are_answered_and_names_must_be_liste
     assert status == 421 and b"ALLOWED_HOSTS" in body
     assert any("a request for another name gets 421: list the names clients use in "
                "ALLOWED_HOSTS" in line for line in service.log), service.log
+
+
+def test_a_listening_address_that_is_a_name_is_answered(jobs_file):
+    settings = jobservice.load_settings(["--data", str(jobs_file), "--host", "Kitchen.lan"], {})
+    hosts = jobservice.HostCheck(settings)
+    assert hosts.allows("kitchen.lan:3000") and hosts.allows("KITCHEN.LAN")
+    assert not hosts.allows("pantry.lan:3000") and not hosts.allows("kitchen.lan:x")
 
 
 @pytest.mark.parametrize("raw_value", ["http://jobs.example", "jobs.example:8080",
