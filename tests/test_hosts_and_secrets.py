@@ -181,10 +181,15 @@ async def test_cors_star_never_lets_the_cookie_open_an_event_stream(service_proc
         assert await ws_status(http, service.url, foreign) == 401
         refusal = await sio_connect(http, service.url, foreign)
         assert refusal.startswith("44{") and "unauthorized" in refusal, refusal
-        status, _ = await raw(service.url, (
-            f"GET {SIO_POLL} HTTP/1.1\r\nHost: localhost\r\nOrigin: {other_port}\r\n"
-            f"Cookie: {cookie['Cookie']}\r\nConnection: close\r\n\r\n").encode())
-        assert status == 200  # a session opens, but the cookie does not stand for a token
+        # On long-polling too, a session opens, but the cookie does not stand for a token.
+        async with http.get(service.url + SIO_POLL, headers=foreign) as response:
+            sid = json.loads((await response.text())[1:])["sid"]
+        polled = f"{service.url}{SIO_POLL}&sid={sid}"
+        async with http.post(polled, data="40", headers=foreign) as response:
+            assert await response.text() == "ok"
+        async with http.get(polled, headers=foreign) as response:
+            refusal = await response.text()
+        assert refusal.startswith("44{") and "unauthorized" in refusal, refusal
 
         # The page's own origin still opens both with the cookie ...
         own = {**cookie, "Origin": service.url}
