@@ -2935,6 +2935,7 @@ class Access:
 async def create_job(request: web.Request) -> web.Response:
     await json_body(request)  # optional, and ignored; but bad input is refused
     store = request.app[STORE]
+    _make_room(request)
     _admit(request)
     headers = _rate_limit(request)
     job = Job.new(request.app[SETTINGS], time.time())
@@ -2965,19 +2966,27 @@ def _rate_limit(request: web.Request) -> dict:
     return headers
 
 
-def _admit(request: web.Request) -> None:
-    """MAX_PENDING_JOBS: past it, a new pending job is refused until some resolve;
-    MAX_STORED_JOBS: past it, until some expire or are deleted."""
-    store, settings = request.app[STORE], request.app[SETTINGS]
+STORE_FULL_RETRY = 3600.0  # Retry-After when no job is due to expire sooner
+
+
+def _make_room(request: web.Request) -> None:
+    """MAX_STORED_JOBS: past it, a new job is refused until some expire or are deleted (a
+    retry takes no room: its job is stored already)."""
+    limit = request.app[SETTINGS].max_stored_jobs
     # The registry as applied: creations being written may pass the bound by as many as
     # are in flight at once (one per connection); in_flight would count changes too.
-    if settings.max_stored_jobs and len(store.jobs) >= settings.max_stored_jobs:
+    if limit and len(request.app[STORE].jobs) >= limit:
         wait = request.app[SCHEDULER].next_expiry() - time.time()
         raise ApiError(503, "too_many_stored_jobs",
-                       f"{settings.max_stored_jobs} jobs are stored, the most this service "
-                       f"keeps (MAX_STORED_JOBS); try again when some have expired "
-                       f"(JOB_RETENTION) or been deleted",
+                       f"{limit} jobs are stored, the most this service keeps "
+                       "(MAX_STORED_JOBS); try again when some have expired (JOB_RETENTION) "
+                       "or been deleted",
                        {"Retry-After": str(max(1, math.ceil(min(wait, STORE_FULL_RETRY))))})
+
+
+def _admit(request: web.Request) -> None:
+    """MAX_PENDING_JOBS: past it, a new pending job is refused until some resolve."""
+    store, settings = request.app[STORE], request.app[SETTINGS]
     if store.counts["pending"] + len(store.in_flight) < settings.max_pending_jobs:
         return
     wait = request.app[SCHEDULER].next_due() - time.time()
@@ -2986,9 +2995,6 @@ def _admit(request: web.Request) -> None:
                    f"{settings.max_pending_jobs} jobs are pending, the most this service "
                    f"takes (MAX_PENDING_JOBS); try again when some have resolved",
                    {"Retry-After": retry_after})
-
-
-STORE_FULL_RETRY = 3600.0  # Retry-After when no job is due to expire sooner
 
 
 async def _committed(store: JobStore, job: Job | Tombstone) -> None:

@@ -381,6 +381,26 @@ async def test_max_stored_jobs_refuses_new_jobs_past_it(service_process):
                 await asyncio.sleep(0.05)
 
 
+async def test_a_full_store_still_takes_retries(service_process):
+    """A retry stores no new job: MAX_STORED_JOBS does not refuse it."""
+    service = await service_process({
+        "MAX_STORED_JOBS": "1", "JOB_MAX_ATTEMPTS": "1", "PHOTO_REUSE": "never",
+        "UNSPLASH_ACCESS_KEY": "key", "UNSPLASH_API_URL": "http://127.0.0.1:9"})  # refused
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{service.url}/jobs") as response:
+            job_id = (await response.json())["id"]
+        async with asyncio.timeout(20):
+            while True:
+                async with http.get(f"{service.url}/jobs/{job_id}") as response:
+                    if (await response.json())["status"] == "failed":
+                        break
+                await asyncio.sleep(0.05)
+        async with http.post(f"{service.url}/jobs") as response:
+            assert response.status == 503
+        async with http.post(f"{service.url}/jobs/{job_id}/retry") as response:
+            assert response.status == 202, await response.text()
+
+
 @pytest.mark.parametrize("raw_value", ["-1", "lots", "1.5"])
 def test_a_bad_max_stored_jobs_stops_start_up(jobs_file, raw_value):
     with pytest.raises(jobservice.ConfigError, match="MAX_STORED_JOBS"):
