@@ -106,10 +106,12 @@ class Settings:
     peers_max_queued_bytes: int = 256 * 1024 * 1024  # ... of events, all clients together
     response_write_timeout: float = 60.0  # a client takes a streamed response by then
     max_pending_jobs: int = 1_000_000
+    max_stored_jobs: int = 1_000_000  # 0: no limit
     api_token: str = field(default="", repr=False)
     api_tokens_file: Path | None = None
     client_rate_limit: tuple[int, float] | None = None  # (requests, per seconds)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # names beyond localhost and IP addresses; or "*"
     redis_url: str = field(default="", repr=False)  # empty: the embedded mode, jobs.json
     redis_sentinels: tuple[tuple[str, int], ...] = ()  # or Redis through Sentinel
     redis_sentinel_master: str = ""
@@ -229,9 +231,25 @@ def _sentinels(env, name: str) -> tuple[tuple[str, int], ...]:
     return tuple(found)
 
 
+# A token is the only thing between the network and every job: one short enough to be
+# guessed at the allowed 10 wrong tries a minute per address, from many addresses, is no
+# lock. 16 characters of secrets.token_urlsafe are 96 bits.
+MIN_TOKEN_LENGTH = 16
+MAKE_A_TOKEN = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+def _short_token(where: str, token: str) -> ConfigError:
+    length = f"{len(token)} character{'s' if len(token) != 1 else ''}"
+    return ConfigError(f"{where} is {length} long; a token must be at least "
+                       f"{MIN_TOKEN_LENGTH}, or it can be guessed: make one with {MAKE_A_TOKEN}")
+
+
 def read_tokens(settings: Settings) -> tuple[str, ...]:
     """API_TOKEN, then API_TOKENS_FILE (a token a line; blank lines and #comments are
-    skipped). ConfigError if the file cannot be read or holds no token."""
+    skipped). ConfigError if the file cannot be read, holds no token, or a token is
+    shorter than MIN_TOKEN_LENGTH."""
+    if settings.api_token and len(settings.api_token) < MIN_TOKEN_LENGTH:
+        raise _short_token("API_TOKEN", settings.api_token)
     tokens = [settings.api_token] if settings.api_token else []
     if settings.api_tokens_file is not None:
         try:
@@ -239,8 +257,15 @@ def read_tokens(settings: Settings) -> tuple[str, ...]:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"API_TOKENS_FILE={settings.api_tokens_file}: cannot be "
                               f"read ({exc.__class__.__name__})") from None
-        found = [line.strip() for line in text.splitlines()
-                 if line.strip() and not line.lstrip().startswith("#")]
+        found = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            token = line.strip()
+            if token and not token.startswith("#"):
+                if len(token) < MIN_TOKEN_LENGTH:
+                    raise _short_token(
+                        f"the token on line {number} of API_TOKENS_FILE="
+                        f"{settings.api_tokens_file}", token)
+                found.append(token)
         if not found:
             raise ConfigError(f"API_TOKENS_FILE={settings.api_tokens_file} holds no token")
         tokens += found
@@ -261,6 +286,22 @@ def _origin(value: str, name: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
         raise ConfigError(f"{name} entry {value!r} is not an origin like https://example.com")
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def _hosts(env, name: str) -> tuple[str, ...]:
+    """Host names, lowercased, without a port (any port is taken: see HostCheck)."""
+    names = []
+    for item in (env.get(name) or "").split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        if item != "*" and (not item.replace("-", "").replace(".", "").replace("_", "")
+                            .isalnum() or not item.isascii()):
+            raise ConfigError(f"{name} entry {item!r} is not a host name like "
+                              "jobs.example.com (no scheme, port or path; any port is "
+                              "allowed, and IP addresses always are)")
+        names.append(item)
+    return tuple(dict.fromkeys(names))
 
 
 # Descriptors kept for what the service opens itself, whatever its clients do: the journal
@@ -410,10 +451,12 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         peers_max_queued_bytes=queued_max,
         response_write_timeout=_timeout(env, "RESPONSE_WRITE_TIMEOUT", 60.0),
         max_pending_jobs=_number(env, "MAX_PENDING_JOBS", 1_000_000, minimum=1, integer=True),
+        max_stored_jobs=_number(env, "MAX_STORED_JOBS", 1_000_000, integer=True),
         api_token=(env.get("API_TOKEN") or "").strip(),
         api_tokens_file=Path(env["API_TOKENS_FILE"]) if env.get("API_TOKENS_FILE") else None,
         client_rate_limit=_rate(env, "CLIENT_RATE_LIMIT"),
         trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
+        allowed_hosts=_hosts(env, "ALLOWED_HOSTS"),
         redis_url=redis_url,
         redis_sentinels=sentinels,
         redis_sentinel_master=master,
@@ -941,7 +984,7 @@ class JobStore:
         self.seq = self._last_seq = seq
         if migrated:
             backup = self.path.with_name(self.path.name + ".old-service")
-            async with aiofiles.open(backup, "wb") as out:
+            async with aiofiles.open(backup, "wb", opener=no_follow) as out:
                 await out.write(await loop.run_in_executor(None, self.path.read_bytes))
                 await out.flush()
                 await aiofiles.os.wrap(os.fsync)(out.fileno())
@@ -1023,7 +1066,8 @@ class JobStore:
     @staticmethod
     def _read_journal(path: Path):
         try:
-            lines = path.read_bytes().split(b"\n")
+            with open(path, "rb", opener=no_follow) as journal:
+                lines = journal.read().split(b"\n")
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -1115,7 +1159,8 @@ class JobStore:
 
     async def _append(self, data: bytes) -> None:
         if self._journal is None:
-            self._journal = await aiofiles.open(self.journal_path, "ab", buffering=0)
+            self._journal = await aiofiles.open(self.journal_path, "ab", buffering=0,
+                                                opener=no_follow)
             # A crash may have left a torn line: appending onto it would spoil the next
             # record too, so start right after the last complete one.
             self._journal_size = await aiofiles.os.wrap(_complete_length)(self.journal_path)
@@ -1258,7 +1303,7 @@ class JobStore:
         jobs = [job for job_id in self.order if (job := registry.get(job_id)) is not None]
         seq, forgotten, deleted = self.seq, self.forgotten, list(self.tombstones)
         temp = self.path.with_name(self.path.name + ".tmp")
-        async with aiofiles.open(temp, "wb") as out:
+        async with aiofiles.open(temp, "wb", opener=no_follow) as out:
             await out.write(
                 f'{{"version":{SNAPSHOT_VERSION},"seq":{seq},"forgotten":{forgotten},'
                 f'"deleted":[{",".join(tomb.json for tomb in deleted)}],"jobs":['.encode())
@@ -1377,7 +1422,7 @@ def _write_and_sync(fd: int, data: bytes) -> None:
 
 def _complete_length(path: Path) -> int:
     """How many bytes of a journal end with its last complete line."""
-    with open(path, "rb") as journal:
+    with open(path, "rb", opener=no_follow) as journal:
         end = journal.seek(0, os.SEEK_END)
         while end > 0:
             start = max(0, end - 65536)
@@ -1387,6 +1432,19 @@ def _complete_length(path: Path) -> int:
                 return start + newline + 1
             end = start
         return 0
+
+
+def no_follow(path, flags: int) -> int:
+    """os.open for the store's own files (the journal, the snapshot's temp file): a
+    symbolic link in their place is refused, never followed, so that whoever can make one
+    in the data directory cannot have the service write over the file it points at."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise OSError(errno.ELOOP, "a symbolic link, which the service does not follow for "
+                      "its own files; remove it", str(path)) from None
 
 
 def _remove_if_exists(path: Path) -> None:
@@ -2021,6 +2079,12 @@ class Scheduler:
     def next_due(self) -> float:
         """When the earliest pending job is due (inf if none is)."""
         return self._heap[0][0] if self._heap else math.inf
+
+    def next_expiry(self) -> float:
+        """When the earliest finished job expires (inf if none will)."""
+        if not self._expiries:
+            return math.inf
+        return self._expiries[0][0] + self.settings.job_retention
 
     def due_within(self, by: float, enough: int) -> int:
         """How many jobs are ready or fall due by `by`, counted up to `enough`: only the
@@ -3028,7 +3092,11 @@ class Access:
 
     def match(self, candidate: str) -> str | None:
         """The configured token equal to candidate, compared in constant time with each."""
-        found, given = None, candidate.encode()
+        try:
+            given = candidate.encode()
+        except UnicodeEncodeError:  # bytes that are not UTF-8, kept by aiohttp as surrogates
+            return None
+        found = None
         for token in self.tokens:
             if hmac.compare_digest(token.encode(), given):
                 found = token
@@ -3042,6 +3110,8 @@ class Access:
         expires, _, signature = value.partition(".")
         if not is_ascii_number(expires) or len(expires) > 12 or int(expires) < now:
             return None
+        if not signature.isascii():  # compare_digest raises on a str that is not ASCII
+            return None
         found = None
         for token in self.tokens:
             if hmac.compare_digest(self._sign(token, int(expires)), signature):
@@ -3053,12 +3123,14 @@ class Access:
         return hmac.new(token.encode(), f"jobservice session until {expires}".encode(),
                         hashlib.sha256).hexdigest()
 
-    def credential(self, request: web.Request) -> tuple[str | None, bool, bool]:
-        """(the token, came by cookie, something was presented) for a request."""
+    def credential(self, request: web.Request, cookie_counts: bool = True
+                   ) -> tuple[str | None, bool, bool]:
+        """(the token, came by cookie, something was presented) for a request; the
+        session cookie is not looked at unless cookie_counts."""
         given = bearer(request)
         if given is not None:
             return self.match(given), False, True
-        cookie = request.cookies.get(SESSION_COOKIE)
+        cookie = request.cookies.get(SESSION_COOKIE) if cookie_counts else None
         if cookie:
             return self.cookie_token(cookie, time.time()), True, True
         return None, False, False
@@ -3116,6 +3188,7 @@ class Access:
 async def create_job(request: web.Request) -> web.Response:
     await json_body(request)  # optional, and ignored; but bad input is refused
     store = request.app[STORE]
+    _make_room(request)
     _admit(request)
     headers = _rate_limit(request)
     job = Job.new(request.app[SETTINGS], time.time())
@@ -3144,6 +3217,24 @@ def _rate_limit(request: web.Request) -> dict:
                        f"(CLIENT_RATE_LIMIT); try again later",
                        {**headers, "Retry-After": str(limiter.wait(tokens))})
     return headers
+
+
+STORE_FULL_RETRY = 3600.0  # Retry-After when no job is due to expire sooner
+
+
+def _make_room(request: web.Request) -> None:
+    """MAX_STORED_JOBS: past it, a new job is refused until some expire or are deleted (a
+    retry takes no room: its job is stored already)."""
+    limit = request.app[SETTINGS].max_stored_jobs
+    # The registry as applied: creations being written may pass the bound by as many as
+    # are in flight at once (one per connection); in_flight would count changes too.
+    if limit and len(request.app[STORE].jobs) >= limit:
+        wait = request.app[SCHEDULER].next_expiry() - time.time()
+        raise ApiError(503, "too_many_stored_jobs",
+                       f"{limit} jobs are stored, the most this service keeps "
+                       "(MAX_STORED_JOBS); try again when some have expired (JOB_RETENTION) "
+                       "or been deleted",
+                       {"Retry-After": str(max(1, math.ceil(min(wait, STORE_FULL_RETRY))))})
 
 
 def _admit(request: web.Request) -> None:
@@ -3466,7 +3557,9 @@ async def socketio_endpoint(request: web.Request) -> web.StreamResponse:
 def _engineio_client(request: web.Request) -> tuple[str, str | None]:
     """(the client's address, the token of its Bearer header or cookie, if valid)."""
     access = request.app[ACCESS]
-    return access.client(request), access.credential(request)[0] if access.required else None
+    if not access.required:
+        return access.client(request), None
+    return access.client(request), access.credential(request, _cookie_counts(request))[0]
 
 
 async def _engineio_poll(session: EngineIOSession) -> web.Response:
@@ -3610,6 +3703,71 @@ def image_origins(settings: Settings) -> str:
 
 EXPOSED_HEADERS = "Location, Link, X-Jobs-Seq, Retry-After"
 
+# DNS rebinding: a page at http://evil.example:3000 whose name the attacker then points
+# at 127.0.0.1 is, to the browser, the same origin as its requests to this service, so
+# every Origin check passes (Origin and Host both say evil.example). Only the Host tells,
+# and a name this service is not known by gets 421. An IP address cannot be rebound (a
+# page at http://10.0.0.5:3000 came from whatever listens there), nor can localhost
+# (browsers resolve it themselves): those are always answered. Other names must be
+# listed: ALLOWED_HOSTS, the names in CORS_ORIGINS, a listening address that is a name.
+# Any port: the name is what an attacker controls, and a proxy in front may add its own.
+# A Host once allowed is remembered (up to HOST_MEMORY), so the hot path is one set
+# lookup of the raw header.
+
+HOST_MEMORY = 1024
+
+
+class HostCheck:
+    def __init__(self, settings: Settings):
+        self.any = "*" in settings.allowed_hosts
+        names = {"localhost", *settings.allowed_hosts}
+        names.update(urlsplit(origin).hostname for origin in settings.cors_origins
+                     if origin != "*")
+        if _ip(settings.host) is None:
+            names.add(settings.host.lower())
+        self.names = frozenset(names)
+        # None: no Host header at all (HTTP/1.0), which no browser sends.
+        self.known: set[str | None] = {None}
+        self.refused: set[str] = set()
+
+    def allows(self, host: str) -> bool:
+        """A Host not seen before: its name (any port) is an IP address or a known name."""
+        if host.startswith("["):
+            end = host.find("]")
+            name, port = host[1:end], host[end + 1:]
+            allowed = end > 0 and (self.any or isinstance(_ip(name), ipaddress.IPv6Address))
+        else:
+            name, colon, port = host.partition(":")
+            port = colon + port
+            name = name.lower()
+            allowed = self.any or name in self.names or _ip(name) is not None
+        allowed = allowed and (not port or (port[0] == ":" and is_ascii_number(port[1:])))
+        if allowed and len(self.known) < HOST_MEMORY:
+            self.known.add(host)
+        return allowed
+
+    def refusal(self, host: str) -> str:
+        """What to tell a refused Host; the log hears of each one once (of the first 1,000)."""
+        if host not in self.refused and len(self.refused) < 1000:
+            self.refused.add(host)
+            log.warning("refused a request for Host %r: not a name this service answers "
+                        "to; if clients reach it by that name, add it to ALLOWED_HOSTS",
+                        host[:200])
+        return (f"this service does not answer to the host {host[:200]!r}; its operator can "
+                "add the name to ALLOWED_HOSTS")
+
+    def describe(self) -> str:
+        if self.any:
+            return "any name (ALLOWED_HOSTS=*)"
+        return ", ".join(["IP addresses", *sorted(self.names)])
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
 
 @web.middleware
 async def guard(request: web.Request, handler) -> web.StreamResponse:
@@ -3617,7 +3775,10 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     origin = request.headers.get("Origin")
     cors = origin is not None and settings.allows_origin(origin)
-    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+    host, hosts = request.headers.get("Host"), request.app[HOSTS]
+    if host not in hosts.known and not hosts.allows(host):
+        response = error_response(421, "misdirected_request", hosts.refusal(host))
+    elif request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         if not cors:
             response = error_response(403, "origin_not_allowed",
                                       _refused_origin(request.app, origin or "(none)"))
@@ -3698,7 +3859,8 @@ def _check_access(request: web.Request, origin: str | None) -> None:
     by_cookie = False
     resource = request.match_info.route.resource
     if access.required and resource is not None and resource.canonical not in PUBLIC_ROUTES:
-        token, by_cookie, presented = access.credential(request)
+        token, by_cookie, presented = access.credential(
+            request, resource.canonical != "/ws" or _cookie_counts(request))
         if presented and access.guessing(request):
             access.refuse(request, presented)
         if token is None:
@@ -3718,6 +3880,16 @@ def _check_access(request: web.Request, origin: str | None) -> None:
     elif request.method in MUTATING and by_cookie:
         raise ApiError(403, "origin_not_allowed",
                        "a change with a session cookie needs the page's Origin header")
+
+
+def _cookie_counts(request: web.Request) -> bool:
+    """Whether the session cookie may stand for a token on a WebSocket or an Engine.IO
+    session: from the page's own origin, or one listed by name in CORS_ORIGINS. A browser
+    enforces no CORS on a WebSocket, so an origin let in by `*` (which means without
+    credentials) would otherwise read the events with the cookie of whoever visits it."""
+    origin = request.headers.get("Origin")
+    return (origin is None or (origin != "*" and origin in request.app[SETTINGS].cors_origins)
+            or origin == own_origin(request))
 
 
 def own_origin(request: web.Request) -> str:
@@ -3761,6 +3933,7 @@ SECURITY_HEADERS = web.AppKey("security_headers", dict)
 INDEX_HTML = web.AppKey("index_html", str)
 NODE = web.AppKey("node", str)
 REFUSED_ORIGINS = web.AppKey("refused_origins", set)
+HOSTS = web.AppKey("hosts", HostCheck)
 
 
 # A Redis-mode node serves while it loads its jobs (at start, and again if it falls
@@ -3790,6 +3963,7 @@ def create_app(settings: Settings) -> web.Application:
         "Content-Security-Policy": content_security_policy(settings),
         "Referrer-Policy": "strict-origin-when-cross-origin"}
     app[REFUSED_ORIGINS] = set()
+    app[HOSTS] = HostCheck(settings)
     # Unique per process, across machines and restarts: which node answered, in a cluster.
     app[NODE] = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     app[METRICS] = Metrics()
@@ -4199,6 +4373,14 @@ async def serve(settings: Settings) -> None:
         elif access.required:
             log.info("every door needs one of %d access tokens (API_TOKEN%s)",
                      len(access.tokens), "S_FILE" if settings.api_tokens_file else "")
+        hosts = app[HOSTS]
+        if hosts.any:
+            log.warning("ALLOWED_HOSTS=*: requests are answered whatever name they were sent "
+                        "to, so a web page whose name is pointed at this machine (DNS "
+                        "rebinding) can use the service from any browser that reaches it")
+        else:
+            log.info("answering requests sent to %s; a request for another name gets 421: "
+                     "list the names clients use in ALLOWED_HOSTS", hosts.describe())
         if isinstance(images, CatalogImages):
             log.warning("no UNSPLASH_ACCESS_KEY: photos come from the built-in catalog; set "
                         "UNSPLASH_ACCESS_KEY to an Unsplash access key for fresh random photos")
@@ -4211,9 +4393,9 @@ async def serve(settings: Settings) -> None:
             "jobservice %s listening on http://%s:%d; %d jobs (%d pending) in %s; delays "
             "%g-%g s step %g; retries %g-%g s, %d attempts; CORS %s; images: %s; "
             "finished jobs are kept %s (JOB_RETENTION); deletions are replayed for %s "
-            "(EVENTS_REPLAY_WINDOW); at most %d jobs pending (MAX_PENDING_JOBS); at most %d "
-            "connections (MAX_CONNECTIONS) of %d open files (RLIMIT_NOFILE), %d from one address "
-            "(MAX_CONNECTIONS_PER_ADDRESS)",
+            "(EVENTS_REPLAY_WINDOW); at most %d jobs pending (MAX_PENDING_JOBS); %s "
+            "(MAX_STORED_JOBS); at most %d connections (MAX_CONNECTIONS) of %d open "
+            "files (RLIMIT_NOFILE), %d from one address (MAX_CONNECTIONS_PER_ADDRESS)",
             __version__, host if ":" not in host else f"[{host}]", port, len(store.jobs),
             store.counts["pending"], store.describe(), settings.job_delay_min,
             settings.job_delay_max, settings.job_delay_step, settings.retry_base_delay,
@@ -4221,8 +4403,9 @@ async def serve(settings: Settings) -> None:
             ", ".join(settings.cors_origins) or "same origin only", images.describe(),
             describe_duration(settings.job_retention) if settings.job_retention
             else "forever", describe_duration(settings.events_replay_window),
-            settings.max_pending_jobs, settings.max_connections, open_files_limit(),
-            settings.max_connections_per_address)
+            settings.max_pending_jobs, f"at most {settings.max_stored_jobs} stored"
+            if settings.max_stored_jobs else "no limit on jobs stored",
+            settings.max_connections, open_files_limit(), settings.max_connections_per_address)
         await stop.wait()
         log.info("shutting down")
         if settings.supervisor:

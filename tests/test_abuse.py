@@ -81,7 +81,7 @@ async def exchange(url: str, data: bytes, *, timeout: float = 5.0, to_eof: bool 
 
 
 def request(method: str, path: str, body: bytes = b"", headers: str = "") -> bytes:
-    return (f"{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{headers}"
+    return (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -91,7 +91,7 @@ def post_jobs(body: bytes, content_type: str = "application/json") -> bytes:
 
 def chunked(path: str, chunks: list[bytes], tail: bytes = b"0\r\n\r\n") -> bytes:
     body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + tail
-    return (f"POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
             "Transfer-Encoding: chunked\r\n\r\n").encode() + body
 
 
@@ -177,38 +177,41 @@ ABUSE = [
     ("binary noise", bytes(rng.randrange(256) for _ in range(4096)), PARSER_REFUSALS),
     ("TLS hello on the HTTP port", bytes.fromhex("16030100a5010000a10303") + b"\x00" * 160,
      PARSER_REFUSALS),
-    ("HTTP/9.9", b"GET /healthz HTTP/9.9\r\nHost: test\r\n\r\n", PARSER_REFUSALS),
-    ("100 KB URL", b"GET /jobs/" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: t\r\n\r\n",
+    ("HTTP/9.9", b"GET /healthz HTTP/9.9\r\nHost: localhost\r\n\r\n", PARSER_REFUSALS),
+    ("100 KB URL", b"GET /jobs/" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
      PARSER_REFUSALS),
-    ("10 KB method", b"A" * 10_000 + b" / HTTP/1.1\r\nHost: t\r\n\r\n", PARSER_REFUSALS),
+    ("10 KB method", b"A" * 10_000 + b" / HTTP/1.1\r\nHost: localhost\r\n\r\n", PARSER_REFUSALS),
     ("64 KiB header value",
-     b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 65_536 + b"\r\n\r\n",
+     b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 65_536 + b"\r\n\r\n",
      PARSER_REFUSALS),
-    ("1,000 headers", b"GET /healthz HTTP/1.1\r\nHost: t\r\n"
+    ("1,000 headers", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
      + b"".join(b"X-%d: v\r\n" % n for n in range(1000)) + b"\r\n", PARSER_REFUSALS),
-    ("header without a colon", b"GET /healthz HTTP/1.1\r\nHost: t\r\nNoColon\r\n\r\n",
+    ("header without a colon", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nNoColon\r\n\r\n",
      PARSER_REFUSALS),
-    ("space in a header name", b"GET /healthz HTTP/1.1\r\nHost: t\r\nBad Name: v\r\n\r\n",
+    ("space in a header name", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nBad Name: v\r\n\r\n",
      PARSER_REFUSALS),
-    ("folded header", b"GET /healthz HTTP/1.1\r\nHost: t\r\nX: a\r\n  b\r\n\r\n",
+    ("folded header", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX: a\r\n  b\r\n\r\n",
      PARSER_REFUSALS),
     ("no Host", b"GET /healthz HTTP/1.1\r\n\r\n", PARSER_REFUSALS),
-    ("Content-Length: abc", b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n",
+    ("Content-Length: abc", b"POST /jobs HTTP/1.1\r\nHost: localhost\r\n"
+                            b"Content-Length: abc\r\n\r\n",
      PARSER_REFUSALS),
-    ("Content-Length: -5", b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Length: -5\r\n\r\n",
+    ("Content-Length: -5", b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: -5\r\n\r\n",
      PARSER_REFUSALS),
     ("Content-Length overflow",
-     b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+     b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999999999999999999\r\n\r\n",
      PARSER_REFUSALS),
     ("two Content-Lengths",
-     b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+     b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
      PARSER_REFUSALS),
     ("Content-Length with chunked",
-     b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+     b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n"
      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", PARSER_REFUSALS),
-    ("chunk size garbage", b"POST /jobs HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+    ("chunk size garbage", b"POST /jobs HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Transfer-Encoding: chunked\r\n"
      b"\r\nZZZ\r\nabc\r\n0\r\n\r\n", PARSER_REFUSALS),
-    ("chunk without its CRLF", b"POST /jobs HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked"
+    ("chunk without its CRLF", b"POST /jobs HTTP/1.1\r\nHost: localhost\r\n"
+                               b"Transfer-Encoding: chunked"
      b"\r\n\r\n2\r\n{}XX0\r\n\r\n", PARSER_REFUSALS),
     ("invalid UTF-8 in JSON", post_jobs(b'{"name": "\xff\xfe\xc3\x28"}'), (400, "invalid_json")),
     ("not JSON", post_jobs(b"{not json"), (400, "invalid_json")),
@@ -218,7 +221,7 @@ ABUSE = [
     ("deeply nested objects", post_jobs(NESTED_OBJECTS), (400, "invalid_json")),
     ("70 KB body", post_jobs(b'{"pad": "' + b"x" * 70_000 + b'"}'), (413, "payload_too_large")),
     ("Content-Length says 10 MB",
-     b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\n\r\n{}",
+     b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10000000\r\n\r\n{}",
      (413, "payload_too_large")),
     ("128 KiB chunked", chunked("/jobs", [b" " * 65_536, b" " * 65_536]),
      (413, "payload_too_large")),
@@ -252,7 +255,8 @@ async def test_malformed_and_oversized_requests_are_refused_and_harm_nothing(ser
 
     # A body shorter than its Content-Length, then pipelined garbage: the garbage is
     # refused; the job before it is either created (and then kept) or not acknowledged.
-    reply = await exchange(service.url, b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Length: 2"
+    reply = await exchange(service.url, b"POST /jobs HTTP/1.1\r\nHost: localhost\r\n"
+                                        b"Content-Length: 2"
                            b"\r\n\r\n{}GARBAGE / HTTP/1.1\r\n\r\n", to_eof=True)
     statuses = [int(code) for code in STATUS_LINE.findall(reply)]
     assert statuses and set(statuses) <= {201, 400}, reply
@@ -264,11 +268,12 @@ async def test_a_client_that_hangs_up_mid_body_is_not_a_server_failure(service_p
     """A body that lies about its length, or chunks cut short, then the client goes away:
     nothing to answer, nothing stored, and nothing for the log's ERROR lines."""
     service = await service_process()
-    await exchange(service.url, b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n"
+    await exchange(service.url, b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n"
                    b"\r\n" + b'{"a": 1}', half_close=True, timeout=2.0)
-    await exchange(service.url, b"POST /jobs HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked"
+    await exchange(service.url, b"POST /jobs HTTP/1.1\r\nHost: localhost\r\n"
+                                b"Transfer-Encoding: chunked"
                    b"\r\n\r\n10\r\n{\"a\"", half_close=True, timeout=2.0)
-    await exchange(service.url, b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n"
+    await exchange(service.url, b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n"
                    b"\r\n" + b'{"a": 1}', timeout=0.3)  # no half-close: just gone
     async with aiohttp.ClientSession() as http:
         assert await listing(http, service.url) == {}
@@ -386,7 +391,7 @@ def frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True, r
 async def ws_handshake(url: str, path: str = "/ws"):
     reader, writer = await asyncio.open_connection(*address(url))
     key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n"
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                  "Sec-WebSocket-Version: 13\r\n\r\n".encode())
     head = await reader.readuntil(b"\r\n\r\n")
@@ -425,7 +430,7 @@ async def one_socket(url: str, kind: int) -> None:
         writer.transport.abort()
     elif kind == 2:  # half a handshake, then gone
         _, writer = await asyncio.open_connection(*address(url))
-        writer.write(b"GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n")
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n")
         await writer.drain()
         writer.transport.abort()
     else:  # Socket.IO: open packet received, never a CONNECT

@@ -40,11 +40,14 @@ def bad_requests() -> list[tuple[str, bytes]]:
         ("a session body that is not deflate",
          request("POST", "/session", b"{}", coded.format("deflate"))),
         ("not JSON", request("POST", "/jobs", b"{oops", "Content-Type: application/json\r\n")),
-        ("HTTP/9.9", b"GET /healthz HTTP/9.9\r\nHost: test\r\n\r\n"),
-        ("space in a header name", b"GET /healthz HTTP/1.1\r\nHost: t\r\nBad Name: v\r\n\r\n"),
-        ("Content-Length: abc", b"POST /jobs HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n"),
-        ("a 100 KB URL", b"GET /jobs/" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: t\r\n\r\n"),
-        ("chunk size garbage", b"POST /jobs HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked"
+        ("HTTP/9.9", b"GET /healthz HTTP/9.9\r\nHost: localhost\r\n\r\n"),
+        ("space in a header name", b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
+                                   b"Bad Name: v\r\n\r\n"),
+        ("Content-Length: abc", b"POST /jobs HTTP/1.1\r\nHost: localhost\r\n"
+                                b"Content-Length: abc\r\n\r\n"),
+        ("a 100 KB URL", b"GET /jobs/" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+        ("chunk size garbage", b"POST /jobs HTTP/1.1\r\nHost: localhost\r\n"
+                               b"Transfer-Encoding: chunked"
          b"\r\n\r\nZZZ\r\nabc\r\n0\r\n\r\n"),
     ]
 
@@ -99,7 +102,7 @@ async def ask_and_hold(url: str, held: list, path: str = "/jobs", method: str = 
     except OSError as exc:
         return f"cannot connect ({exc.__class__.__name__})"
     held.append(writer)
-    writer.write(f"{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n"
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
                  .encode())
     try:
         async with asyncio.timeout(5):

@@ -406,6 +406,13 @@ def test_every_documented_status_conforms_on_the_live_server(live):
         check("POST", "/socket.io/", status=status, query={**polling, "sid": sid}, data=b"40",
               headers={"Content-Type": "text/plain", "Content-Encoding": coding})
 
+    # A Host the service does not answer to (DNS rebinding) is refused on every route.
+    for path, item in DOC["paths"].items():
+        for method, operation in item.items():
+            if method in METHODS and "421" in operation["responses"]:
+                check(method.upper(), path, status=421, headers={"Host": "evil.example"},
+                      path_parameters={"id": unknown} if "{id}" in path else None)
+
     documented = {(method.upper(), path, status) for path, item in DOC["paths"].items()
                   for method, operation in item.items() if method in METHODS
                   for status in operation["responses"]}
