@@ -103,7 +103,7 @@ async def open_slow(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWrite
 
 async def stalled_websocket(url: str, path: str) -> asyncio.StreamWriter:
     reader, writer = await open_slow(url)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n"
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                  "Sec-WebSocket-Version: 13\r\n\r\n".encode())
     head = await reader.readuntil(b"\r\n\r\n")
@@ -220,7 +220,7 @@ async def test_a_slow_reader_of_the_job_list_is_cut_off(service_process):
             whole = len(await response.read())
     reader, writer = await open_slow(service.url)
     # Connection: close, so that a server that sends it all ends the connection too.
-    writer.write(b"GET /jobs HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    writer.write(b"GET /jobs HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     await asyncio.sleep(4)  # a client that reads nothing for a while: the point of the test
     received = b""
     try:

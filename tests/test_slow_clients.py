@@ -73,9 +73,9 @@ async def test_a_request_whose_headers_or_body_do_not_arrive_in_time_is_closed(
     service = await service_process({"HEADER_TIMEOUT": "2", "BODY_TIMEOUT": "2",
                                      "KEEPALIVE_TIMEOUT": "60"})
     url = service.url
-    healthz = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+    healthz = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
     endless_header = b"X-Slow: " + b"a" * 1000
-    post_head = (b"POST /jobs HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    post_head = (b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 1000\r\n\r\n")
     silent, headers, headers_after_a_response, body = await asyncio.gather(
         slow_request(url, b"", b"", 20),
@@ -96,7 +96,7 @@ async def test_a_request_whose_headers_or_body_do_not_arrive_in_time_is_closed(
     # A slow request that does arrive in time is answered, and its connection kept.
     reader, writer = await asyncio.open_connection(*address(url))
     try:
-        for request in (b"POST /jobs HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}",
+        for request in (b"POST /jobs HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}",
                         healthz):
             for part in (request[:20], request[20:-1], request[-1:]):
                 writer.write(part)
@@ -125,7 +125,7 @@ async def test_an_idle_keep_alive_connection_is_closed_but_not_a_websocket_or_a_
 
         reader, writer = await asyncio.open_connection(*address(url))
         try:
-            writer.write(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             seconds, answer = await closed_after(reader, 20)
         finally:
             writer.transport.abort()
@@ -150,7 +150,7 @@ async def hold(url: str, held: list, local: str = "127.0.0.1", wait: float = 1.0
     service keeps it `wait` seconds, "refused" if it was closed before."""
     reader, writer = await asyncio.open_connection(*address(url), local_addr=(local, 0))
     held.append((reader, writer))
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
     try:
         return "refused" if await asyncio.wait_for(reader.read(1), wait) == b"" else "answered"
     except TimeoutError:
