@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import secrets
 import signal
@@ -2574,6 +2575,7 @@ EIO_PING_TIMEOUT = 20.0
 EIO_UPGRADE_TIMEOUT = 10.0
 EIO_MAX_PAYLOAD = 1_000_000
 SIO_CONNECT_TIMEOUT = 45.0
+SIO_PLAIN_NAMESPACE = re.compile(r"/[A-Za-z0-9_-]{1,63}")
 # An idle polling session costs about 3 KB, and 17 KB with its long-poll held open
 # (tests/bench.py), so 10,000 of them stay under 200 MB. Sessions that have not sent
 # their Socket.IO CONNECT are the cheap ones to flood: once 1,000 wait, the oldest goes
@@ -2661,9 +2663,12 @@ class EngineIOSession(Peer):
                 return False
             return True
         if packet.startswith("0/"):
-            # Only / is served. The refusal does not name the namespace, since nothing a
-            # client sent is ever sent back; a stock client for it sees its engine close.
-            self.refuse("Invalid namespace")
+            # Only / is served. A stock client hears of a refusal only in the namespace it
+            # asked for, so a plain name is sent back, as the reference server does; any
+            # other bytes are not (the refusal then goes to /), and the session ends.
+            namespace = packet[1:].split(",", 1)[0]
+            self.refuse("Invalid namespace",
+                        namespace if SIO_PLAIN_NAMESPACE.fullmatch(namespace) else "")
             return True
         if not packet.startswith("0"):
             self.close(1002, "expected a CONNECT packet for /")
@@ -2687,11 +2692,13 @@ class EngineIOSession(Peer):
         self.engine.hub.attach(self, since, handshake)
         return True
 
-    def refuse(self, message: str) -> None:
+    def refuse(self, message: str, namespace: str = "") -> None:
         """Refuse the CONNECT and end the session, as the reference server does: the
         CONNECT_ERROR (a client's connect_error) is its last packet. The message is always
         the server's own words."""
-        self.close(1008, "connect refused", "44" + json.dumps({"message": message}))
+        addressed = f"{namespace}," if namespace else ""
+        self.close(1008, "connect refused",
+                   f"44{addressed}" + json.dumps({"message": message}))
 
     def _refusal(self, token) -> str | None:
         """Why a CONNECT may not go on (the token is missing or wrong), or None. The

@@ -25,7 +25,7 @@ OTHER = "tok-zyxwvutsrqponmlkjihg"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 POLLING = "/socket.io/?EIO=4&transport=polling"
 WEBSOCKET = "/socket.io/?EIO=4&transport=websocket"
-MARKER = "client-bytes-never-echoed"
+MARKER = "client-bytes-never-echoed!"  # not a plain namespace name
 
 
 def rss(pid: int) -> int:

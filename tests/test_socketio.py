@@ -303,14 +303,20 @@ async def test_bad_connect_payload_is_refused_and_closed(start_service, packet):
     await closed(ws)
 
 
-async def test_connect_to_another_namespace_is_refused_and_ends_the_session(start_service):
-    """Only `/` is served. The refusal is in the server's own words: the namespace a
-    client sent is never sent back (a client's bytes are not echoed), and, as every refused
-    CONNECT, it ends the session."""
+@pytest.mark.parametrize(("connect", "refusal"), [
+    ('40/admin,{"token":"t"}', '44/admin,{"message": "Invalid namespace"}'),
+    ('40/admin<script>,{"token":"t"}', '44{"message": "Invalid namespace"}'),
+    ("40/" + "a" * 64 + ",", '44{"message": "Invalid namespace"}'),
+])
+async def test_connect_to_another_namespace_is_refused_and_ends_the_session(
+        start_service, connect, refusal):
+    """Only `/` is served. A stock client hears a refusal only in the namespace it asked
+    for, so a plain name (up to 63 characters) is addressed; anything else a client sent
+    is never sent back. As every refused CONNECT, it ends the session."""
     client = await start_service()
     ws, _ = await eio_open(client)
-    await ws.send_str('40/admin<script>,{"token":"t"}')
-    assert await text_frame(ws) == '44{"message": "Invalid namespace"}'
+    await ws.send_str(connect)
+    assert await text_frame(ws) == refusal
     await closed(ws)
 
 
@@ -379,6 +385,18 @@ def assert_offsets_are_seqs(lines: list[dict]) -> None:
         if line["type"] == "event":
             assert line["offset"] == str(line["job"]["seq"]), line
             assert len(line["args"]) == 2, line  # the payload, then the offset
+
+
+@pytest.mark.parametrize("transports", [["websocket"], "default"])
+async def test_node_client_for_another_namespace_hears_why(service_process, node_client,
+                                                           transports):
+    """A stock `io(url + "/admin")` is told in its own namespace, as a connect_error,
+    rather than left reconnecting in silence."""
+    service = await service_process()
+    node = await node_client(f"{service.url}/admin", {"transports": transports})
+    refused = await node.until(lambda line: line["type"] in ("connect", "connect_error"))
+    assert refused == {"type": "connect_error", "message": "Invalid namespace", "data": None}
+    assert await node.quit() == 0
 
 
 async def test_node_client_receives_created_and_resolved(service_process, node_client, http):
