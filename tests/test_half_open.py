@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 import json
 import signal
-from pathlib import Path
 
 import aiohttp
 import pytest
 import socketio
+from test_abuse import rss_bytes
 
 import jobservice
 
@@ -26,14 +26,6 @@ BEARER = {"Authorization": f"Bearer {TOKEN}"}
 POLLING = "/socket.io/?EIO=4&transport=polling"
 WEBSOCKET = "/socket.io/?EIO=4&transport=websocket"
 MARKER = "client-bytes-never-echoed!"  # not a plain namespace name
-
-
-def rss(pid: int) -> int:
-    """The process's resident set, in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 async def handshake(http: aiohttp.ClientSession, base: str, headers=None) -> str:
@@ -88,14 +80,14 @@ async def test_refused_connects_hold_no_memory(service_process):
     assert len(big) >= 375_000
     async with aiohttp.ClientSession() as http:
         await handshake(http, base)  # warm up what every request uses
-        before = rss(pid)
+        before = rss_bytes(pid)
 
         async def attack(body: str) -> tuple[str, tuple[int, str]]:
             url = await handshake(http, base)
             return url, await post(http, url, body)
 
         attacks = await asyncio.gather(*(attack(body) for body in [bare, big] * 25))
-        grown = rss(pid) - before
+        grown = rss_bytes(pid) - before
         print(f"RSS growth after 25 x 2 x 375 KB of refused CONNECTs: {grown / 2**20:.1f} MiB")
         assert grown < 30 * 2**20, f"the service grew {grown / 2**20:.1f} MiB"
         for url, answer in attacks[::2]:  # refused unread, and the session is over

@@ -15,39 +15,15 @@ import json
 import os
 import re
 import socket
-from urllib.parse import urlsplit
 
 import aiohttp
 from conftest import create_jobs
+from test_abuse import address, eventually, rss_bytes
 
 import jobservice
 
 JOBS = 5_000
 MB = 1024 * 1024
-
-
-def address(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    return parts.hostname, parts.port
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-async def eventually(what: str, predicate, timeout: float = 30.0):
-    """Poll another process's state (it has no event to wait on) until predicate holds."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not (value := await predicate()):  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting until {what}") from None
-    return value
 
 
 async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
@@ -60,7 +36,7 @@ async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
 async def connected(http, url: str, count: int, protocol: str):
     async def enough():
         return await metric(http, url, f'jobservice_peers{{protocol="{protocol}"}}') >= count
-    await eventually(f"{count} {protocol} peers are attached", enough)
+    await eventually(f"{count} {protocol} peers are attached", enough, timeout=30)
 
 
 async def with_finished_jobs(http: aiohttp.ClientSession, url: str, count: int = JOBS):
@@ -264,7 +240,7 @@ async def test_past_the_total_bound_the_peers_furthest_behind_are_dropped(servic
             states = [await alive(sid) for sid in sessions]
             return dropped and states == [False] * dropped + [True] * (len(sessions) - dropped)
         await eventually("the sessions furthest behind are dropped, and only those",
-                         oldest_shed)
+                         oldest_shed, timeout=30)
         assert await alive(sessions[-1])
 
 
@@ -280,7 +256,7 @@ async def test_a_replay_read_while_jobs_change_and_go_is_exact(start_service, mo
     async def settled():
         async def resolved():
             return (await (await client.get("/jobs/stats")).json())["pending"] == 0
-        await eventually("every job resolved", resolved)
+        await eventually("every job resolved", resolved, timeout=30)
 
     first = await create_jobs(client, 200)
     await settled()
