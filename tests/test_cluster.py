@@ -126,17 +126,30 @@ async def test_three_nodes_are_one_service(cluster, watch, http):
     assert len({(await health(http, node))["node"] for node in nodes}) == 3
 
 
+class GatedUnsplash(FakeUnsplash):
+    """The shared fake, answering no call until `opened` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.opened = asyncio.Event()
+
+    async def random_photos(self, request):
+        await self.opened.wait()
+        return await super().random_photos(request)
+
+
 async def test_a_killed_node_s_claims_are_resolved_once_by_the_others(
         cluster, watch, http, redis_client, aiohttp_server):
     """500 jobs over two nodes; node A is SIGKILLed while it holds claims. Its jobs are
-    taken over after the lease, and every job resolves exactly once."""
-    fake = FakeUnsplash()
-    fake.mode, fake.stall_seconds = "stall", 0.2  # each batch of 30 takes 0.2 s to buy
+    taken over after the lease, and every job resolves exactly once. Unsplash answers no
+    call until A is dead, and the jobs wait for fresh photos (PHOTO_REUSE=never), so A
+    cannot resolve what it claimed between the look at its claims and the kill."""
+    fake = GatedUnsplash()
     await serve_fake(aiohttp_server, fake)
     lease = 2.0
     env = {"JOB_LEASE": str(lease), "JOB_DELAY_MIN": "0.5", "JOB_DELAY_MAX": "1.5",
            "JOB_DELAY_STEP": "0.5", "UNSPLASH_ACCESS_KEY": fake.key,
-           "UNSPLASH_API_URL": fake.url, "UNSPLASH_TIMEOUT": "5"}
+           "UNSPLASH_API_URL": fake.url, "UNSPLASH_TIMEOUT": "5", "PHOTO_REUSE": "never"}
     a, b = await cluster(2, env)
     node_a = (await health(http, a))["node"]
     stream = await watch(b)
@@ -151,6 +164,7 @@ async def test_a_killed_node_s_claims_are_resolved_once_by_the_others(
     await a.process.wait()
     held = [job_id for job_id, owner in (await redis_client.hgetall("jobservice:claims")).items()
             if owner == node_a]
+    fake.opened.set()
 
     heard = await resolutions_until(stream, set(ids), 30)
     marker = await post(http, b)
