@@ -292,8 +292,11 @@ async def test_a_session_that_stops_polling_expires(start_service, quick_pings):
 
 
 async def test_a_session_too_far_behind_is_closed_and_recovers(start_service, monkeypatch):
+    """The jobs stay pending, so the only events are their ten creations: the first
+    session cannot hold them, and the recovered one is replayed them within the same
+    bound, a few at a time as it polls."""
     monkeypatch.setattr(jobservice, "PEER_BACKLOG_BYTES", 1500)
-    client = await start_service()
+    client = await start_service({"JOB_DELAY_MIN": "60", "JOB_DELAY_MAX": "60"})
     sid = (await handshake(client))["sid"]
     reply = await Poller(client, sid).connect()
     ids = await create_jobs(client, 10)  # ten ~250-byte events, none taken
@@ -303,7 +306,8 @@ async def test_a_session_too_far_behind_is_closed_and_recovers(start_service, mo
     again = Poller(client, (await handshake(client))["sid"])
     offset = str(client.server.app[jobservice.STORE].jobs[ids[0]].seq - 1)
     assert await again.connect({"pid": reply["pid"], "offset": offset}) == reply
-    await again.resolutions(ids)
+    replayed = [(name, job["id"]) for name, job, _ in again.events if name != "SYNCED"]
+    assert replayed == [(CREATED, job_id) for job_id in ids]
 
 
 # --- Upgrade to a WebSocket -----------------------------------------------------------------
