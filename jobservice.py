@@ -139,6 +139,14 @@ class Settings:
     def allows_origin(self, origin: str) -> bool:
         return "*" in self.cors_origins or origin in self.cors_origins
 
+    def trusts_proxy(self, address: str) -> bool:
+        """Whether address is one of TRUSTED_PROXIES."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted_proxies)
+
     @property
     def redis(self) -> bool:
         """The scale-out mode: jobs in Redis, at REDIS_URL or found through Sentinel."""
@@ -3146,26 +3154,19 @@ class Access:
         """The client's address: the socket's peer, unless that is a trusted proxy, in
         which case the nearest untrusted hop of X-Forwarded-For."""
         address = _peer_address(request)
-        if not self.settings.trusted_proxies or not self._trusted(address):
+        if not self.settings.trusted_proxies or not self.settings.trusts_proxy(address):
             return address
         hops = [hop.strip() for value in request.headers.getall("X-Forwarded-For", ())
                 for hop in value.split(",")]
         for hop in reversed(hops):
-            if not self._trusted(hop):
+            if not self.settings.trusts_proxy(hop):
                 return hop[:64]
         return address
-
-    def _trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.settings.trusted_proxies)
 
     def scheme(self, request: web.Request) -> str:
         """http or https as the client sees it: a trusted proxy's X-Forwarded-Proto."""
         proto = request.headers.get("X-Forwarded-Proto", "").lower()
-        if proto in ("http", "https") and self._trusted(_peer_address(request)):
+        if proto in ("http", "https") and self.settings.trusts_proxy(_peer_address(request)):
             return proto
         return request.scheme
 
@@ -4188,16 +4189,9 @@ class ConnectionGate:
         if self.open >= self.settings.max_connections:
             return "max_connections"
         if self.by_address.get(address, 0) >= self.settings.max_connections_per_address \
-                and not self._trusted_proxy(address):
+                and not self.settings.trusts_proxy(address):
             return "max_connections_per_address"
         return None
-
-    def _trusted_proxy(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.settings.trusted_proxies)
 
     def _accept(self, listener: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
