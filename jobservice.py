@@ -38,6 +38,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -129,6 +130,7 @@ class Settings:
     body_timeout: float = 30.0  # its body, from its headers
     keepalive_timeout: float = 75.0  # an idle connection between two requests
     supervisor: int = 0  # a worker's: its supervisor's pid, whose port it shares
+    loop: str = "auto"  # --loop: the event loop to serve on (EVENT_LOOPS)
 
     @property
     def unsplash_origin(self) -> str:
@@ -372,6 +374,10 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
                         help="start and supervise N processes on one port (needs --redis)")
     parser.add_argument("--worker", type=int, default=0, metavar="SUPERVISOR_PID",
                         help=argparse.SUPPRESS)
+    parser.add_argument("--loop", default=env.get("LOOP") or "auto",
+                        help="the event loop: auto (the host's, if it set an event loop "
+                             "policy; else uvloop if installed; else asyncio's), asyncio or "
+                             "uvloop (env LOOP, default auto)")
     parser.add_argument("--version", action="version", version=f"jobservice {__version__}")
     args = parser.parse_args(argv)
 
@@ -420,6 +426,9 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
     if not is_ascii_number(args.workers):
         raise ConfigError(f"--workers {args.workers!r} is not a whole number")
     workers = int(args.workers)
+    loop = args.loop.strip().lower()
+    if loop not in EVENT_LOOPS:
+        raise ConfigError(f"--loop {args.loop!r} is not one of {', '.join(EVENT_LOOPS)} (LOOP)")
     if workers and not (redis_url or sentinels):
         raise ConfigError("--workers needs REDIS_URL (or --redis): processes share jobs "
                           "through Redis, never through one jobs.json")
@@ -475,6 +484,7 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         job_lease=_duration(env, "JOB_LEASE", 30.0),
         workers=workers,
         supervisor=args.worker,
+        loop=loop,
         max_connections=max_connections,
         max_connections_per_address=_max_connections_per_address(env, max_connections),
         polling_sessions_per_address=_number(env, "POLLING_SESSIONS_PER_ADDRESS", 500,
@@ -4358,7 +4368,59 @@ def raise_open_files_limit() -> None:
             pass  # more than the system takes (macOS): keep the limit there is
 
 
-async def serve(settings: Settings) -> None:
+# The event loop (--loop, LOOP), by uvicorn's convention. auto serves on the host's loop if
+# it set an event loop policy (a launcher's uvloop.install(), say), else on uvloop when it
+# is installed (the uvloop extra), else on asyncio's own. Nothing here relies on more than
+# what every conforming asyncio loop does; uvloop is the fast path. Workers run on the
+# loop their supervisor runs on.
+
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def host_loop_policy() -> bool:
+    """Whether the host set an event loop policy of its own. Python 3.14 deprecates
+    policies and 3.16 drops them, and with them the host's way to choose."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return type(asyncio.get_event_loop_policy()) is not asyncio.DefaultEventLoopPolicy
+        except AttributeError:
+            return False
+
+
+def event_loop(choice: str):
+    """(the factory of the loop to serve on, None for the host's; why that one, for the
+    start-up line). A uvloop asked for and not installed is a ConfigError."""
+    if choice == "auto" and host_loop_policy():
+        return None, "the host's event loop policy"
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ModuleNotFoundError as exc:
+            if exc.name != "uvloop":
+                raise
+            if choice == "uvloop":
+                raise ConfigError("--loop uvloop (LOOP=uvloop) needs uvloop, which is not "
+                                  "installed: pip install 'jobservice[uvloop]'") from None
+        else:
+            return uvloop.new_event_loop, f"--loop {choice}"
+    return asyncio.SelectorEventLoop, f"--loop {choice}"
+
+
+def loop_kind(loop: asyncio.AbstractEventLoop) -> str:
+    """uvloop, asyncio, or the module and class of another loop."""
+    kind = type(loop)
+    package = kind.__module__.partition(".")[0]
+    return package if package in EVENT_LOOPS else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def describe_loop(loop: asyncio.AbstractEventLoop) -> str:
+    kind = loop_kind(loop)
+    version = getattr(sys.modules.get(kind), "__version__", None)
+    return f"{kind} {version}" if version else kind
+
+
+async def serve(settings: Settings, loop_chosen_by: str = "") -> None:
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0,
                            keepalive_timeout=settings.keepalive_timeout, **SERVER_OPTIONS)
@@ -4415,13 +4477,14 @@ async def serve(settings: Settings) -> None:
                      store.carried_over,
                      f"{describe_duration(retention)} from now" if retention else "forever")
         log.info(
-            "jobservice %s listening on http://%s:%d; %d jobs (%d pending) in %s; delays "
+            "jobservice %s listening on http://%s:%d on %s%s; %d jobs (%d pending) in %s; delays "
             "%g-%g s step %g; retries %g-%g s, %d attempts; CORS %s; images: %s; "
             "finished jobs are kept %s (JOB_RETENTION); deletions are replayed for %s "
             "(EVENTS_REPLAY_WINDOW); at most %d jobs pending (MAX_PENDING_JOBS); %s "
             "(MAX_STORED_JOBS); at most %d connections (MAX_CONNECTIONS) of %d open "
             "files (RLIMIT_NOFILE), %d from one address (MAX_CONNECTIONS_PER_ADDRESS)",
-            __version__, host if ":" not in host else f"[{host}]", port, len(store.jobs),
+            __version__, host if ":" not in host else f"[{host}]", port, describe_loop(loop),
+            f" ({loop_chosen_by})" if loop_chosen_by else "", len(store.jobs),
             store.counts["pending"], store.describe(), settings.job_delay_min,
             settings.job_delay_max, settings.job_delay_step, settings.retry_base_delay,
             settings.retry_max_delay, settings.job_max_attempts,
@@ -4460,11 +4523,7 @@ async def _stop_when_orphaned(supervisor: int, stop: asyncio.Event) -> None:
 WORKER_STOP_TIMEOUT = 30.0
 
 
-def supervise(settings: Settings) -> int:
-    return asyncio.run(_supervise(settings, Path(__file__).resolve()))
-
-
-async def _supervise(settings: Settings, program: Path) -> int:
+async def supervise(settings: Settings, loop_chosen_by: str = "") -> int:
     # Held (bound, never listening) for as long as the workers run: port 0 becomes one
     # port for all of them, and nobody else can take it between restarts.
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -4476,11 +4535,13 @@ async def _supervise(settings: Settings, program: Path) -> int:
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind((settings.host, settings.port))
     port = holder.getsockname()[1]
-    command = [sys.executable, str(program), "--worker", str(os.getpid()),
-               "--host", settings.host, "--port", str(port), "--data", str(settings.jobs_file)]
+    loop = asyncio.get_running_loop()
+    kind = loop_kind(loop)
+    command = [sys.executable, str(HERE / Path(__file__).name), "--worker", str(os.getpid()),
+               "--host", settings.host, "--port", str(port), "--data", str(settings.jobs_file),
+               "--loop", kind if kind in EVENT_LOOPS else settings.loop]
     env = {**os.environ, "REDIS_URL": settings.redis_url}  # not in argv, where ps shows it
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     workers: dict[int, asyncio.subprocess.Process] = {}
@@ -4521,8 +4582,9 @@ async def _supervise(settings: Settings, program: Path) -> int:
                 except TimeoutError:
                     pass
 
-    log.info("jobservice %s supervising %d workers on http://%s:%d (pid %d)", __version__,
-             settings.workers, settings.host, port, os.getpid())
+    log.info("jobservice %s supervising %d workers on http://%s:%d (pid %d), on %s%s",
+             __version__, settings.workers, settings.host, port, os.getpid(),
+             describe_loop(loop), f" ({loop_chosen_by})" if loop_chosen_by else "")
     try:
         await asyncio.gather(*(keep_running(number) for number in range(settings.workers)))
     finally:
@@ -4581,13 +4643,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(argv)
         if settings.redis:
             redis_mode()  # a missing extra is a one-line error now, not a traceback later
+        loop_factory, loop_chosen_by = event_loop(settings.loop)  # a missing uvloop too
     except ConfigError as exc:
         print(f"jobservice: {exc}", file=sys.stderr)
         return 2
     try:
-        if settings.workers:
-            return supervise(settings)
-        asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            if settings.workers:
+                return runner.run(supervise(settings, loop_chosen_by))
+            runner.run(serve(settings, loop_chosen_by))
     except StoreCorrupt as exc:
         print(f"jobservice: cannot load jobs: {exc}; the file was left untouched",
               file=sys.stderr)

@@ -377,6 +377,7 @@ class ServiceProcess:
         self.cwd = cwd
         self.jobs_file = jobs_file
         self.env = {**os.environ, **FAST_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.loop = (env or {}).get("LOOP")
         self.args = list(args)
         self.process: asyncio.subprocess.Process | None = None
         self.log: list[str] = []
@@ -384,9 +385,11 @@ class ServiceProcess:
         self._reader: asyncio.Task | None = None
 
     async def start(self, timeout: float = 20.0) -> ServiceProcess:
+        # On the test's own loop, unless the test names one.
+        loop = self.loop or jobservice.loop_kind(asyncio.get_running_loop())
         self.process = await asyncio.create_subprocess_exec(
             *self.command, "--port", "0", "--data", str(self.jobs_file), *self.args,
-            cwd=self.cwd, env=self.env, stdout=asyncio.subprocess.PIPE,
+            cwd=self.cwd, env={**self.env, "LOOP": loop}, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)
         ready = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read(ready))
@@ -569,3 +572,23 @@ async def tcp_proxy():
     yield start
     for proxy in proxies:
         await proxy.close()
+
+
+# --- Event loops: what serves runs on asyncio's loop and on uvloop ----------------------
+# Each async test in BOTH_LOOPS runs once on each loop (pytest-asyncio's loop factories),
+# the rest on asyncio's. A service process a test starts through ServiceProcess runs on
+# the test's own loop (it passes LOOP); one started otherwise gets LOOP=asyncio from the
+# environment, unless the test or the caller's environment says otherwise.
+
+import uvloop  # noqa: E402
+
+LOOP_FACTORIES = {"asyncio": asyncio.SelectorEventLoop, "uvloop": uvloop.new_event_loop}
+BOTH_LOOPS = frozenset(("test_api.py", "test_ws.py", "test_socketio.py", "test_polling.py",
+                        "test_slow_clients.py"))
+os.environ.setdefault("LOOP", "asyncio")
+
+
+def pytest_asyncio_loop_factories(config, item):
+    if item.path.name in BOTH_LOOPS:
+        return LOOP_FACTORIES
+    return {"asyncio": LOOP_FACTORIES["asyncio"]}

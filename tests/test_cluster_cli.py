@@ -581,6 +581,21 @@ async def test_two_workers_serve_one_port_and_share_jobs_through_redis(
         health["resolved"] == 6 and health["pending"] == 0 for health in seen.values()))
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_workers_run_on_the_loop_their_supervisor_was_given(loop, redis_env,
+                                                                  supervisors):
+    """--loop (LOOP) is the supervisor's choice for every worker it starts, and each
+    worker serves on it."""
+    supervisor = await supervisors({**redis_env, "LOOP": loop})
+    [line] = [line for line in supervisor.lines if SUPERVISING.search(line)]
+    assert f"on {loop}" in line, line
+    await supervisor.matches(LISTENING, 2)
+    workers = [line for line in supervisor.lines if LISTENING.search(line)]
+    assert all(f"on {loop}" in line and "(--loop " in line for line in workers), workers
+    async with aiohttp.ClientSession(supervisor.url) as client:
+        assert len(await create_jobs(client, 2)) == 2
+
+
 async def test_a_killed_worker_is_replaced_and_the_port_keeps_answering(
         redis_env, supervisors):
     """A worker that crashes must cost neither the port nor capacity for good: the
