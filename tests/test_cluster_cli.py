@@ -588,10 +588,11 @@ async def test_workers_run_on_the_loop_their_supervisor_was_given(loop, redis_en
     worker serves on it."""
     supervisor = await supervisors({**redis_env, "LOOP": loop})
     [line] = [line for line in supervisor.lines if SUPERVISING.search(line)]
-    assert f"on {loop}" in line, line
+    assert f"event loop {loop}" in line, line
     await supervisor.matches(LISTENING, 2)
     workers = [line for line in supervisor.lines if LISTENING.search(line)]
-    assert all(f"on {loop}" in line and "(--loop " in line for line in workers), workers
+    assert all(f"event loop {loop}" in line and "(--loop " in line for line in workers), \
+        workers
     async with aiohttp.ClientSession(supervisor.url) as client:
         assert len(await create_jobs(client, 2)) == 2
 

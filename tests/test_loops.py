@@ -50,9 +50,9 @@ async def answers_every_kind_of_client(url: str) -> None:
 
 
 @pytest.mark.parametrize(("host", "env", "args", "expected"), [
-    (True, {"LOOP": "auto"}, (), "on uvloop 0.23.0 (the host's event loop policy)"),
-    (False, {}, ("--loop", "uvloop"), "on uvloop 0.23.0 (--loop uvloop)"),
-    (False, {"LOOP": "asyncio"}, (), "on asyncio (--loop asyncio)"),
+    (True, {"LOOP": "auto"}, (), "event loop uvloop 0.23.0 (the host's event loop policy)"),
+    (False, {}, ("--loop", "uvloop"), "event loop uvloop 0.23.0 (--loop uvloop)"),
+    (False, {"LOOP": "asyncio"}, (), "event loop asyncio (--loop asyncio)"),
 ], ids=["the-host-s-uvloop-policy", "option-uvloop", "env-asyncio"])
 async def test_the_cli_serves_every_client_on_the_loop_chosen(host, env, args, expected,
                                                                service_process):

@@ -62,6 +62,8 @@ def routed_operations(app) -> set[tuple[str, str]]:
         path = resource.canonical
         if path == "/static" or path.startswith("/static/"):  # the page's files, not the API
             continue
+        if path == jobservice.UNROUTED:  # what no route takes: 404 and 405
+            continue
         if path in ("/socket.io", "/socket.io/"):
             path = "/socket.io/"
         # A catch-all route (Socket.IO's) answers GET and POST; others get a JSON 400.
