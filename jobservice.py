@@ -3235,13 +3235,13 @@ class Access:
 async def create_job(request: web.Request) -> web.Response:
     await json_body(request)  # optional, and ignored; but bad input is refused
     app = request.app
-    store = app[STORE]
-    _make_room(request)
-    _admit(request)
+    store, settings = app[STORE], app[SETTINGS]
+    _make_room(app, store, settings)
+    _admit(app, store, settings)
     headers = app[CREATED_HEADERS].copy()  # its security headers, as the guard adds them
     if app[ACCESS].creations is not None:
         headers.update(_rate_limit(request))
-    job = Job.new(app[SETTINGS], time.time())
+    job = Job.new(settings, time.time())
     await _committed(store, job)
     store.metrics.jobs_created.inc()
     headers["Location"] = f"/jobs/{job.id}"
@@ -3271,14 +3271,14 @@ def _rate_limit(request: web.Request) -> dict:
 STORE_FULL_RETRY = 3600.0  # Retry-After when no job is due to expire sooner
 
 
-def _make_room(request: web.Request) -> None:
+def _make_room(app: web.Application, store: JobStore, settings: Settings) -> None:
     """MAX_STORED_JOBS: past it, a new job is refused until some expire or are deleted (a
     retry takes no room: its job is stored already)."""
-    limit = request.app[SETTINGS].max_stored_jobs
+    limit = settings.max_stored_jobs
     # The registry as applied: creations being written may pass the bound by as many as
     # are in flight at once (one per connection); in_flight would count changes too.
-    if limit and len(request.app[STORE].jobs) >= limit:
-        wait = request.app[SCHEDULER].next_expiry() - time.time()
+    if limit and len(store.jobs) >= limit:
+        wait = app[SCHEDULER].next_expiry() - time.time()
         raise ApiError(503, "too_many_stored_jobs",
                        f"{limit} jobs are stored, the most this service keeps "
                        "(MAX_STORED_JOBS); try again when some have expired (JOB_RETENTION) "
@@ -3286,12 +3286,11 @@ def _make_room(request: web.Request) -> None:
                        {"Retry-After": str(max(1, math.ceil(min(wait, STORE_FULL_RETRY))))})
 
 
-def _admit(request: web.Request) -> None:
+def _admit(app: web.Application, store: JobStore, settings: Settings) -> None:
     """MAX_PENDING_JOBS: past it, a new pending job is refused until some resolve."""
-    store, settings = request.app[STORE], request.app[SETTINGS]
     if store.counts["pending"] + len(store.in_flight) < settings.max_pending_jobs:
         return
-    wait = request.app[SCHEDULER].next_due() - time.time()
+    wait = app[SCHEDULER].next_due() - time.time()
     retry_after = str(max(1, math.ceil(min(wait, settings.job_delay_max))))
     raise ApiError(429, "too_many_pending_jobs",
                    f"{settings.max_pending_jobs} jobs are pending, the most this service "
@@ -3387,13 +3386,14 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def retry_job(request: web.Request) -> web.Response:
-    store = request.app[STORE]
+    app = request.app
+    store, settings = app[STORE], app[SETTINGS]
     _failed_job(store, request.match_info["id"])
     await json_body(request)  # as for POST /jobs: optional, ignored, and checked
     job = _failed_job(store, request.match_info["id"])  # again: it may have changed since
-    _admit(request)
+    _admit(app, store, settings)
     headers = _rate_limit(request)
-    retried = job.retried(time.time() + request.app[SETTINGS].retry_base_delay)
+    retried = job.retried(time.time() + settings.retry_base_delay)
     await _committed(store, retried)
     headers["Location"] = f"/jobs/{job.id}"
     return json_response(retried.json, 202, headers)
@@ -3840,7 +3840,7 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
             })
     else:
         try:
-            _check_access(request, origin, route)
+            _check_access(request, app, origin, route)
             response = await handler(request)
         except ApiError as exc:
             response = error_response(exc.status, exc.code, exc.message, exc.headers)
@@ -3878,9 +3878,8 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
 def add_headers(request: web.Request, response: web.StreamResponse) -> None:
     """CORS and the security headers, on a response not yet sent (the guard does it for
     every response, a handler that streams does it before it starts)."""
-    headers, settings = response.headers, request.app[SETTINGS]
-    origin = request.headers.get("Origin")
-    if origin is not None and settings.allows_origin(origin):
+    headers, origin = response.headers, request.headers.get("Origin")
+    if origin is not None and (settings := request.app[SETTINGS]).allows_origin(origin):
         if origin in settings.cors_origins:  # listed by name: credentials may come
             headers["Access-Control-Allow-Origin"] = origin
             headers["Access-Control-Allow-Credentials"] = "true"
@@ -3902,9 +3901,10 @@ ENGINEIO_ROUTES = frozenset(("/socket.io/", "/socket.io"))
 TOKEN = web.RequestKey("token", str)
 
 
-def _check_access(request: web.Request, origin: str | None, route: str) -> None:
+def _check_access(request: web.Request, app: web.Application, origin: str | None,
+                  route: str) -> None:
     """The token, where one is needed; and for a change, an Origin that may make it."""
-    access = request.app[ACCESS]
+    access = app[ACCESS]
     by_cookie = False
     if access.required and route != UNROUTED and route not in PUBLIC_ROUTES:
         token, by_cookie, presented = access.credential(
@@ -3920,8 +3920,8 @@ def _check_access(request: web.Request, origin: str | None, route: str) -> None:
         # A form or fetch from another site is sent by the browser before any CORS
         # check (only its answer is hidden): refuse it before anything changes.
         own = origin == own_origin(request)
-        if not own and not request.app[SETTINGS].allows_origin(origin):
-            raise ApiError(403, "origin_not_allowed", _refused_origin(request.app, origin))
+        if not own and not app[SETTINGS].allows_origin(origin):
+            raise ApiError(403, "origin_not_allowed", _refused_origin(app, origin))
         if by_cookie and not own:
             raise ApiError(403, "origin_not_allowed",
                            "a session cookie works only from the service's own page")

@@ -440,6 +440,7 @@ def bench_post(ctx, results: Results) -> None:
                ("bare", "uvloop"), (10_000, "uvloop")]
     runs: dict = {target: [] for target in targets}
     ratios: dict = {target: [] for target in targets if target[0] != "bare"}
+    cpu_ratios: dict = {target: [] for target in ratios}
     for size in sizes:
         ctx.snapshots.get(size)
     for round_ in range(ctx.pairs):
@@ -460,7 +461,11 @@ def bench_post(ctx, results: Results) -> None:
                 url = f"http://127.0.0.1:{server.port}"
                 ctx.wrk.run(url + "/healthz", "get", 1)  # warm-up: connections, no jobs
                 before = server.health().get("jobs") if size != "bare" else None
+                cpu = server.cpu_seconds()
                 run = ctx.wrk.run(url + "/jobs", "post", ctx.duration)
+                # The process's CPU time (all its threads) per request: unlike req/s, it
+                # hardly depends on what else the machine runs meanwhile.
+                run["cpu_us"] = (server.cpu_seconds() - cpu) / max(run["requests"], 1) * 1e6
                 run["jobs_before"] = before
                 run["rss_after"] = server.rss()
                 run["load_average"] = loadavg()
@@ -469,14 +474,19 @@ def bench_post(ctx, results: Results) -> None:
             this[target] = run
             runs[target].append(run)
             log(f"POST /jobs round {round_ + 1} {size!s:>6} on {loop:7}: {run['rps']:,.0f} "
-                f"req/s, p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms, errors "
-                f"{run['errors']}; load {run['load_average']}")
+                f"req/s, p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms, "
+                f"{run['cpu_us']:.0f} us CPU a request, errors {run['errors']}; load "
+                f"{run['load_average']}")
         for target in ratios:
-            ratios[target].append(this[target]["rps"] / this[("bare", target[1])]["rps"])
+            bare = this[("bare", target[1])]
+            ratios[target].append(this[target]["rps"] / bare["rps"])
+            cpu_ratios[target].append(bare["cpu_us"] / this[target]["cpu_us"])
     results.raw["post"] = {"runs": {f"{size} {loop}": value
                                     for (size, loop), value in runs.items()},
                            "ratios": {f"{size} {loop}": value
-                                      for (size, loop), value in ratios.items()}}
+                                      for (size, loop), value in ratios.items()},
+                           "cpu_ratios": {f"{size} {loop}": value
+                                          for (size, loop), value in cpu_ratios.items()}}
     if shutil.which("strace"):
         traced = syscalls_per_post(ctx, ctx.snapshots.get(10_000)[0])
         results.raw["post"]["syscalls"] = traced
@@ -522,6 +532,10 @@ def bench_post(ctx, results: Results) -> None:
             results.add(f"{label}: share of bare on {loop} (median of {ctx.pairs} rounds)",
                         ratio * 100, "%", f">= {share_target:.0%}", ratio >= share_target,
                         fmt="{:.1f}", per_round=ratios[target])
+        results.add(f"{label}: CPU per request, the bare handler's over the service's",
+                    median(cpu_ratios[target]) * 100, "%", fmt="{:.1f}",
+                    per_round=cpu_ratios[target],
+                    cpu_us=[run["cpu_us"] for run in runs[target]])
         results.add(f"{label}: p50", p50, "ms", fmt="{:.1f}")
         p99_target = 25 if size == 10_000 else 50
         results.add(f"{label}: p99", p99, "ms", f"< {p99_target} ms",
