@@ -128,6 +128,8 @@ class Settings:
     header_timeout: float = 30.0  # a request's headers, from connecting or from its first byte
     body_timeout: float = 30.0  # its body, from its headers
     keepalive_timeout: float = 75.0  # an idle connection between two requests
+    ping_interval: float = 25.0  # Engine.IO's heartbeat, as the reference server's
+    ping_timeout: float = 20.0
     supervisor: int = 0  # a worker's: its supervisor's pid, whose port it shares
 
     @property
@@ -353,6 +355,30 @@ def _timeout(env, name: str, default: float) -> float:
     return value
 
 
+# Socket.IO clients time the heartbeat with JavaScript timers, which take at most 2^31-1
+# ms: past that one fires at once, and the client drops a healthy connection.
+# Below 0.1 s a heartbeat outlasts no scheduling hiccup, and the sweep that keeps it
+# runs every quarter of it.
+MAX_JS_TIMER = (2**31 - 1) / 1000
+MIN_HEARTBEAT = 0.1
+
+
+def _heartbeat(env) -> tuple[float, float]:
+    """PING_INTERVAL and PING_TIMEOUT, in seconds."""
+    interval = _timeout(env, "PING_INTERVAL", 25.0)
+    timeout = _timeout(env, "PING_TIMEOUT", 20.0)
+    for name, value in (("PING_INTERVAL", interval), ("PING_TIMEOUT", timeout)):
+        if value < MIN_HEARTBEAT:
+            raise ConfigError(f"{name}={value:g} is below {MIN_HEARTBEAT:g} s: a client "
+                              "would be dropped at the first hiccup of either side")
+    if interval + timeout > MAX_JS_TIMER:
+        raise ConfigError(f"PING_INTERVAL + PING_TIMEOUT is {interval + timeout:,.0f} s, "
+                          f"over the {MAX_JS_TIMER:,.0f} s (24.8 days) a JavaScript timer "
+                          "takes: clients time the heartbeat with one, and past that drop "
+                          "the connection at once")
+    return interval, timeout
+
+
 def load_settings(argv: list[str] | None = None, env=None) -> Settings:
     """Settings from flags (which win) and the environment; ConfigError names the bad one."""
     env = os.environ if env is None else env
@@ -434,6 +460,7 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         raise ConfigError(f"PEERS_MAX_QUEUED_BYTES must be at least {PEER_BACKLOG_BYTES} "
                           "(8 MiB), what one event client may have queued")
     max_connections = _max_connections(env)
+    ping_interval, ping_timeout = _heartbeat(env)
     if (env.get("JOB_LEASE") or "").strip() and _duration(env, "JOB_LEASE", 30.0) < 1:
         raise ConfigError("JOB_LEASE must be at least 1 s: a node renews its claims every "
                           "third of it")
@@ -484,6 +511,8 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         header_timeout=_timeout(env, "HEADER_TIMEOUT", 30.0),
         body_timeout=_timeout(env, "BODY_TIMEOUT", 30.0),
         keepalive_timeout=_timeout(env, "KEEPALIVE_TIMEOUT", 75.0),
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
     )
     read_tokens(settings)  # a tokens file that is unreadable or empty stops start-up
     return settings
@@ -2493,20 +2522,20 @@ class EventHub:
     def attach(self, peer: Peer, since: int | None, handshake: str = "") -> None:
         """Register a peer and queue what it missed, atomically: every change up to now
         is in the replay, every later one arrives in its backlog. The handshake (Socket.IO's
-        CONNECT reply) follows the replay."""
-        after = [handshake] if handshake else []
+        CONNECT reply) comes first: until it, a client has no namespace for an event."""
+        first = [handshake] if handshake else []
         self.peers.add(peer)
         if self.sweeper is None:
             self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
         if since is None:
-            peer.start(after)
+            peer.start(first)
             return
         self.store.forget_old_tombstones()
         if since > self.store.seq or since < self.store.forgotten:
-            peer.start([peer.frames.control("RESET", self.store.seq), *after])
+            peer.start([*first, peer.frames.control("RESET", self.store.seq)])
         else:
-            peer.start_replay(self.store, since,
-                              [peer.frames.control("SYNCED", self.store.seq), *after])
+            peer.start(first)
+            peer.start_replay(self.store, since, [peer.frames.control("SYNCED", self.store.seq)])
 
     async def _sweep(self) -> None:
         timeout = self.settings.peer_drain_timeout
@@ -2573,13 +2602,13 @@ class EventHub:
 
 # Engine.IO v4 sessions, under Socket.IO v5 on the main namespace. A session starts on
 # long-polling (and may upgrade to a WebSocket) or on a WebSocket; either way it is one
-# Peer. One sweep pings every session, drops those that stop answering, and enforces the
-# connect timeout, so an idle session costs no task and no timer. The recovery id (pid)
+# Peer. One sweep pings every session (every PING_INTERVAL), drops those that stop
+# answering (PING_TIMEOUT), and enforces the connect timeout, so an idle session costs no
+# task and no timer; a request that comes for a session already overdue is refused as it
+# arrives, as the reference server's timers would have ended it. The recovery id (pid)
 # is random and the public sid is derived from it, so a client that comes back with
 # {pid, offset} is recovered with no session kept on the server, across restarts too.
 
-EIO_PING_INTERVAL = 25.0
-EIO_PING_TIMEOUT = 20.0
 EIO_UPGRADE_TIMEOUT = 10.0
 EIO_MAX_PAYLOAD = 1_000_000
 SIO_CONNECT_TIMEOUT = 45.0
@@ -2619,6 +2648,35 @@ def socketio_resume(store: JobStore, auth: dict) -> tuple[str, int]:
     return secrets.token_urlsafe(15), store.seq
 
 
+# Names a client may not emit: the reference parser refuses an EVENT named after one of
+# its sockets' own events.
+SIO_RESERVED_EVENTS = frozenset(("connect", "connect_error", "disconnect", "disconnecting",
+                                 "newListener", "removeListener"))
+SIO_MESSAGE = re.compile(r"[23](?:/[^,]*,)?[0-9]*(.*)", re.DOTALL)
+
+
+def socketio_message_is_valid(packet: str) -> bool:
+    """Whether an EVENT (`2[ns,][id][name, ...]`) or ACK (`3[ns,]id[...]`) from a client
+    is one the reference parser reads. Nothing here listens to either, so a good one is
+    ignored, as the reference server ignores an event nobody listens to; a bad one ends
+    the session, as the parser's error does there."""
+    match = SIO_MESSAGE.fullmatch(packet)
+    if match is None:
+        return False
+    try:
+        data = json.loads(match.group(1))
+    except (ValueError, RecursionError):
+        return False
+    if type(data) is not list:
+        return False
+    if packet[0] == "3":
+        return True
+    name = data[0] if data else None
+    if type(name) is str:
+        return name not in SIO_RESERVED_EVENTS
+    return type(name) in (int, float)
+
+
 class EngineIOSession(Peer):
     def __init__(self, engine: EngineIO, polling: bool, client: str, token: str | None):
         super().__init__(SocketIOFrames)
@@ -2636,21 +2694,24 @@ class EngineIOSession(Peer):
         self.opened_at = now
         self.polled_at = now  # when a long-poll last ended, or the session opened
         self.closed_at = now  # set when it closes with last words still to be polled for
-        self.ping_at = now + EIO_PING_INTERVAL
+        self.ping_at = now + engine.ping_interval
         self.pong_by: float | None = None
 
     def open_packet(self) -> str:
-        return "0" + json.dumps({
+        return "0" + _json_value({
             "sid": self.sid, "upgrades": ["websocket"] if self.polling else [],
-            "pingInterval": int(EIO_PING_INTERVAL * 1000),
-            "pingTimeout": int(EIO_PING_TIMEOUT * 1000), "maxPayload": EIO_MAX_PAYLOAD})
+            "pingInterval": round(self.engine.ping_interval * 1000),
+            "pingTimeout": round(self.engine.ping_timeout * 1000),
+            "maxPayload": EIO_MAX_PAYLOAD})
 
     def receive(self, packet: str) -> bool:
         """Take one packet from the client; False if it is not one this server takes,
         and the session is closed."""
+        if self.pong_by is not None and self.engine.expire(self):
+            return True  # too late, a pong too: the session has ended
         if packet == "3":
             self.pong_by = None
-            self.ping_at = asyncio.get_running_loop().time() + EIO_PING_INTERVAL
+            self.ping_at = asyncio.get_running_loop().time() + self.engine.ping_interval
         elif packet == "1":
             self.closed_by_client = True
             self.close(1000, "closed by the client")
@@ -2662,21 +2723,17 @@ class EngineIOSession(Peer):
         return True
 
     def _socketio(self, packet: str) -> bool:
+        if packet.startswith("0/"):
+            return self._other_namespace(packet[1:].split(",", 1)[0])
         if self.connected:
             if packet == "1":
                 self.closed_by_client = True
                 self.close(1000, "disconnected by the client")
-            elif not packet.startswith(("2", "3")):  # events and acks have no listener
+            elif packet.startswith("1/") and not packet.partition(",")[2]:
+                pass  # leaving a namespace it was refused: nothing to do, as the reference
+            elif not (packet.startswith(("2", "3")) and socketio_message_is_valid(packet)):
                 self.close(1002, "unsupported packet")
                 return False
-            return True
-        if packet.startswith("0/"):
-            # Only / is served. A stock client hears of a refusal only in the namespace it
-            # asked for, so a plain name is sent back, as the reference server does; any
-            # other bytes are not (the refusal then goes to /), and the session ends.
-            namespace = packet[1:].split(",", 1)[0]
-            self.refuse("Invalid namespace",
-                        namespace if SIO_PLAIN_NAMESPACE.fullmatch(namespace) else "")
             return True
         if not packet.startswith("0"):
             self.close(1002, "expected a CONNECT packet for /")
@@ -2696,8 +2753,24 @@ class EngineIOSession(Peer):
         self.connected = True
         self.engine.settle(self)
         pid, since = socketio_resume(self.engine.hub.store, auth)
-        handshake = "40" + json.dumps({"sid": socketio_sid(pid), "pid": pid})
+        handshake = "40" + _json_value({"sid": socketio_sid(pid), "pid": pid})
         self.engine.hub.attach(self, since, handshake)
+        return True
+
+    def _other_namespace(self, namespace: str) -> bool:
+        """Only / is served. A stock client hears of a refusal only in the namespace it
+        asked for, so a plain name is sent back, as the reference server does; any other
+        bytes are not. Before / is connected the refusal ends the session (to / if the
+        name was not plain); after, / goes on, as a client's Manager multiplexes all its
+        namespaces over one connection."""
+        plain = SIO_PLAIN_NAMESPACE.fullmatch(namespace) is not None
+        if not self.connected:
+            self.refuse("Invalid namespace", namespace if plain else "")
+        elif plain:
+            self.push(f"44{namespace}," + _json_value({"message": "Invalid namespace"}))
+        else:
+            self.close(1002, "unsupported packet")
+            return False
         return True
 
     def refuse(self, message: str, namespace: str = "") -> None:
@@ -2706,7 +2779,7 @@ class EngineIOSession(Peer):
         the server's own words."""
         addressed = f"{namespace}," if namespace else ""
         self.close(1008, "connect refused",
-                   f"44{addressed}" + json.dumps({"message": message}))
+                   f"44{addressed}" + _json_value({"message": message}))
 
     def _refusal(self, token) -> str | None:
         """Why a CONNECT may not go on (the token is missing or wrong), or None. The
@@ -2750,13 +2823,23 @@ class EngineIOSession(Peer):
         else:
             super().push(text)
 
+    def ping(self, pong_by: float) -> None:
+        """A ping, ahead of any events waiting: a replay that takes longer than the
+        pong may does not end the session of a client that reads it (the events keep
+        their order; a ping belongs to no namespace)."""
+        if not self.closing:
+            self.pong_by = pong_by
+            self.replay.appendleft("2")
+            self.queued_bytes += 1
+            self.wakeup.set()
+
     def silent(self, now: float) -> bool:
         """The client stopped answering pings, or, on polling, stopped collecting them:
         pongs sent blind, without polling, do not keep a session."""
         if self.pong_by is not None and now >= self.pong_by:
             return True
         return (self.polling and not self.polled and not self.upgrading
-                and now >= self.polled_at + EIO_PING_INTERVAL + EIO_PING_TIMEOUT)
+                and now >= self.polled_at + self.engine.heartbeat)
 
     def upgrade(self, ws: web.WebSocketResponse, transport) -> None:
         self.engine.count_polling(self, -1)
@@ -2785,6 +2868,10 @@ class EngineIO:
     def __init__(self, hub: EventHub, access: Access):
         self.hub = hub
         self.access = access
+        self.ping_interval = access.settings.ping_interval
+        self.ping_timeout = access.settings.ping_timeout
+        # A polling client that has not polled for this long has missed a ping's pong.
+        self.heartbeat = self.ping_interval + self.ping_timeout
         self.sessions: dict[str, EngineIOSession] = {}
         self.half_open: dict[str, EngineIOSession] = {}  # no CONNECT yet, oldest first
         self.half_open_by_address: dict[str, dict[str, EngineIOSession]] = {}  # the same
@@ -2857,24 +2944,41 @@ class EngineIO:
             if session.token is not None and session.token not in tokens:
                 session.refuse("unauthorized: the access token was revoked")
 
+    def session(self, sid: str) -> EngineIOSession | None:
+        """The session of that sid, if it is still alive now."""
+        session = self.sessions.get(sid)
+        if session is not None and self.expire(session):
+            return None
+        return session
+
+    def expire(self, session: EngineIOSession, now: float | None = None) -> bool:
+        """End the session if its heartbeat is overdue, or forget it if its last words
+        were never polled for; whether it has ended."""
+        now = asyncio.get_running_loop().time() if now is None else now
+        if session.closing:
+            if now < session.closed_at + self.ping_timeout:
+                return False
+            self.forget(session)
+        elif session.silent(now):
+            session.close(1000, "ping timeout")
+            self.hub.store.metrics.peers_dropped.labels("ping_timeout").inc()
+        else:
+            return False
+        return True
+
     async def _sweep(self) -> None:
-        period = min(1.0, EIO_PING_INTERVAL / 4, EIO_PING_TIMEOUT / 4)
+        period = min(1.0, self.ping_interval / 4, self.ping_timeout / 4)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(period)
             now = loop.time()
             for session in list(self.sessions.values()):
-                if session.closing:  # its last words were never polled for
-                    if now >= session.closed_at + EIO_PING_TIMEOUT:
-                        self.forget(session)
-                elif session.silent(now):
-                    session.close(1000, "ping timeout")
-                    self.hub.store.metrics.peers_dropped.labels("ping_timeout").inc()
-                elif not session.connected and now >= session.opened_at + SIO_CONNECT_TIMEOUT:
+                if self.expire(session, now) or session.closing:
+                    continue
+                if not session.connected and now >= session.opened_at + SIO_CONNECT_TIMEOUT:
                     session.close(1002, "no Socket.IO CONNECT packet")
                 elif session.pong_by is None and now >= session.ping_at:
-                    session.pong_by = now + EIO_PING_TIMEOUT
-                    session.push("2")
+                    session.ping(now + self.ping_timeout)
 
     async def close_all(self, code: int, reason: str) -> None:
         if self.sweeper is not None:
@@ -3514,7 +3618,7 @@ TEXT_TYPE = "text/plain"
 
 def _engineio_refusal(status: int, code: int, message: str, headers=None) -> web.Response:
     return web.json_response({"code": code, "message": message}, status=status,
-                             headers=headers)
+                             headers=headers, dumps=_json_value)
 
 
 def _engineio_text(body: str) -> web.Response:
@@ -3530,7 +3634,7 @@ async def socketio_endpoint(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     session = None
     if "sid" in query:
-        session = engine.sessions.get(query["sid"])
+        session = engine.session(query["sid"])
         if session is None:
             return _engineio_refusal(400, 1, "Session ID unknown")
         if not session.polling or (transport == "websocket" and session.upgrading):
@@ -4396,7 +4500,9 @@ async def serve(settings: Settings) -> None:
             "finished jobs are kept %s (JOB_RETENTION); deletions are replayed for %s "
             "(EVENTS_REPLAY_WINDOW); at most %d jobs pending (MAX_PENDING_JOBS); %s "
             "(MAX_STORED_JOBS); at most %d connections (MAX_CONNECTIONS) of %d open "
-            "files (RLIMIT_NOFILE), %d from one address (MAX_CONNECTIONS_PER_ADDRESS)",
+            "files (RLIMIT_NOFILE), %d from one address (MAX_CONNECTIONS_PER_ADDRESS); "
+            "Socket.IO pings every %g s (PING_INTERVAL) and waits %g s for the pong "
+            "(PING_TIMEOUT)",
             __version__, host if ":" not in host else f"[{host}]", port, len(store.jobs),
             store.counts["pending"], store.describe(), settings.job_delay_min,
             settings.job_delay_max, settings.job_delay_step, settings.retry_base_delay,
@@ -4406,7 +4512,8 @@ async def serve(settings: Settings) -> None:
             else "forever", describe_duration(settings.events_replay_window),
             settings.max_pending_jobs, f"at most {settings.max_stored_jobs} stored"
             if settings.max_stored_jobs else "no limit on jobs stored",
-            settings.max_connections, open_files_limit(), settings.max_connections_per_address)
+            settings.max_connections, open_files_limit(), settings.max_connections_per_address,
+            settings.ping_interval, settings.ping_timeout)
         await stop.wait()
         log.info("shutting down")
         if settings.supervisor:

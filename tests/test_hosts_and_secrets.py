@@ -26,7 +26,7 @@ import jobservice
 TOKEN = "hosts-test-token-0123456789"
 SIO_WS = "/socket.io/?EIO=4&transport=websocket"
 SIO_POLL = "/socket.io/?EIO=4&transport=polling"
-CONNECTED = '42["SYNCED"'  # the replay's end comes first, then the CONNECT's ack
+CONNECTED = '40{"sid"'  # the CONNECT's ack, ahead of any event
 STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3}) ")
 
 
