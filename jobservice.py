@@ -4181,6 +4181,8 @@ async def _lifecycle(app: web.Application):
 async def _close_sockets(app: web.Application) -> None:
     await app[ENGINE].close_all(1001, "server shutting down")
     await app[HUB].close_all(1001, "server shutting down")
+    if app[ENGINE].relay is not None:
+        await app[ENGINE].relay.close()
 
 
 # --- Command line -------------------------------------------------------------------

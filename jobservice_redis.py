@@ -84,6 +84,7 @@ from jobservice import (
     _engineio_poll,
     _engineio_post,
     _engineio_refusal,
+    _engineio_text,
     _without_password,
     backoff,
     engineio_probe,
@@ -1152,6 +1153,8 @@ class Relay:
         self.http: aiohttp.ClientSession | None = None
         self.runner: web.AppRunner | None = None
         self.renewer: asyncio.Task | None = None
+        self.served: set[web.WebSocketResponse] = set()  # channels from the others
+        self.closed = False
 
     async def start(self) -> None:
         redis, keys = self.store.redis, self.keys
@@ -1163,7 +1166,8 @@ class Relay:
             return  # it relays to the others, but none can relay to it
         door = web.Application(client_max_size=RELAY_MAX_MESSAGE)
         door.router.add_get("/relay/{tag:[A-Za-z0-9_-]{6}}", self._door)
-        self.runner = web.AppRunner(door, access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(door, access_log=None, handle_signals=False,
+                                    shutdown_timeout=1.0)
         await self.runner.setup()
         if self.socket_path is not None:
             await web.UnixSite(self.runner, str(self.socket_path)).start()
@@ -1175,20 +1179,28 @@ class Relay:
             self.renewer = asyncio.get_running_loop().create_task(self._renew())
 
     async def close(self) -> None:
+        """At shutdown, once this process's own sessions are closed: a poll relayed from
+        here still waiting is answered with a noop (the client polls again elsewhere),
+        one relayed to here is given up without taking anything."""
+        if self.closed:
+            return
+        self.closed = True
         if self.renewer is not None:
             self.renewer.cancel()
             try:
                 await self.store.redis.delete(self.keys.relay_node + self.tag)
             except (RedisError, OSError):
                 pass  # its TTL ends it
+        if self.socket_path is not None:
+            self.socket_path.unlink(missing_ok=True)
         for channel in list(self.channels.values()):
             await channel.close()
+        for ws in list(self.served):
+            await ws.close()
         if self.runner is not None:
             await self.runner.cleanup()
         if self.http is not None:
             await self.http.close()
-        if self.socket_path is not None:
-            self.socket_path.unlink(missing_ok=True)
 
     @staticmethod
     def _timeout() -> aiohttp.ClientTimeout:
@@ -1250,6 +1262,8 @@ class Relay:
                 return _engineio_refusal(400, 3, "Bad request")
             answer, body = await channel.call(head, body)
         except OwnerGone:
+            if self.closed and request.method == "GET":
+                return _engineio_text("6")
             return _engineio_refusal(400, 1, "Session ID unknown")
         return web.Response(status=answer["status"], body=body,
                             headers=CIMultiDict(answer["headers"]))
@@ -1353,6 +1367,7 @@ class Relay:
         await ws.prepare(request)
         upgrading: set[str] = set()  # the sessions this channel's process is upgrading
         polls: set[asyncio.Task] = set()
+        self.served.add(ws)
         try:
             async for message in ws:
                 if message.type != aiohttp.WSMsgType.BINARY:
@@ -1367,6 +1382,7 @@ class Relay:
         except ConnectionError:
             pass
         finally:
+            self.served.discard(ws)
             for poll in polls:
                 poll.cancel()
             for sid in upgrading:
