@@ -10,7 +10,8 @@
 //   {"type":"upgraded"}    every socket's engine has upgraded once
 //   {"type":"has"}         every socket has the ON_RESOLVED_JOB of every id of a `wait`
 //   {"type":"report","clients":[{connects, upgrades, connectErrors, disconnects,
-//                               resolved: [ids in order], transport}]}
+//                               resolved: [ids in order], at: {id: ms when first had},
+//                               transport}]}
 // Commands on stdin, one a line: `wait ["id",...]`, `report`, `quit`.
 
 import readline from "node:readline";
@@ -41,7 +42,7 @@ const check = () => {
 
 for (let n = 0; n < count; n++) {
   const client = { connects: 0, upgrades: 0, connectErrors: [], disconnects: [],
-                   resolved: [], seen: new Set() };
+                   resolved: [], seen: new Set(), at: {} };
   const socket = client.socket = io(url, { ...options, forceNew: true });
   socket.io.on("open", () => {
     socket.io.engine.on("upgrade", () => { client.upgrades += 1; check(); });
@@ -52,6 +53,7 @@ for (let n = 0; n < count; n++) {
   socket.on("ON_RESOLVED_JOB", (job) => {
     client.resolved.push(job.id);
     client.seen.add(job.id);
+    client.at[job.id] ??= Date.now();
     check();
   });
   clients.push(client);
@@ -66,7 +68,7 @@ input.on("line", (line) => {
   } else if (command === "report") {
     print({ type: "report", clients: clients.map((c) => ({
       connects: c.connects, upgrades: c.upgrades, connectErrors: c.connectErrors,
-      disconnects: c.disconnects, resolved: c.resolved,
+      disconnects: c.disconnects, resolved: c.resolved, at: c.at,
       transport: c.socket.io.engine?.transport.name ?? null,
     })) });
   } else if (command === "quit") {
