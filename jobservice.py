@@ -4564,10 +4564,16 @@ WORKER_STOP_TIMEOUT = 30.0
 
 
 def supervise(settings: Settings) -> int:
-    return asyncio.run(_supervise(settings, Path(__file__).resolve()))
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    runtime = tempfile.mkdtemp(prefix="jobservice-",
+                               dir=base if base and os.path.isdir(base) else None)
+    try:
+        return asyncio.run(_supervise(settings, Path(__file__).resolve(), runtime))
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
-async def _supervise(settings: Settings, program: Path) -> int:
+async def _supervise(settings: Settings, program: Path, runtime: str) -> int:
     # Held (bound, never listening) for as long as the workers run: port 0 becomes one
     # port for all of them, and nobody else can take it between restarts.
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -4579,7 +4585,6 @@ async def _supervise(settings: Settings, program: Path) -> int:
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind((settings.host, settings.port))
     port = holder.getsockname()[1]
-    runtime = tempfile.mkdtemp(prefix="jobservice-", dir=os.environ.get("XDG_RUNTIME_DIR"))
     command = [sys.executable, str(program), "--worker", str(os.getpid()), "--runtime-dir",
                runtime, "--host", settings.host, "--port", str(port), "--data",
                str(settings.jobs_file)]
@@ -4632,7 +4637,6 @@ async def _supervise(settings: Settings, program: Path) -> int:
         await asyncio.gather(*(keep_running(number) for number in range(settings.workers)))
     finally:
         holder.close()
-        shutil.rmtree(runtime, ignore_errors=True)
     log.info("all workers stopped")
     return 0
 

@@ -32,6 +32,8 @@ import redis.asyncio as aioredis
 from conftest import free_port, running_services
 from test_cluster_cli import LISTENING, children, redis_env, supervisors  # noqa: F401
 
+import jobservice
+
 CLIENTS = 50
 JOBS = 5
 POLLING = {"transports": ["polling"]}
@@ -304,3 +306,17 @@ async def post_load(url: str, seconds: float) -> None:
             while loop.time() < trickle:
                 await one()
     assert set(statuses) == {201}, statuses
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("http://10.0.0.5", "is not http://HOST:PORT"),
+    ("https://10.0.0.5:3001", "is not http://HOST:PORT"),
+    ("http://10.0.0.5:3001/relay", "is not http://HOST:PORT"),
+    ("http://10.0.0.5:3000", "port 3000 is PORT's"),
+])
+def test_a_node_url_that_cannot_be_a_relay_port_stops_start_up(value, message):
+    with pytest.raises(jobservice.ConfigError, match=message):
+        jobservice.load_settings([], {"REDIS_URL": "redis://127.0.0.1:6379/0",
+                                      "NODE_URL": value})
+    with pytest.raises(jobservice.ConfigError, match="for nodes sharing one Redis"):
+        jobservice.load_settings([], {"NODE_URL": "http://10.0.0.5:3001"})
