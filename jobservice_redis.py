@@ -1339,7 +1339,7 @@ class Relay:
         try:
             ws = await session.ws_connect(
                 url, headers={RELAY_HEADER: self._opening(tag)}, heartbeat=RELAY_HEARTBEAT,
-                max_msg_size=RELAY_MAX_MESSAGE, autoping=True)
+                max_msg_size=RELAY_MAX_MESSAGE, compress=0)  # deflate would cost each message
         except (aiohttp.ClientError, OSError, TimeoutError):
             if own:
                 await session.close()
@@ -1461,7 +1461,7 @@ class Relay:
                 inner = await session.ws_connect(
                     f"http://relay/relay/{to}", headers={RELAY_HEADER: request.headers[
                         RELAY_HEADER]}, heartbeat=RELAY_HEARTBEAT,
-                    max_msg_size=RELAY_MAX_MESSAGE)
+                    max_msg_size=RELAY_MAX_MESSAGE, compress=0)
             except (aiohttp.ClientError, OSError, TimeoutError):
                 return web.Response(status=404)
             outer = web.WebSocketResponse(heartbeat=RELAY_HEARTBEAT,
