@@ -91,7 +91,8 @@ async def many_clients(node_dir):
         env = {**os.environ, "SIO_OPTIONS": json.dumps(options or {})}
         process = await asyncio.create_subprocess_exec(
             shutil.which("node"), str(node_dir / "sio_many.mjs"), url, str(count), env=env,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            limit=2 ** 24)  # a report is one line of every socket's events
         started.append(ManyClients(process, count))
         return started[-1]
 
@@ -153,9 +154,14 @@ async def test_fifty_stock_clients_on_four_workers_and_a_killed_worker(
     one connects (and upgrades) with no connect_error and gets every event once, though
     the kernel spreads their requests over four workers. A worker SIGKILLed under them
     (and started again by the supervisor) ends its sessions like dropped connections:
-    its clients reconnect through the others and recover exactly what they missed."""
-    supervisor = await supervisors(redis_env, workers=4)
+    its clients reconnect through the others and recover exactly what they missed.
+    The workers share a NODE_URL too (as on one machine of several): a channel another
+    node opens there reaches the worker it names, whichever worker the kernel gave it to."""
+    relay_port = free_port()
+    env = {**redis_env, "NODE_URL": f"http://127.0.0.1:{relay_port}"}
+    supervisor = await supervisors(env, workers=4)
     await supervisor.matches(LISTENING, 4)
+    await channels_reach_their_worker(supervisor.url, env)
     default = await many_clients(supervisor.url)
     polling = await many_clients(supervisor.url, POLLING)
     ids = await served(default, polling, supervisor.url)
@@ -167,6 +173,29 @@ async def test_fifty_stock_clients_on_four_workers_and_a_killed_worker(
     await supervisor.matches(LISTENING, 5)  # its replacement serves beside the others
     ids += await post_jobs(supervisor.url)
     await every_event_once([default, polling], ids)
+
+
+async def channels_reach_their_worker(url: str, env: dict) -> None:
+    """Sessions of two workers; for each, channels opened on the workers' shared relay
+    port (each on a connection of its own, so the kernel picks a worker each time) that
+    carry a packet for it: the worker holding it takes it ("ok"), wherever it landed."""
+    io = "/socket.io/?EIO=4&transport=polling"
+    sids: dict[str, str] = {}
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        while len(sids) < 2:
+            async with http.get(url + io) as response:
+                sid = json.loads((await response.text())[1:])["sid"]
+                sids.setdefault(sid[:6], sid)
+        secret = await shared_secret(env)
+        for tag, sid in sids.items():
+            for number in range(8):  # each lands on its owner with a chance of 1 in 4
+                async with http.ws_connect(f"{env['NODE_URL']}/relay/{tag}", headers={
+                        "X-Jobservice-Relay": opening(secret, tag, int(time.time()))}) as ws:
+                    await ws.send_bytes(json.dumps({"op": "post", "sid": sid, "n": number})
+                                        .encode() + b"\n2")  # a client's ping
+                    head, _, body = (await ws.receive_bytes()).partition(b"\n")
+                    assert (json.loads(head)["status"], body) == (200, b"ok"), (head, body)
 
 
 # --- two nodes behind round-robin nginx ------------------------------------------------
