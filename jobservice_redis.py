@@ -56,7 +56,6 @@ import aiofiles.os
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
-from multidict import CIMultiDict
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -1266,7 +1265,7 @@ class Relay:
                 return _engineio_text("6")
             return _engineio_refusal(400, 1, "Session ID unknown")
         return web.Response(status=answer["status"], body=body,
-                            headers=CIMultiDict(answer["headers"]))
+                            headers=answer["headers"])
 
     async def _upgrade(self, request: web.Request, channel: Channel, sid: str
                        ) -> web.StreamResponse:
@@ -1274,7 +1273,7 @@ class Relay:
         answer, body = await channel.call({"op": "upgrade", "sid": sid})
         if answer["status"] != 200:
             return web.Response(status=answer["status"], body=body,
-                                headers=CIMultiDict(answer["headers"]))
+                                headers=answer["headers"])
         ws = web.WebSocketResponse(max_msg_size=EIO_MAX_PAYLOAD)
         session, probed = None, []
         try:

@@ -216,14 +216,26 @@ async def cluster(redis_env, tmp_path, nginx):
 async def test_fifty_stock_clients_through_round_robin_nginx_and_a_killed_node(
         cluster, many_clients):
     """The same fifty and fifty through nginx over two nodes: as on one process. Then one
-    node is SIGKILLed under them: no client misses an event, or gets one twice."""
+    node is SIGKILLed under them: no client misses an event, or gets one twice; and a
+    request for one of its sessions, through the other node, is "Session ID unknown" at
+    once (its address is still in Redis until its lease ends: the relay finds it dead)."""
     proxy, (first, second) = cluster["nginx"], cluster["nodes"]
     default = await many_clients(proxy.url)
     polling = await many_clients(proxy.url, POLLING)
     ids = await served(default, polling, proxy.url)
+    io = "/socket.io/?EIO=4&transport=polling"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(first.url + io) as response:
+            orphan = json.loads((await response.text())[1:])["sid"]
 
     first.process.kill()
     await first.process.wait()
+    async with aiohttp.ClientSession() as http:
+        started = time.monotonic()
+        async with http.get(f"{second.url}{io}&sid={orphan}") as response:
+            assert (response.status, await response.json()) == (
+                400, {"code": 1, "message": "Session ID unknown"})
+        assert time.monotonic() - started < 1.0
     ids += await post_jobs(second.url)  # not through nginx, which may still try the dead one
     await every_event_once([default, polling], ids)
 
