@@ -36,6 +36,7 @@ Redis Cluster is not supported; one primary (with replicas and Sentinel, if you 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -44,6 +45,7 @@ import hmac
 import itertools
 import json
 import logging
+import os
 import random
 import re
 import secrets
@@ -1192,6 +1194,9 @@ class Relay:
                 pass  # its TTL ends it
         if self.socket_path is not None:
             self.socket_path.unlink(missing_ok=True)
+            if os.getppid() != self.settings.supervisor:  # its supervisor was killed
+                with contextlib.suppress(OSError):
+                    self.socket_path.parent.rmdir()
         for channel in list(self.channels.values()):
             await channel.close()
         for ws in list(self.served):
