@@ -1316,7 +1316,7 @@ class Relay:
         channel = self.channels.get(tag)
         if channel is not None:
             return channel
-        if tag in self.gone:
+        if tag in self.gone or self.closed:
             raise OwnerGone
         opening = self.opening.get(tag)
         if opening is None:
