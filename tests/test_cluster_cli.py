@@ -643,6 +643,31 @@ async def test_the_heartbeat_settings_and_the_connect_order_hold_on_every_worker
         await closed(ws, limit=3)  # not answered: ended after pingTimeout
 
 
+async def test_a_late_poll_is_refused_as_it_arrives_on_either_worker(redis_env, supervisors):
+    """A polling session that has not polled within PING_INTERVAL + PING_TIMEOUT is over
+    when its next request comes, on whichever worker the kernel hands the connection:
+    its own, or the other, which relays it there. At these values the sweep runs once a
+    second, so most requests just past the deadline would come before it."""
+    supervisor = await supervisors({**redis_env, "PING_INTERVAL": "4", "PING_TIMEOUT": "4"})
+    await supervisor.matches(LISTENING, 2)
+    polling = f"{supervisor.url}/socket.io/?EIO=4&transport=polling"
+    connector = aiohttp.TCPConnector(force_close=True)  # a new connection, any worker, each
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async def noop(sid: str) -> tuple[int, str]:
+            async with http.post(f"{polling}&sid={sid}", data="6") as response:
+                return response.status, await response.text()
+
+        sids = []
+        for _ in range(8):
+            async with http.get(polling) as response:
+                sids.append(json.loads((await response.text())[1:])["sid"])
+        opened = time.monotonic()  # after the last handshake: every session is due by +8 s
+        assert [await noop(sid) for sid in sids] == [(200, "ok")] * 8  # in time, relayed too
+        await asyncio.sleep(opened + 8.05 - time.monotonic())  # the deadline: no event
+        assert [await noop(sid) for sid in sids] == [
+            (400, '{"code":1,"message":"Session ID unknown"}')] * 8
+
+
 async def test_a_killed_worker_is_replaced_and_the_port_keeps_answering(
         redis_env, supervisors):
     """A worker that crashes must cost neither the port nor capacity for good: the
