@@ -139,7 +139,7 @@ function pendingMedia(el) {
   const progress = h('div', {
     className: 'progress',
     role: 'progressbar',
-    'aria-label': 'Time until ready',
+    'aria-label': 'Time until due',
     'aria-valuemin': 0,
     'aria-valuemax': 100,
     'aria-valuenow': 0,
@@ -148,7 +148,7 @@ function pendingMedia(el) {
   const countdown = h('span', { className: 'countdown', 'data-testid': 'countdown' }, text);
   pendingParts.set(el, { text, bar, progress, frac: -1, pct: -1, phase: null });
   return h('div', { className: 'job-media media-pending' },
-    h('div', { className: 'wait' }, countdown, h('span', { className: 'wait-label', text: 'until ready' })),
+    h('div', { className: 'wait' }, countdown, h('span', { className: 'wait-label', text: 'to go' })),
     progress);
 }
 
