@@ -3309,13 +3309,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     order = query.get("order", "asc")
     if order not in ("asc", "desc"):
         raise ApiError(400, "invalid_parameter", "order must be asc or desc")
-    limit = None
-    if "limit" in query:
-        raw = query["limit"]
-        if not is_ascii_number(raw) or not 1 <= int(raw) <= MAX_PAGE:
-            raise ApiError(400, "invalid_parameter",
-                           f"limit must be a whole number from 1 to {MAX_PAGE}")
-        limit = int(raw)
+    limit = _query_limit(query, MAX_PAGE)
     cursor_name = "before" if order == "desc" else "after"
     wrong = "after" if order == "desc" else "before"
     if wrong in query:
@@ -3364,6 +3358,17 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 LIST_SLICE = 2000
+
+
+def _query_limit(query, maximum: int) -> int | None:
+    """The `limit` parameter (None without one); ApiError 400 unless it is 1 to maximum."""
+    if "limit" not in query:
+        return None
+    raw = query["limit"]
+    if not is_ascii_number(raw) or not 1 <= int(raw) <= maximum:
+        raise ApiError(400, "invalid_parameter",
+                       f"limit must be a whole number from 1 to {maximum}")
+    return int(raw)
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -3601,13 +3606,7 @@ async def find_jobs(request: web.Request) -> web.Response:
     if not 0 < len(prefix) <= MAX_ID_LENGTH:
         raise ApiError(400, "invalid_parameter",
                        f"id must be 1 to {MAX_ID_LENGTH} characters of a job's id")
-    limit = 10
-    if "limit" in query:
-        raw = query["limit"]
-        if not is_ascii_number(raw) or not 1 <= int(raw) <= FIND_LIMIT:
-            raise ApiError(400, "invalid_parameter",
-                           f"limit must be a whole number from 1 to {FIND_LIMIT}")
-        limit = int(raw)
+    limit = _query_limit(query, FIND_LIMIT) or 10
     store = request.app[STORE]
     exact = store.get(prefix)
     found, cursor = [], None

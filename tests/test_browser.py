@@ -190,11 +190,15 @@ class Watched:
 async def open_page(browser: Browser):
     contexts = []
 
-    async def open_(url: str, viewport: dict = DESKTOP, instrument: str | None = None):
+    async def open_(url: str, viewport: dict = DESKTOP, instrument: str | None = None,
+                    clipboard: bool = False):
         context = await browser.new_context(viewport=viewport)
         contexts.append(context)
         if instrument:
             await context.add_init_script(instrument)
+        if clipboard:
+            await context.grant_permissions(["clipboard-read", "clipboard-write"],
+                                            origin=url.split("#")[0].rstrip("/"))
         watched = Watched(await context.new_page())
         await watched.page.goto(url)
         # Survives only if the page is never reloaded.

@@ -31,17 +31,16 @@ import pytest
 import pytest_asyncio
 from conftest import NODE_DIR, running_services, seed
 from netproxy import TcpProxy
-from playwright.async_api import Browser, Page
+from playwright.async_api import Page
 from test_browser import (  # browser is a fixture: one Chromium per module
-    DESKTOP,
     LIST,
     PHONE,
-    Watched,
     assert_utm,
     browser,  # noqa: F401
     fake,  # noqa: F401
     fake_image,
     fake_process,  # noqa: F401
+    open_page,  # noqa: F401
     row,
     service_env,
     summary,
@@ -63,27 +62,6 @@ CUT_OFF = (r"^WebSocket connection to .* failed: ",
            r"|EMPTY_RESPONSE|SOCKET_NOT_CONNECTED)$")
 RAW_ERROR = ("gave up after 1 attempts: cannot reach Unsplash: Cannot connect to host "
              "127.0.0.1:9 ssl:default [Connect call failed ('127.0.0.1', 9)]")
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def pages(browser: Browser):
-    """open(url, viewport) -> Watched, in a context of its own (closed after the test)."""
-    contexts = []
-
-    async def open_(url: str, viewport: dict = DESKTOP, clipboard: bool = False) -> Watched:
-        context = await browser.new_context(viewport=viewport)
-        if clipboard:
-            await context.grant_permissions(["clipboard-read", "clipboard-write"],
-                                            origin=url.split("#")[0].rstrip("/"))
-        contexts.append(context)
-        watched = Watched(await context.new_page())
-        await watched.page.goto(url)
-        await watched.page.evaluate("() => { window.__sameDocument = 'yes'; }")
-        return watched
-
-    yield open_
-    for context in contexts:
-        await context.close()
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -143,7 +121,7 @@ async def counts(page: Page) -> dict:
 
 
 async def test_retry_all_failed_then_delete_finished_for_everyone_watching(
-        mode_service, fake, pages, jobs_file, backend):
+        mode_service, fake, open_page, jobs_file, backend):
     t0 = time.time()
     plan = ["resolved"] * 40 + ["failed"] * 300 + ["pending"] * 3
     jobs = [make(status, n, fake.url, t0) for n, status in enumerate(plan)]
@@ -153,9 +131,9 @@ async def test_retry_all_failed_then_delete_finished_for_everyone_watching(
     port = urlsplit(server.url).port
     proxy = await TcpProxy(port).start()  # the way in of a page that will be away
     try:
-        desk = await pages(server.url)
-        phone = await pages(server.url, PHONE)
-        away = await pages(proxy.url)
+        desk = await open_page(server.url)
+        phone = await open_page(server.url, PHONE)
+        away = await open_page(proxy.url)
         for watched in (desk, phone, away):
             await wait_live(watched.page)
             await wait_counts(watched.page, {"total": 343, "failed": 300, "pending": 3},
@@ -238,7 +216,7 @@ async def test_retry_all_failed_then_delete_finished_for_everyone_watching(
 
 
 async def test_find_a_job_among_3000_and_open_its_details_by_keyboard_and_url(
-        service, fake, pages, jobs_file):
+        service, fake, open_page, jobs_file):
     t0 = time.time()
     jobs = [make("resolved" if n % 10 else "failed", n, fake.url, t0,
                  "gave up after 3 attempts: Unsplash answered HTTP 500", 3)
@@ -252,7 +230,7 @@ async def test_find_a_job_among_3000_and_open_its_details_by_keyboard_and_url(
     jobs.append(make("pending", 2999, fake.url, t0))
     store(jobs_file, jobs)
     server = await service(service_env(fake, **HELD))
-    desk = await pages(server.url, clipboard=True)
+    desk = await open_page(server.url, clipboard=True)
     page = desk.page
     await wait_live(page)
     await wait_counts(page, {"total": 3000})
@@ -352,7 +330,7 @@ async def test_find_a_job_among_3000_and_open_its_details_by_keyboard_and_url(
 
     # By URL, on a phone: a failed job far down the list, opened as the page loads.
     far = jobs[50]
-    phone = await pages(f"{server.url}/#job={far.id}", PHONE)
+    phone = await open_page(f"{server.url}/#job={far.id}", PHONE)
     await phone.page.wait_for_function(
         "(id) => document.querySelector('[data-testid=\"detail\"][open]"
         " [data-testid=\"detail-id\"]')?.textContent === id", arg=far.id)
@@ -372,14 +350,14 @@ async def test_find_a_job_among_3000_and_open_its_details_by_keyboard_and_url(
 
 
 async def test_the_connection_comes_back_at_once_when_the_tab_is_shown_again(
-        service, fake, pages, jobs_file):
+        service, fake, open_page, jobs_file):
     """The server is away: each time the page has just failed to reconnect (its next try
     is at least 250 ms off), the tab shown again makes it try at once."""
     server = await service(service_env(fake))
     port = urlsplit(server.url).port
     proxy = await TcpProxy(port).start()
     try:
-        watched = await pages(proxy.url)
+        watched = await open_page(proxy.url)
         page = watched.page
         await wait_live(page)
         sockets: list[float] = []

@@ -386,3 +386,20 @@ async def test_a_walk_meets_every_job_that_lives_throughout(start_service, jobs_
         await store.commit(jobservice.Tombstone(job_id, "deleted", time.time()))
     with pytest.raises(KeyError):
         store.walk(cursor, 10)
+
+
+async def test_jobs_that_gave_up_say_attempt_or_attempts_and_come_back_by_one_retry(
+        start_service, open_events, fake_unsplash, unsplash_env):
+    fake_unsplash.mode = "500"  # and a job must have a fresh photo, so they fail
+    client = await start_service({**unsplash_env, "JOB_MAX_ATTEMPTS": "1",
+                                  "PHOTO_REUSE": "never"})
+    events = await open_events(client)
+    ids = await create_jobs(client, 3)
+    failed = await events.resolutions(ids)
+    for job in failed.values():
+        assert job["status"] == "failed"
+        assert job["error"].startswith("gave up after 1 attempt: Unsplash answered HTTP 500")
+    fake_unsplash.mode = "ok"
+    assert (await bulk(client, "/jobs/retry", {"error": "HTTP 500"}))["taken"] == 3
+    resolved = await events.resolutions(ids)
+    assert {job["status"] for job in resolved.values()} == {"resolved"}
