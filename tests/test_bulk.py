@@ -21,7 +21,8 @@ from test_abuse import eventually
 import jobservice
 
 # Retried jobs stay pending while a test looks at them.
-HELD = {"RETRY_BASE_DELAY": "3600", "RETRY_MAX_DELAY": "3600", "JOB_RETENTION": "0"}
+HELD = {"RETRY_BASE_DELAY": "3600", "RETRY_MAX_DELAY": "3600", "JOB_RETENTION": "0",
+        "JOB_DELAY_MIN": "3600", "JOB_DELAY_MAX": "3600"}
 TOKEN = "tok-0123456789abcdefghij"
 
 
