@@ -19,6 +19,9 @@ What it measures (see --help for the knobs):
 * Fan-out: one resolution to 1,000 /ws clients (4 client processes x 250 sockets),
   time until the last one has it; the same to 1,000 Socket.IO clients on long-polling,
   and the service's RSS per idle polling session.
+* Bulk changes (--only bulk): POST /jobs/retry over 50,000 (500,000) failed jobs and
+  POST /jobs/delete over as many resolved ones, 100,000 (1,000,000) stored: time to the
+  202 and until all are stored, and the slowest GET /healthz of another client meanwhile.
 * Unsplash efficiency: API calls per resolved job for a burst of 3,000 jobs against
   tests/fake_unsplash.py.
 * Under the Unsplash quota (--only quota), the fake playing a key's limit scaled 100x
@@ -2249,15 +2252,125 @@ def bench_redis(ctx, results: Results) -> None:
         raise RuntimeError("; ".join(failed))
 
 
+# --- Bulk changes --------------------------------------------------------------------
+
+
+def _finished_snapshot(path: Path, count: int) -> None:
+    """A jobs.json of `count` finished jobs: every other one failed, the rest resolved."""
+    now = time.time()
+    created, due, done = iso(now - 600), iso(now - 590), iso(now - 580)
+    image = json.dumps({"id": "x", "thumb": None, "small": None, "alt": "Food photo",
+                        "author": None, "authorUrl": None, "pageUrl": None, "color": None,
+                        "source": "catalog"}, separators=(",", ":"))
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(f'{{"version":1,"seq":{count},"jobs":[\n')
+        for seq in range(1, count + 1):
+            job_id = str(uuid.uuid4())
+            if seq % 2:
+                tail = ('"status":"failed","result":null,'
+                        f'"createdAt":"{created}","dueAt":"{due}","resolvedAt":"{done}",'
+                        '"attempts":10,"error":"gave up after 10 attempts: Unsplash '
+                        'answered HTTP 500","image":null')
+            else:
+                tail = ('"status":"resolved","result":"https://images.unsplash.com/x",'
+                        f'"createdAt":"{created}","dueAt":"{due}","resolvedAt":"{done}",'
+                        f'"attempts":1,"error":null,"image":{image}')
+            out.write(f'{{"id":"{job_id}",{tail},"seq":{seq}}}'
+                      + (",\n" if seq < count else "\n"))
+        out.write("]}\n")
+
+
+def _http_probe(port: int, stop, out) -> None:
+    """In a process of its own: GET /healthz every 5 ms until told to stop; the slowest
+    answer, and how many there were."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    slowest, count = 0.0, 0
+    while not stop.is_set():
+        started = time.perf_counter()
+        conn.request("GET", "/healthz")
+        conn.getresponse().read()
+        took = time.perf_counter() - started
+        slowest, count = max(slowest, took), count + 1
+        time.sleep(max(0.0, 0.005 - took))
+    conn.close()
+    out.put((slowest, count))
+
+
+def _bulk_run(port: int, kind: str, left: str) -> tuple[float, float, int]:
+    """POST /jobs/<kind>: (seconds to the 202, seconds until no job is `left`, taken)."""
+    started = time.monotonic()
+    status, _, body = request(port, "POST", f"/jobs/{kind}", b"{}", timeout=120)
+    answered = time.monotonic() - started
+    assert status == 202, body
+    while json.loads(request(port, "GET", "/jobs/stats")[2])[left]:
+        time.sleep(0.02)
+    return answered, time.monotonic() - started, json.loads(body)["taken"]
+
+
+def bench_bulk(ctx, results: Results) -> None:
+    """POST /jobs/retry over N/2 failed jobs, then POST /jobs/delete over the N/2
+    resolved ones, N jobs stored: the time to the 202, the time until every change is
+    stored (GET /jobs/stats), and the slowest GET /healthz of another client (one every
+    5 ms) meanwhile, against the slowest one at rest in the same run."""
+    sizes = [20_000] if ctx.quick else [100_000] + ([1_000_000] if ctx.million else [])
+    mp = multiprocessing.get_context("fork")
+    raw = results.raw["bulk"] = {}
+    held = {**LONG_DELAYS, "RETRY_BASE_DELAY": "86400", "RETRY_MAX_DELAY": "86400",
+            "JOB_RETENTION": "0"}
+
+    def probed(port: int, action) -> tuple[float, int, object]:
+        stop, out = mp.Event(), mp.Queue()
+        probe = mp.Process(target=_http_probe, args=(port, stop, out), daemon=True)
+        probe.start()
+        try:
+            time.sleep(0.2)
+            value = action()
+            stop.set()
+            slowest, count = out.get(timeout=60)
+        finally:
+            probe.join(10)
+            if probe.is_alive():
+                probe.kill()
+        return slowest, count, value
+
+    for size in sizes:
+        snapshot = ctx.workdir / f"finished-{size}.json"
+        _finished_snapshot(snapshot, size)
+        server = start_service(ctx.workdir, f"bulk-{size}", snapshot, held)
+        try:
+            server.wait_healthy(timeout=600)
+            rest, _, _ = probed(server.port, lambda: time.sleep(1.0))
+            row = {"rest_slowest_ms": rest * 1000}
+            for kind, left in (("retry", "failed"), ("delete", "resolved")):
+                slowest, count, (answered, done, taken) = probed(
+                    server.port, lambda port=server.port, kind=kind, left=left:
+                    _bulk_run(port, kind, left))
+                row[kind] = {"taken": taken, "answered_s": answered, "done_s": done,
+                             "slowest_ms": slowest * 1000, "probes": count}
+                log(f"bulk {kind} @ {size:,} jobs: {taken:,} taken, 202 in {answered:.2f} s, "
+                    f"all stored in {done:.2f} s; slowest GET /healthz meanwhile "
+                    f"{slowest * 1000:.1f} ms of {count:,} (at rest {rest * 1000:.1f} ms)")
+                results.add(f"Bulk {kind} of {taken:,} jobs ({size:,} stored): until all "
+                            "are stored", done, "s", fmt="{:.2f}", answered_s=answered)
+                results.add(f"Bulk {kind} ({size:,} stored): slowest GET /healthz of "
+                            "another client meanwhile (every 5 ms)", slowest * 1000, "ms",
+                            fmt="{:.1f}", at_rest_ms=rest * 1000, probes=count)
+            raw[size] = row
+        finally:
+            server.stop()
+
+
 # --- Main ---------------------------------------------------------------------------
 
 
 SECTIONS = {"post": bench_post, "access": bench_access, "reads": bench_reads,
             "memory": bench_memory, "restart": bench_restart, "fanout": bench_fanout,
             "polling": bench_polling, "unsplash": bench_unsplash, "quota": bench_quota,
-            "redis": bench_redis, "routing": bench_routing, "soak": bench_soak}
-# soak and quota take minutes of wall clock each: --only soak, --only quota
-DEFAULT_SECTIONS = [name for name in SECTIONS if name not in ("soak", "quota")]
+            "redis": bench_redis, "routing": bench_routing, "soak": bench_soak,
+            "bulk": bench_bulk}
+# soak and quota take minutes of wall clock each: --only soak, --only quota; bulk, with
+# its million jobs, --only bulk
+DEFAULT_SECTIONS = [name for name in SECTIONS if name not in ("soak", "quota", "bulk")]
 REDIS_PARTS = ["throughput", "event_latency", "fanout_rows", "memory", "start", "replicas",
                "failover"]
 

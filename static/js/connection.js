@@ -1,5 +1,7 @@
 // The live connection to /ws: replay from `since`, SYNCED, RESET, and reconnects
-// with exponential backoff and full jitter.
+// with exponential backoff and full jitter, capped at a second: a server back from a
+// restart is live on the page within two. It tries again at once when that can help:
+// the network is back (`online`), or the tab is looked at again.
 //
 // State for the badge: 'live' | 'reconnecting' | 'offline' (navigator.onLine false).
 //
@@ -7,8 +9,8 @@
 // opened (refused, or a handshake the server turned down, e.g. 401) is told to
 // onOpenFailed, since a page cannot see why a WebSocket handshake failed.
 
-const BASE_DELAY = 1000;
-const MAX_DELAY = 30000;
+const BASE_DELAY = 500;
+const MAX_DELAY = 1000; // a refused connection costs the server next to nothing
 const MIN_DELAY = 250;
 const OPEN_TIMEOUT = 10000;
 
@@ -81,11 +83,15 @@ export class Connection {
       this.attempt = 0;
       this.connect();
     });
+    document.addEventListener('visibilitychange', () => {
+      if (document.visibilityState === 'visible') this.retryNow();
+    });
   }
 
-  /** Skip the wait and try now (the badge's "Retry now"). */
+  /** Skip the wait and try now (the badge's "Retry now", the tab shown again). */
   retryNow() {
-    if (this.stopped || this.state === 'live' || this.ws) return;
+    if (this.stopped || this.state === 'live' || this.ws || this.loading) return;
+    this.attempt = 0;
     this.connect();
   }
 
