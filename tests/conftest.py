@@ -382,6 +382,7 @@ class ServiceProcess:
         self.log: list[str] = []
         self.url = ""
         self._reader: asyncio.Task | None = None
+        self._new_line = asyncio.Event()  # set as each line of the log is read
 
     async def start(self, timeout: float = 20.0) -> ServiceProcess:
         self.process = await asyncio.create_subprocess_exec(
@@ -397,11 +398,22 @@ class ServiceProcess:
         async for raw in self.process.stdout:
             line = raw.decode(errors="replace").rstrip()
             self.log.append(line)
+            self._new_line.set()
             match = self.LISTENING.search(line)
             if match and not ready.done():
                 ready.set_result(f"http://{match.group(1)}:{match.group(2)}")
         if not ready.done():
             ready.set_exception(RuntimeError("service exited:\n" + "\n".join(self.log)))
+
+    async def logged(self, text: str, limit: float = 10.0) -> str:
+        """The first line of the log that holds text, read already or awaited."""
+        async with asyncio.timeout(limit):
+            while True:
+                line = next((line for line in self.log if text in line), None)
+                if line is not None:
+                    return line
+                self._new_line.clear()
+                await self._new_line.wait()
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.process.returncode is None:

@@ -224,12 +224,6 @@ async def test_node_client_with_the_auth_option(service_process, node_client, tr
     assert await node.quit() == 0
 
 
-async def eventually_logged(service, text: str, limit: float = 10.0) -> None:
-    async with asyncio.timeout(limit):
-        while not any(text in line for line in service.log):  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-
 async def test_tokens_rotate_on_sighup_and_never_reach_the_log(service_process, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"# the team's tokens\n{TOKEN}\n\n")
@@ -262,7 +256,7 @@ async def test_tokens_rotate_on_sighup_and_never_reach_the_log(service_process, 
         closing = asyncio.gather(closed(events), closed(sio))
         tokens.write_text(f"{OTHER}\n")
         service.process.send_signal(signal.SIGHUP)
-        await eventually_logged(service, "reloaded 1 access tokens")
+        await service.logged("reloaded 1 access tokens")
         assert (await status(TOKEN), await status(OTHER)) == (401, 200)
         # Sockets that came in with the old token are closed: policy violation.
         assert await asyncio.wait_for(closing, 5) == [1008, 1008]
@@ -270,7 +264,7 @@ async def test_tokens_rotate_on_sighup_and_never_reach_the_log(service_process, 
             assert response.status == 401  # its cookie was signed with the old token
         tokens.write_text("")  # an empty file would open every door: refused
         service.process.send_signal(signal.SIGHUP)
-        await eventually_logged(service, "tokens not reloaded")
+        await service.logged("tokens not reloaded")
         assert await status(OTHER) == 200
     assert await service.stop() == 0
     log = "\n".join(service.log)

@@ -58,12 +58,6 @@ async def refused_and_ended(http: aiohttp.ClientSession, url: str) -> str:
     return json.loads(refusal[2:])["message"]
 
 
-async def eventually_logged(service, text: str, limit: float = 10.0) -> None:
-    async with asyncio.timeout(limit):
-        while not any(text in line for line in service.log):  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-
 # --- A refused CONNECT ends the session, holds nothing, echoes nothing -----------------
 
 
@@ -196,7 +190,7 @@ async def test_rotation_ends_sessions_opened_with_a_revoked_token(service_proces
 
         tokens.write_text(f"{OTHER}\n")
         service.process.send_signal(signal.SIGHUP)
-        await eventually_logged(service, "reloaded 1 access tokens")
+        await service.logged("reloaded 1 access tokens")
 
         for url in polled:
             status, body = await post(http, url, "40")
