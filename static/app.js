@@ -808,6 +808,7 @@ Object.defineProperty(window, '__jobservice', {
     get loadedCount() { return list.order.length; },
     get totals() { return { ...totals.shown }; },
     get connection() { return connection.state; },
+    get retryDelays() { return [...connection.delays]; },
     get session() { return { required: session.required, active: session.active }; },
   }),
   writable: false,

@@ -39,6 +39,7 @@ export class Connection {
     this.stopped = true;
     this.gen = 0; // bumped by start() and stop(): a load from before is not acted on
     this.listening = false;
+    this.delays = []; // the last waits scheduled between tries, in ms (the page's test hooks)
   }
 
   start() {
@@ -236,6 +237,8 @@ export class Connection {
     this.attempt = Math.min(this.attempt + 1, 30);
     const ceiling = quick ? 1000 : Math.min(MAX_DELAY, BASE_DELAY * 2 ** (this.attempt - 1));
     const delay = Math.max(MIN_DELAY, Math.random() * ceiling); // full jitter
+    this.delays.push(delay);
+    if (this.delays.length > 20) this.delays.shift();
     const retryAt = Date.now() + delay;
     this.timer = setTimeout(() => {
       this.timer = null;
