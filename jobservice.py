@@ -3858,7 +3858,8 @@ HTTP_METHODS = frozenset(("GET", "POST", "DELETE", "OPTIONS", "HEAD", "PUT", "PA
 PUBLIC_ROUTES = frozenset(("/", "/static/{path}", "/openapi.json", "/healthz", "/session",
                            "/socket.io/", "/socket.io"))
 ENGINEIO_ROUTES = frozenset(("/socket.io/", "/socket.io"))
-TOKEN = web.RequestKey("token", str)
+# A typed key where aiohttp has them (3.14 warns of a plain one); before, the string is it.
+TOKEN = web.RequestKey("token", str) if hasattr(web, "RequestKey") else "token"
 
 
 def _check_access(request: web.Request, origin: str | None) -> None:
