@@ -382,6 +382,7 @@ class ServiceProcess:
         self.log: list[str] = []
         self.url = ""
         self._reader: asyncio.Task | None = None
+        self._line = asyncio.Event()  # set at each line read
 
     async def start(self, timeout: float = 20.0) -> ServiceProcess:
         self.process = await asyncio.create_subprocess_exec(
@@ -397,11 +398,23 @@ class ServiceProcess:
         async for raw in self.process.stdout:
             line = raw.decode(errors="replace").rstrip()
             self.log.append(line)
+            self._line.set()
             match = self.LISTENING.search(line)
             if match and not ready.done():
                 ready.set_result(f"http://{match.group(1)}:{match.group(2)}")
         if not ready.done():
             ready.set_exception(RuntimeError("service exited:\n" + "\n".join(self.log)))
+
+    async def logged(self, predicate, timeout: float = 10.0) -> str:
+        """The first line of the log for which predicate holds, once it has been read: a
+        line the service wrote before it answered may not have come through the pipe."""
+        async with asyncio.timeout(timeout):
+            while True:
+                self._line.clear()
+                for line in self.log:
+                    if predicate(line):
+                        return line
+                await self._line.wait()
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.process.returncode is None:

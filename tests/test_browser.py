@@ -724,7 +724,9 @@ def big_store(fake_url: str, count: int, due_in: float) -> list[jobservice.Job]:
 
 async def test_hundred_thousand_jobs_open_at_once_and_load_older_pages_on_scroll(
         service_process, fake, open_page, artifacts, jobs_file):
-    count, due_in = 100_000, 10.0
+    # The newest job must still be pending once the page is up and watched: a start on
+    # 100,000 jobs and a page load take over 10 s on a busy 2-core box.
+    count, due_in = 100_000, 30.0
     jobs = big_store(fake.url, count, due_in)
     write_snapshot(jobs_file, jobs)
     newest = [job.id for job in reversed(jobs)]

@@ -397,10 +397,15 @@ async def test_a_photo_put_back_is_not_handed_out_once_stale(
         start_nodes, fake_unsplash, open_events, monkeypatch):
     """A job deleted while its photo was being bought gives the photo back to its node
     (SharedPhotoPool.put_back, a pool of the node's own). POOL_MAX_AGE still applies to
-    it: the next job, due >= 50 ms later, must not get that 20 ms-old photo."""
-    monkeypatch.setattr(jobservice, "POOL_MAX_AGE", 0.02)
+    it: the next job, due 0.6 s later, must not get that 0.5 s-old photo. Photos are
+    bought only for a job due now (PHOTO_REUSE=never: no buying ahead, whose photos
+    would age before their job fell due), so a fresh one is taken within milliseconds
+    of its call, well inside POOL_MAX_AGE however busy the box."""
+    monkeypatch.setattr(jobservice, "POOL_MAX_AGE", 0.5)
     fake_unsplash.gate = asyncio.Event()
-    [node] = await start_nodes(1)
+    # The held call must outlast the DELETE on a busy box: timed out, it would be a retry.
+    [node] = await start_nodes(1, {**NEVER_REUSE, "UNSPLASH_TIMEOUT": "10",
+                                   "JOB_DELAY_MIN": "0.6", "JOB_DELAY_MAX": "0.6"})
     events = await open_events(node)
     [doomed] = await create_jobs(node, 1)
     await fake_unsplash.arrived(1)
@@ -414,5 +419,5 @@ async def test_a_photo_put_back_is_not_handed_out_once_stale(
     assert job["status"] == "resolved", job
     assert job["image"]["id"] not in fake_unsplash.batches[0], \
         f"a photo bought {resolved_at(job) - fake_unsplash.arrivals[0]:.3f} s earlier " \
-        "was handed out with POOL_MAX_AGE 0.02 s"
+        "was handed out with POOL_MAX_AGE 0.5 s"
     assert fake_unsplash.calls == 2

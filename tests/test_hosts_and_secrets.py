@@ -304,8 +304,8 @@ async def test_a_symlink_named_like_the_journal_is_not_followed(service_process,
         async with http.post(f"{service.url}/jobs") as response:
             assert response.status == 503, await response.text()
             assert (await response.json())["error"]["code"] == "storage_unavailable"
-        assert any("a symbolic link, which the service does not follow" in line
-                   and str(journal) in line for line in service.log), service.log
+        await service.logged(lambda line: "a symbolic link, which the service does not "
+                             "follow" in line and str(journal) in line)
         journal.unlink()
         async with http.post(f"{service.url}/jobs") as response:
             assert response.status == 201, await response.text()
