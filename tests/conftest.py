@@ -44,6 +44,14 @@ FAST_ENV = {
     "UNSPLASH_TIMEOUT": "0.5",
 }
 
+# For tests of POOL_MAX_AGE (set to AGED, in seconds): photos are bought only for a job due
+# now (no buying ahead: those would age before their job fell due), and every job is due
+# 0.6 s after it was made. A photo left from one job's batch is then over AGED old when
+# the next job needs one, and a fresh one is taken within milliseconds of its call, well
+# under AGED on however busy a box.
+AGED = 0.5
+AGE_TEST_ENV = {"PHOTO_REUSE": "never", "JOB_DELAY_MIN": "0.6", "JOB_DELAY_MAX": "0.6"}
+
 
 @pytest.fixture
 def jobs_file(tmp_path: Path) -> Path:
