@@ -2,6 +2,16 @@
 a fake Unsplash on loopback, and a reader of the event stream.
 
 Delays and retry settings are shrunk through the environment, never slept through.
+
+The suite runs on pytest-xdist workers (the README's command has `-n 3`, pyproject.toml
+`--dist loadgroup`), each test wherever a worker is free. So every test takes what it
+uses for itself: free ports, its tmp_path, a Redis prefix of its own (each worker starts
+its own redis_server). A module whose module-scoped fixtures are costly (a browser, a
+built wheel, services that many tests share) keeps its tests on one worker, so that
+they are made once: `pytestmark = pytest.mark.xdist_group("name")`. The browser modules
+share the group "browser", which also keeps two Chromiums from loading the box at once.
+Nothing else needs a worker of its own; a test that would (a fixed port, a global file)
+is a bug.
 """
 
 from __future__ import annotations

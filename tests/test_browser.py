@@ -47,7 +47,8 @@ from playwright.async_api import Browser, Page, async_playwright
 
 import jobservice
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# One worker for every browser module (conftest.py says why).
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("browser")]
 
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
