@@ -33,9 +33,11 @@ import random
 import re
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -129,6 +131,8 @@ class Settings:
     body_timeout: float = 30.0  # its body, from its headers
     keepalive_timeout: float = 75.0  # an idle connection between two requests
     supervisor: int = 0  # a worker's: its supervisor's pid, whose port it shares
+    node_url: str = ""  # where the other nodes reach this one's relay door (Redis mode)
+    runtime_dir: Path | None = None  # a worker's: the supervisor's dir of relay sockets
 
     @property
     def unsplash_origin(self) -> str:
@@ -346,6 +350,29 @@ def _max_connections_per_address(env, max_connections: int) -> int:
                    minimum=1, integer=True)
 
 
+def _node_url(env, redis, port: int) -> str:
+    """NODE_URL, http://HOST:PORT: where the other nodes relay this node's Socket.IO
+    requests. The node listens for them on that port (on --host), a door of its own."""
+    url = (env.get("NODE_URL") or "").strip().rstrip("/")
+    if not url:
+        return ""
+    if not redis:
+        raise ConfigError("NODE_URL is for nodes sharing one Redis (REDIS_URL); one process "
+                          "has nobody to relay to")
+    parts = urlsplit(url)
+    try:
+        relay_port = parts.port
+    except ValueError:
+        relay_port = None
+    if parts.scheme != "http" or not parts.hostname or not relay_port or parts.path:
+        raise ConfigError(f"NODE_URL={url!r} is not http://HOST:PORT, the address the other "
+                          "nodes reach this node's relay port at")
+    if relay_port == port:
+        raise ConfigError(f"NODE_URL's port {relay_port} is PORT's: the relay door is a "
+                          "port of its own, for the other nodes only")
+    return url
+
+
 def _timeout(env, name: str, default: float) -> float:
     value = _duration(env, name, default)
     if value <= 0:
@@ -372,6 +399,7 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
                         help="start and supervise N processes on one port (needs --redis)")
     parser.add_argument("--worker", type=int, default=0, metavar="SUPERVISOR_PID",
                         help=argparse.SUPPRESS)
+    parser.add_argument("--runtime-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"jobservice {__version__}")
     args = parser.parse_args(argv)
 
@@ -434,6 +462,7 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         raise ConfigError(f"PEERS_MAX_QUEUED_BYTES must be at least {PEER_BACKLOG_BYTES} "
                           "(8 MiB), what one event client may have queued")
     max_connections = _max_connections(env)
+    node_url = _node_url(env, redis_url or sentinels, port)
     if (env.get("JOB_LEASE") or "").strip() and _duration(env, "JOB_LEASE", 30.0) < 1:
         raise ConfigError("JOB_LEASE must be at least 1 s: a node renews its claims every "
                           "third of it")
@@ -484,6 +513,8 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         header_timeout=_timeout(env, "HEADER_TIMEOUT", 30.0),
         body_timeout=_timeout(env, "BODY_TIMEOUT", 30.0),
         keepalive_timeout=_timeout(env, "KEEPALIVE_TIMEOUT", 75.0),
+        node_url=node_url,
+        runtime_dir=Path(args.runtime_dir) if args.runtime_dir else None,
     )
     read_tokens(settings)  # a tokens file that is unreadable or empty stops start-up
     return settings
@@ -2490,14 +2521,17 @@ class EventHub:
                 text = texts[peer.frames] = peer.frames.event(job)
             peer.push(text)
 
+    def join(self, peer: Peer) -> None:
+        self.peers.add(peer)
+        if self.sweeper is None:
+            self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
     def attach(self, peer: Peer, since: int | None, handshake: str = "") -> None:
         """Register a peer and queue what it missed, atomically: every change up to now
         is in the replay, every later one arrives in its backlog. The handshake (Socket.IO's
         CONNECT reply) follows the replay."""
         after = [handshake] if handshake else []
-        self.peers.add(peer)
-        if self.sweeper is None:
-            self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self.join(peer)
         if since is None:
             peer.start(after)
             return
@@ -2625,7 +2659,7 @@ class EngineIOSession(Peer):
         self.engine = engine
         self.client = client  # the address, for the limit on wrong tokens
         self.token = token  # from a Bearer header or the page's cookie, or CONNECT's auth
-        self.sid = secrets.token_urlsafe(15)
+        self.sid = engine.tag + secrets.token_urlsafe(15)  # the tag names this process
         self.polling = polling  # false once the session is on a WebSocket
         self.upgrading = False  # a WebSocket is taking over
         self.probed = False  # ... and has sent its probe: a waiting poll gets a noop
@@ -2791,6 +2825,10 @@ class EngineIO:
         self.polling_count = 0
         self.polling_by_address: dict[str, int] = {}
         self.sweeper: asyncio.Task | None = None
+        # In Redis mode, the process's tag starts each sid it makes, and the relay takes
+        # a request for another process's sid there (jobservice_redis.Relay).
+        self.tag = ""
+        self.relay = None
 
     def open(self, polling: bool, client: str = "", token: str | None = None
              ) -> EngineIOSession | None:
@@ -2811,11 +2849,62 @@ class EngineIO:
                 or self._give_way(self.half_open)):
             return None
         session = EngineIOSession(self, polling, client, token)
-        self.sessions[session.sid] = self.half_open[session.sid] = session
-        self.half_open_by_address.setdefault(client, {})[session.sid] = session
+        self._register(session)
+        return session
+
+    def _register(self, session: EngineIOSession) -> None:
+        self.sessions[session.sid] = session
+        if not session.connected:
+            self.half_open[session.sid] = session
+            self.half_open_by_address.setdefault(session.client, {})[session.sid] = session
         self.count_polling(session, +1)
         if self.sweeper is None:
             self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    # A session moves to the process that holds its WebSocket (every process reads the
+    # same events): its owner hands over what the client has not been sent yet, and the
+    # seq up to which that covers; the new owner goes on from there in its own registry.
+
+    def hand_over(self, session: EngineIOSession) -> dict:
+        """The session's state for the process its WebSocket reached; here it ends, and
+        its client is told nothing (it is moving, not closing)."""
+        now = asyncio.get_running_loop().time()
+        frames, since, end = list(session.replay), None, []
+        if session.replay_store is not None:
+            # Mid-replay: the replay goes on from where it got to, up to the new owner's
+            # now, so it holds the live events queued meanwhile too; only pings stay.
+            records = session.replay_records
+            since = records[0].seq - 1 if records else session.replay_from
+            end = session.replay_end
+            frames += [text for text in session.backlog if text == "2"]
+        else:
+            frames += session.backlog
+            if session.connected:
+                since = self.hub.store.seq
+        state = {"sid": session.sid, "client": session.client, "token": session.token,
+                 "connected": session.connected, "age": now - session.opened_at,
+                 "ping_in": session.ping_at - now,
+                 "pong_in": None if session.pong_by is None else session.pong_by - now,
+                 "frames": frames, "since": since, "end": end, "seq": self.hub.store.seq}
+        session.close(1000, "moved to the process of its WebSocket")
+        return state
+
+    def adopt(self, state: dict, ws: web.WebSocketResponse, transport) -> EngineIOSession:
+        """The session another process handed over, on this process's WebSocket; the
+        store has applied every change up to state["seq"]."""
+        session = EngineIOSession(self, False, state["client"], state["token"])
+        session.sid, session.connected = state["sid"], state["connected"]
+        now = asyncio.get_running_loop().time()
+        session.opened_at = now - state["age"]
+        session.ping_at = now + state["ping_in"]
+        if state["pong_in"] is not None:
+            session.pong_by = now + state["pong_in"]
+        self._register(session)
+        session.start(state["frames"])
+        if session.connected:
+            self.hub.join(session)
+            session.start_replay(self.hub.store, state["since"], state["end"])
+        session.use_websocket(ws, transport)
         return session
 
     @staticmethod
@@ -3528,12 +3617,14 @@ async def socketio_endpoint(request: web.Request) -> web.StreamResponse:
     if transport not in ("polling", "websocket"):
         return _engineio_refusal(400, 0, "Transport unknown")
     engine = request.app[ENGINE]
-    session = None
+    session = relayed = None
     if "sid" in query:
         session = engine.sessions.get(query["sid"])
         if session is None:
-            return _engineio_refusal(400, 1, "Session ID unknown")
-        if not session.polling or (transport == "websocket" and session.upgrading):
+            relayed = engine.relay and engine.relay.owner(query["sid"])
+            if not relayed:
+                return _engineio_refusal(400, 1, "Session ID unknown")
+        elif not session.polling or (transport == "websocket" and session.upgrading):
             return _engineio_refusal(400, 3, "Bad request")  # upgraded, or upgrading
     elif request.method != "GET":
         return _engineio_refusal(400, 2, "Bad handshake method")
@@ -3547,6 +3638,8 @@ async def socketio_endpoint(request: web.Request) -> web.StreamResponse:
     except ApiError as exc:
         return _engineio_refusal(403, 4, exc.message)
 
+    if relayed:  # checked here, where it came in; its owner checks the session
+        return await engine.relay.forward(request, relayed, transport)
     if transport == "websocket":
         return await _engineio_websocket(request, engine, session)
     if session is None:
@@ -3585,20 +3678,19 @@ async def _engineio_poll(session: EngineIOSession) -> web.Response:
     return _engineio_text(body)
 
 
-async def _engineio_post(request: web.Request, session: EngineIOSession) -> web.Response:
+async def _engineio_post(request: web.Request | None, session: EngineIOSession,
+                         body: bytes | None = None) -> web.Response:
+    """A POST of packets: read from the request, or already read (relayed)."""
     if session.posting:
         session.close(1002, "overlapping posts")
         return _engineio_refusal(400, 3, "Bad request")
     session.posting = True
     try:
         try:
-            body = await read_body(request, EIO_MAX_PAYLOAD)
-        except ApiError as exc:  # its packets are lost: the client starts over, recovering
-            if exc.status == 413:
-                session.close(1009, "payload too large")
-            else:
-                session.close(1002, "unreadable body")
-            return _engineio_refusal(exc.status, 3, exc.message)
+            if body is None:
+                body = await read_body(request, EIO_MAX_PAYLOAD)
+        except ApiError as exc:
+            return engineio_unreadable(session, exc)
         if body.count(b"\x1e") >= EIO_MAX_POST_PACKETS:
             session.close(1002, "too many packets")
             return _engineio_refusal(400, 3, f"more than {EIO_MAX_POST_PACKETS} packets "
@@ -3618,6 +3710,16 @@ async def _engineio_post(request: web.Request, session: EngineIOSession) -> web.
         session.posting = False
 
 
+def engineio_unreadable(session: EngineIOSession, exc: ApiError) -> web.Response:
+    """A POST whose body could not be read: its packets are lost, so the session ends and
+    the client starts over, recovering."""
+    if exc.status == 413:
+        session.close(1009, "payload too large")
+    else:
+        session.close(1002, "unreadable body")
+    return _engineio_refusal(exc.status, 3, exc.message)
+
+
 async def _engineio_websocket(request: web.Request, engine: EngineIO,
                               session: EngineIOSession | None) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=EIO_MAX_PAYLOAD)
@@ -3632,6 +3734,12 @@ async def _engineio_websocket(request: web.Request, engine: EngineIO,
             await ws.close()
             return ws
         session.upgrade(ws, request.transport)
+    return await engineio_receive(ws, session)
+
+
+async def engineio_receive(ws: web.WebSocketResponse, session: EngineIOSession
+                           ) -> web.WebSocketResponse:
+    """The client's packets on its WebSocket, until it closes."""
     try:
         async for message in ws:
             if message.type != aiohttp.WSMsgType.TEXT:
@@ -3646,29 +3754,39 @@ async def _engineio_websocket(request: web.Request, engine: EngineIO,
 
 
 async def _engineio_upgrade(ws: web.WebSocketResponse, session: EngineIOSession) -> bool:
-    """The probe (`2probe` → `3probe`), then `5`: True once the session is upgraded."""
+    """The probe, then `5`: True once the session is upgraded."""
     session.upgrading = True
+
+    def probed() -> None:
+        session.probed = True
+        session.wakeup.set()  # a poll waiting now is answered with a noop
+
+    try:
+        return await engineio_probe(ws, probed) and not session.closing
+    finally:
+        if session.polling:
+            session.upgrading = session.probed = False
+
+
+async def engineio_probe(ws: web.WebSocketResponse, probed) -> bool:
+    """`2probe` → `3probe` (then probed() is called), then `5`: True if the client upgrades."""
     try:
         async with asyncio.timeout(EIO_UPGRADE_TIMEOUT):
             probe = await ws.receive()
             if probe.type != aiohttp.WSMsgType.TEXT or probe.data != "2probe":
                 return False
             await ws.send_str("3probe")
-            session.probed = True
-            session.wakeup.set()  # a poll waiting now is answered with a noop
+            probed()
             while True:
                 message = await ws.receive()
                 if message.type != aiohttp.WSMsgType.TEXT:
                     return False
                 if message.data == "5":
-                    return not session.closing
+                    return True
                 if message.data != "6":
                     return False
     except (TimeoutError, ConnectionError, RuntimeError):
         return False
-    finally:
-        if session.polling:
-            session.upgrading = session.probed = False
 
 
 INDEX_FILE = STATIC_DIR / "index.html"
@@ -4046,11 +4164,16 @@ async def _lifecycle(app: web.Application):
     app[HUB] = hub = EventHub(store, settings)
     app[ENGINE] = EngineIO(hub, app[ACCESS])
     app[SCHEDULER] = scheduler = scheduler_class(store, images, settings)
+    relay = redis_mode().Relay(app) if settings.redis else None  # before any session
     await store.open(replayed)
     scheduler.start()
     try:
+        if relay is not None:
+            await relay.start()
         yield
     finally:
+        if relay is not None:
+            await relay.close()
         await scheduler.stop()
         await store.close()
         await session.close()
@@ -4059,6 +4182,8 @@ async def _lifecycle(app: web.Application):
 async def _close_sockets(app: web.Application) -> None:
     await app[ENGINE].close_all(1001, "server shutting down")
     await app[HUB].close_all(1001, "server shutting down")
+    if app[ENGINE].relay is not None:
+        await app[ENGINE].relay.close()
 
 
 # --- Command line -------------------------------------------------------------------
@@ -4432,16 +4557,24 @@ async def _stop_when_orphaned(supervisor: int, stop: asyncio.Event) -> None:
 # `--workers N`: one supervisor, N worker processes on one port (SO_REUSEPORT, so the
 # kernel spreads connections over them), sharing jobs through Redis. A worker that dies
 # is started again (with a growing pause if it keeps dying at once); SIGTERM or SIGINT
-# stops them all gracefully; SIGHUP is passed on (token rotation).
+# stops them all gracefully; SIGHUP is passed on (token rotation). The workers relay
+# Socket.IO requests to each other by Unix sockets in a directory only this user can
+# open (mode 0700), made for this run and removed after it.
 
 WORKER_STOP_TIMEOUT = 30.0
 
 
 def supervise(settings: Settings) -> int:
-    return asyncio.run(_supervise(settings, Path(__file__).resolve()))
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    runtime = tempfile.mkdtemp(prefix="jobservice-",
+                               dir=base if base and os.path.isdir(base) else None)
+    try:
+        return asyncio.run(_supervise(settings, Path(__file__).resolve(), runtime))
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
-async def _supervise(settings: Settings, program: Path) -> int:
+async def _supervise(settings: Settings, program: Path, runtime: str) -> int:
     # Held (bound, never listening) for as long as the workers run: port 0 becomes one
     # port for all of them, and nobody else can take it between restarts.
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -4453,8 +4586,9 @@ async def _supervise(settings: Settings, program: Path) -> int:
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind((settings.host, settings.port))
     port = holder.getsockname()[1]
-    command = [sys.executable, str(program), "--worker", str(os.getpid()),
-               "--host", settings.host, "--port", str(port), "--data", str(settings.jobs_file)]
+    command = [sys.executable, str(program), "--worker", str(os.getpid()), "--runtime-dir",
+               runtime, "--host", settings.host, "--port", str(port), "--data",
+               str(settings.jobs_file)]
     env = {**os.environ, "REDIS_URL": settings.redis_url}  # not in argv, where ps shows it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -507,6 +507,13 @@ class Supervisor:
 
 @pytest.fixture
 async def supervisors(tmp_path):
+    async with running_supervisors(tmp_path) as start:
+        yield start
+
+
+@contextlib.asynccontextmanager
+async def running_supervisors(tmp_path: Path):
+    """A starter of supervisors; each is stopped after, and any worker left killed."""
     started: list[Supervisor] = []
 
     async def start(env: dict, workers: int = 2, port: int = 0, ready=True) -> Supervisor:
@@ -514,7 +521,13 @@ async def supervisors(tmp_path):
         started.append(supervisor)
         return await supervisor.start(ready)
 
-    yield start
+    try:
+        yield start
+    finally:
+        await _stop_supervisors(started)
+
+
+async def _stop_supervisors(started: list[Supervisor]) -> None:
     for supervisor in started:  # by pid, gracefully first: its workers go with it
         process = supervisor.process
         if process is None or process.returncode is not None:
