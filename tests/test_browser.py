@@ -272,14 +272,23 @@ class HeldPosts:
         self.page = page
         self.held = 0
         self._release = asyncio.Event()
+        self._arrived = asyncio.Event()
 
     async def _handle(self, route) -> None:
         if route.request.method != "POST":
             await route.continue_()
             return
         self.held += 1
+        self._arrived.set()
         await self._release.wait()
         await route.continue_()
+
+    async def until(self, count: int, timeout: float = 5.0) -> None:
+        """Until `count` POSTs are held: the route hears of one after the page sent it."""
+        async with asyncio.timeout(timeout):
+            while self.held < count:
+                self._arrived.clear()
+                await self._arrived.wait()
 
     async def __aenter__(self) -> HeldPosts:
         await self.page.route("**/jobs", self._handle)
@@ -433,6 +442,7 @@ async def test_create_count_down_resolve_and_view(service_process, fake, open_pa
     async with HeldPosts(page) as held:
         await page.click('[data-testid="new-job"]')
         await page.wait_for_function(CREATING_ROWS_JS, arg=1, timeout=2_000)
+        await held.until(1)
         assert held.held == 1
         assert await page.locator(f"{LIST} > li").count() == 1
     await page.wait_for_function(
