@@ -250,6 +250,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "file_only: about jobs.json; not run on Redis")
 
 
+def pytest_runtest_setup(item):
+    """On an xdist worker under --dist loadgroup, a grouped test's id ends in @group, or
+    its group was not kept on one worker: fail it rather than run its module apart."""
+    if item.get_closest_marker("xdist_group") and "@" not in item.nodeid \
+            and os.environ.get("PYTEST_XDIST_WORKER") and item.config.getvalue("loadgroup"):
+        pytest.fail("pytest-xdist did not apply xdist_group: see the pytest cap in "
+                    "pyproject.toml", pytrace=False)
+
+
 @pytest.fixture
 def backend(request) -> dict:
     """The environment that picks the mode: nothing for jobs.json, REDIS_URL and a
