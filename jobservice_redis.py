@@ -146,6 +146,8 @@ class Keys:
 
 # One change per four arguments (op, id, JSON before its seq, argument); one result each:
 # its seq, 0 if there was nothing to do (deleted already), -1 if its condition failed.
+# A deletion is `delete` (whatever the job is now), or `expire` and `delete-unchanged`,
+# made only if the job's seq is still the argument.
 # Running twice (redis-py resends a command whose reply was lost) changes nothing more.
 COMMIT = """
 local node, cutoff, maxlen = ARGV[1], ARGV[2], ARGV[3]
@@ -494,8 +496,6 @@ class RedisJobStore(JobStore):
     # Writing
 
     def commit(self, record: Job | Tombstone) -> asyncio.Future:
-        if self._closing:
-            raise StorageError("the service is shutting down")
         held = self.jobs.get(record.id)
         if isinstance(record, Tombstone):
             op = "delete" if record.reason == "deleted" else "expire"
@@ -504,6 +504,22 @@ class RedisJobStore(JobStore):
             op, arg = ("create" if held is None else "retry"), str(ms(record.due_at))
         else:
             op, arg = "finish", ""
+        return self._queue(record, op, arg)
+
+    def commit_unless_changed(self, record: Job | Tombstone, seq: int) -> asyncio.Future:
+        """As in one process, and checked again by the script: a deletion is made only if
+        the job is still at `seq` in Redis, a retry only if it is still failed there, so
+        a change another node made first stands (the commit raises Conflict)."""
+        held = self.jobs.get(record.id)
+        if held is None or held.seq != seq or record.id in self.in_flight:
+            raise Conflict("the job changed first")
+        if isinstance(record, Tombstone):
+            return self._queue(record, "delete-unchanged", str(seq))
+        return self.commit(record)
+
+    def _queue(self, record: Job | Tombstone, op: str, arg: str) -> asyncio.Future:
+        if self._closing:
+            raise StorageError("the service is shutting down")
         future = self._loop.create_future()
         self._pending_writes.append((record, op, arg, future))
         self.in_flight.add(record.id)
@@ -1394,8 +1410,9 @@ class Relay:
         return ws
 
     def _session(self, sid: str):
-        """(the polling session sid, or None; the refusal if None)."""
-        session = self.engine.sessions.get(sid)
+        """(the polling session sid, or None; the refusal if None). One whose heartbeat
+        is overdue ends now, as for a request that came to this process itself."""
+        session = self.engine.session(sid)
         if session is None:
             return None, _engineio_refusal(400, 1, "Session ID unknown")
         if not session.polling:

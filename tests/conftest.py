@@ -404,17 +404,20 @@ class ServiceProcess:
         self.cwd = cwd
         self.jobs_file = jobs_file
         self.env = {**os.environ, **FAST_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.loop = (env or {}).get("LOOP")
         self.args = list(args)
         self.process: asyncio.subprocess.Process | None = None
         self.log: list[str] = []
         self.url = ""
         self._reader: asyncio.Task | None = None
-        self._line = asyncio.Event()  # set at each line read
+        self._new_line = asyncio.Event()  # set as each line of the log is read
 
     async def start(self, timeout: float = 20.0) -> ServiceProcess:
+        # On the test's own loop, unless the test names one.
+        loop = self.loop or jobservice.loop_kind(asyncio.get_running_loop())
         self.process = await asyncio.create_subprocess_exec(
             *self.command, "--port", "0", "--data", str(self.jobs_file), *self.args,
-            cwd=self.cwd, env=self.env, stdout=asyncio.subprocess.PIPE,
+            cwd=self.cwd, env={**self.env, "LOOP": loop}, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)
         ready = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read(ready))
@@ -425,23 +428,22 @@ class ServiceProcess:
         async for raw in self.process.stdout:
             line = raw.decode(errors="replace").rstrip()
             self.log.append(line)
-            self._line.set()
+            self._new_line.set()
             match = self.LISTENING.search(line)
             if match and not ready.done():
                 ready.set_result(f"http://{match.group(1)}:{match.group(2)}")
         if not ready.done():
             ready.set_exception(RuntimeError("service exited:\n" + "\n".join(self.log)))
 
-    async def logged(self, predicate, timeout: float = 10.0) -> str:
-        """The first line of the log for which predicate holds, once it has been read: a
-        line the service wrote before it answered may not have come through the pipe."""
-        async with asyncio.timeout(timeout):
+    async def logged(self, text: str, limit: float = 10.0) -> str:
+        """The first line of the log that holds text, read already or awaited."""
+        async with asyncio.timeout(limit):
             while True:
-                self._line.clear()
-                for line in self.log:
-                    if predicate(line):
-                        return line
-                await self._line.wait()
+                line = next((line for line in self.log if text in line), None)
+                if line is not None:
+                    return line
+                self._new_line.clear()
+                await self._new_line.wait()
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.process.returncode is None:
@@ -691,3 +693,23 @@ def nginx(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+# --- Event loops: what serves runs on asyncio's loop and on uvloop ----------------------
+# Each async test in BOTH_LOOPS runs once on each loop (pytest-asyncio's loop factories),
+# the rest on asyncio's. A service process a test starts through ServiceProcess runs on
+# the test's own loop (it passes LOOP); one started otherwise gets LOOP=asyncio from the
+# environment, unless the test or the caller's environment says otherwise.
+
+import uvloop  # noqa: E402
+
+LOOP_FACTORIES = {"asyncio": asyncio.SelectorEventLoop, "uvloop": uvloop.new_event_loop}
+BOTH_LOOPS = frozenset(("test_api.py", "test_ws.py", "test_socketio.py", "test_polling.py",
+                        "test_slow_clients.py"))
+os.environ.setdefault("LOOP", "asyncio")
+
+
+def pytest_asyncio_loop_factories(config, item):
+    if item.path.name in BOTH_LOOPS:
+        return LOOP_FACTORIES
+    return {"asyncio": LOOP_FACTORIES["asyncio"]}
