@@ -4367,7 +4367,8 @@ HTTP_METHODS = frozenset(("GET", "POST", "DELETE", "OPTIONS", "HEAD", "PUT", "PA
 PUBLIC_ROUTES = frozenset(("/", "/static/{path}", "/openapi.json", "/healthz", "/session",
                            "/socket.io/", "/socket.io"))
 ENGINEIO_ROUTES = frozenset(("/socket.io/", "/socket.io"))
-TOKEN = web.RequestKey("token", str)
+# A typed key where aiohttp has them (3.14 warns of a plain one); before, the string is it.
+TOKEN = web.RequestKey("token", str) if hasattr(web, "RequestKey") else "token"
 
 
 def _check_access(request: web.Request, app: web.Application, origin: str | None,
@@ -5204,6 +5205,117 @@ def transfer(command: str, argv: list[str]) -> int:
     return 0
 
 
+# `jobservice systemd-unit`: a unit file for this installation. It runs as a user made for
+# it (DynamicUser=), keeps jobs.json in its StateDirectory=, and is sandboxed as tightly
+# as a network service that writes one folder can be (systemd-analyze security: 1.x).
+
+SYSTEMD_UNIT = """\
+[Unit]
+Description=jobservice: jobs that resolve with a food photo
+After={after}
+{wants}
+[Service]
+Type=exec
+ExecStart={command} --data %S/jobservice/jobs.json{workers}
+# Settings and secrets (HOST, PORT, API_TOKEN, UNSPLASH_ACCESS_KEY...), read by systemd
+# as root: keep the file 0600. API_TOKENS_FILE=%S/jobservice/tokens is read again on
+# reload (systemctl reload), which sends SIGHUP.
+EnvironmentFile=-/etc/jobservice/env
+{environment}ExecReload=/bin/kill -s HUP $MAINPID
+KillSignal=SIGTERM
+KillMode=mixed
+# A graceful stop: a supervisor gives each worker {worker_stop:g} s, a process 5 s for its
+# requests, then the last writes.
+TimeoutStopSec={stop_timeout:g}
+Restart=on-failure
+# MAX_CONNECTIONS clients, each of which may hold a second descriptor (a file being
+# sent), and {reserve} for the journal, Redis and Unsplash.
+LimitNOFILE={open_files}
+DynamicUser=yes
+StateDirectory=jobservice
+StateDirectoryMode=0700
+UMask=0077
+CapabilityBoundingSet=
+AmbientCapabilities=
+NoNewPrivileges=yes
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateUsers=yes
+PrivateIPC=yes
+PrivateMounts=yes
+DevicePolicy=closed
+ProtectSystem=strict
+ProtectHome=yes
+ProtectHostname=yes
+ProtectClock=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+ProcSubset=pid
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+RemoveIPC=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+KeyringMode=private
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _on_this_machine(redis_url: str) -> bool:
+    host = urlsplit(redis_url).hostname or ""
+    try:
+        return redis_url.startswith("unix:") or host == "localhost" or \
+            ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        return False
+
+
+def systemd_unit(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jobservice systemd-unit",
+        description="Print a systemd unit that runs this jobservice as a service.")
+    parser.add_argument("--max-connections", type=int, default=10_000, metavar="N",
+                        help="MAX_CONNECTIONS, and LimitNOFILE to match (default 10000)")
+    parser.add_argument("--redis", default="", metavar="URL",
+                        help="REDIS_URL; on this machine, the unit starts after its "
+                             "redis-server.service")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="run N worker processes (needs --redis)")
+    args = parser.parse_args(argv)
+    if args.max_connections < 1 or args.workers < 0:
+        parser.error("--max-connections must be 1 or more, --workers 0 or more")
+    if args.workers and not args.redis:
+        parser.error("--workers needs --redis: processes share jobs through Redis")
+    program = Path(sys.argv[0]).absolute()  # the venv's command: never resolved past it
+    command = f"{sys.executable} {program}" if program.suffix == ".py" else str(program)
+    environment = f"Environment=MAX_CONNECTIONS={args.max_connections}\n"
+    after, wants = "network.target", ""
+    if args.redis:
+        environment += f"Environment=REDIS_URL={args.redis}\n"
+        if _on_this_machine(args.redis):
+            after, wants = "network.target redis-server.service", \
+                "Wants=redis-server.service\n"
+        else:
+            after, wants = "network-online.target", "Wants=network-online.target\n"
+    print(SYSTEMD_UNIT.format(
+        after=after, wants=wants, command=command, environment=environment,
+        workers=f" --workers {args.workers}" if args.workers else "",
+        worker_stop=WORKER_STOP_TIMEOUT, stop_timeout=WORKER_STOP_TIMEOUT + 15,
+        reserve=FD_RESERVE, open_files=2 * args.max_connections + FD_RESERVE), end="")
+    return 0
+
+
 def socket_host(host: str) -> str:
     """An address as ipaddress reads it (a listening socket may add a zone)."""
     return host.split("%", 1)[0]
@@ -5215,6 +5327,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("import", "export"):
         return transfer(argv[0], argv[1:])
+    if argv and argv[0] == "systemd-unit":
+        return systemd_unit(argv[1:])
     raise_open_files_limit()  # first: MAX_CONNECTIONS is derived from the limit
     try:
         settings = load_settings(argv)

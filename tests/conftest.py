@@ -2,6 +2,16 @@
 a fake Unsplash on loopback, and a reader of the event stream.
 
 Delays and retry settings are shrunk through the environment, never slept through.
+
+The suite runs on pytest-xdist workers (the README's command has `-n 3`, pyproject.toml
+`--dist loadgroup`), each test wherever a worker is free. So every test takes what it
+uses for itself: free ports, its tmp_path, a Redis prefix of its own (each worker starts
+its own redis_server). A module whose module-scoped fixtures are costly (a browser, a
+built wheel, services that many tests share) keeps its tests on one worker, so that
+they are made once: `pytestmark = pytest.mark.xdist_group("name")`. The browser modules
+share the group "browser", which also keeps two Chromiums from loading the box at once.
+Nothing else needs a worker of its own; a test that would (a fixed port, a global file)
+is a bug.
 """
 
 from __future__ import annotations
@@ -43,6 +53,14 @@ FAST_ENV = {
     "RETRY_MAX_DELAY": "0.05",
     "UNSPLASH_TIMEOUT": "0.5",
 }
+
+# For tests of POOL_MAX_AGE (set to AGED, in seconds): photos are bought only for a job due
+# now (no buying ahead: those would age before their job fell due), and every job is due
+# 0.6 s after it was made. A photo left from one job's batch is then over AGED old when
+# the next job needs one, and a fresh one is taken within milliseconds of its call, well
+# under AGED on however busy a box.
+AGED = 0.5
+AGE_TEST_ENV = {"PHOTO_REUSE": "never", "JOB_DELAY_MIN": "0.6", "JOB_DELAY_MAX": "0.6"}
 
 
 @pytest.fixture
@@ -230,6 +248,15 @@ def pytest_generate_tests(metafunc):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "file_only: about jobs.json; not run on Redis")
+
+
+def pytest_runtest_setup(item):
+    """On an xdist worker under --dist loadgroup, a grouped test's id ends in @group, or
+    its group was not kept on one worker: fail it rather than run its module apart."""
+    if item.get_closest_marker("xdist_group") and "@" not in item.nodeid \
+            and os.environ.get("PYTEST_XDIST_WORKER") and item.config.getvalue("loadgroup"):
+        pytest.fail("pytest-xdist did not apply xdist_group: see the pytest cap in "
+                    "pyproject.toml", pytrace=False)
 
 
 @pytest.fixture

@@ -302,7 +302,9 @@ async def test_import_into_a_prefix_with_history_but_no_live_job_needs_force(
     deleted or expired and the prefix is still not empty: an import over it without
     --force would put the seq back, so seqs would be handed out a second time and a
     client resuming from one it was given would skip the jobs that reuse them."""
-    node = await services(redis_env, tmp_path / "unused.json")
+    # Due in a minute, the job is deleted before it resolves (a resolution takes a seq too).
+    node = await services({**redis_env, "JOB_DELAY_MIN": "60", "JOB_DELAY_MAX": "60"},
+                          tmp_path / "unused.json")
     async with aiohttp.ClientSession(node.url) as client:
         [job_id] = await create_jobs(client, 1)
         async with client.delete(f"/jobs/{job_id}") as response:
