@@ -283,18 +283,19 @@ async def test_a_429_on_one_node_pauses_every_node(start_nodes, fake_unsplash, o
 
 async def test_remaining_zero_pauses_every_node_but_not_the_pool(start_nodes, fake_unsplash,
                                                                  open_events):
-    """A successful call with X-Ratelimit-Remaining: 0 (Retry-After: 1) was the last
+    """A successful call with X-Ratelimit-Remaining: 0 (Retry-After: 3) was the last
     one allowed: its 29 leftovers still serve jobs on every node at once, but the 31st
-    job after it waits until the pause is over, whichever node claims it."""
-    pause = 1.0
-    fake_unsplash.retry_after = "1"
+    job after it waits until the pause is over, whichever node claims it. (3 s: long
+    enough that the jobs are all made within it on a busy box.)"""
+    pause = 3.0
+    fake_unsplash.retry_after = "3"
     fake_unsplash.script.append("remaining0")
     nodes = await start_nodes(2, NEVER_REUSE)
     events = await open_events(nodes[0])
     [first] = await create_jobs(nodes[1], 1)
     await events.resolutions([first], timeout=5)
     ids = await create_round_robin(nodes, BATCH + 1)
-    done = await events.resolutions(ids, timeout=10)
+    done = await events.resolutions(ids, timeout=15)
     jobs = [done[job_id] for job_id in ids]
 
     limited_at = fake_unsplash.arrivals[0]
