@@ -4913,6 +4913,66 @@ def transfer(command: str, argv: list[str]) -> int:
     return 0
 
 
+# What a stored job costs a process that holds the registry (RSS after a full collection:
+# the largest of tests/bench.py's rows at 1,000,000 jobs, either mode, rounded up). The
+# default MAX_STORED_JOBS stays one figure on every machine, so that every node and
+# worker refuses at the same count; at start the service says what it will cost, and
+# warns when that is more than 3/4 of the memory it may have.
+STORED_JOB_BYTES = 800
+PROCESS_BYTES = 64 << 20  # the interpreter, aiohttp and the rest, with no job stored
+
+
+def memory_limit(proc: Path = Path("/proc/self/cgroup"),
+                 cgroups: Path = Path("/sys/fs/cgroup")) -> tuple[int, str]:
+    """(the memory this process may have, what sets it): the lowest memory limit of its
+    cgroup and the cgroups above it (v2 memory.max, or v1 memory.limit_in_bytes), if
+    lower than the machine's physical memory."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limits = []
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            folder, name, top = cgroups / path.lstrip("/"), "memory.max", cgroups
+        elif "memory" in controllers.split(","):
+            top = cgroups / "memory"
+            folder, name = top / path.lstrip("/"), "memory.limit_in_bytes"
+        else:
+            continue
+        while True:  # in a container its own cgroup is mounted as the root
+            try:
+                text = (folder / name).read_text().strip()
+            except OSError:
+                text = ""
+            if text.isdigit():
+                limits.append(int(text))
+            if folder == top or top not in folder.parents:
+                break
+            folder = folder.parent
+    if limits and min(limits) < physical:
+        return min(limits), "its cgroup's memory limit"
+    return physical, "the machine's physical memory"
+
+
+def stored_jobs_note(jobs: int, processes: int, limit: int, source: str) -> tuple[int, str]:
+    """(log level, what to say) about what the default MAX_STORED_JOBS will cost."""
+    each = jobs * STORED_JOB_BYTES + PROCESS_BYTES
+    need = each * processes
+    cost = (f"{jobs:,} stored jobs (MAX_STORED_JOBS, by default) will take about "
+            f"{need / 2**30:.1f} GiB" + (f" ({processes} workers, each with every job)"
+                                         if processes > 1 else ""))
+    if need <= limit * 3 // 4:  # the rest is the kernel's, and other processes'
+        return logging.INFO, f"{cost}, of the {limit / 2**30:.1f} GiB of {source}"
+    fits = max(0, (limit * 3 // 4 // processes - PROCESS_BYTES) // STORED_JOB_BYTES)
+    return logging.WARNING, (
+        f"{cost}, more than 3/4 of the {limit / 2**30:.1f} GiB of {source}: the kernel "
+        f"may stop the service before the cap refuses a job; set MAX_STORED_JOBS to "
+        f"{fits // 1000 * 1000:,} or less, or give it more memory")
+
+
 def socket_host(host: str) -> str:
     """An address as ipaddress reads it (a listening socket may add a zone)."""
     return host.split("%", 1)[0]
@@ -4932,6 +4992,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"jobservice: {exc}", file=sys.stderr)
         return 2
+    if settings.max_stored_jobs and "MAX_STORED_JOBS" not in os.environ \
+            and not settings.supervisor:
+        log.log(*stored_jobs_note(settings.max_stored_jobs, settings.workers or 1,
+                                  *memory_limit()))
     try:
         if settings.workers:
             return supervise(settings)
