@@ -896,6 +896,10 @@ class Job:
         middle = (f',"createdAt":"{iso(self.created_at)}","dueAt":"{iso(self.due_at)}",'
                   f'"resolvedAt":{_json_time(self.resolved_at)},"attempts":{self.attempts},'
                   f'"error":{_json_value(self.error)},"image":')
+        if self.status != "pending":
+            # Kept in the text now (to the millisecond, as the API gives them), these two
+            # are read from it if asked for (__getattr__): 64 bytes a finished job.
+            del self.created_at, self.due_at
         if type(image) is Image and image.result == self.result and _plain(self.id):
             return middle
         return (f'{{"id":{_json_value(self.id)},"status":"{self.status}",'
@@ -977,7 +981,8 @@ def _old_service_image(result: str) -> Image:
 # slow to repeat, so they are few), and its text is what the job keeps; anything else,
 # or a value out of range, is read by json instead.
 _TEXT = r'"([^"\\]*)"'
-_TIME = (r'"((?!0000)[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])T'
+_TIME = (r'"((?!0000)[0-9]{4}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])'
+         r'|(?:0[13-9]|1[0-2])-(?:29|30)|(?:0[13578]|1[02])-31|02-29)T'
          r'(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]\.[0-9]{3}Z)"')
 _JOB_TEXT = re.compile(
     r'\{"id":"([^"\\]+)","status":"(pending|resolved|failed)","result":(?:null|' + _TEXT + ')'
@@ -999,13 +1004,13 @@ def job_from_text(text: str, pos: int = 0, images: dict | None = None):
     if not job_id.isprintable() or not (result or "").isprintable() \
             or not (error or "").isprintable():
         return None  # a control character, which json would have refused
-    for moment in (created, due, resolved):  # a 29th to 31st may not be a day
-        if moment is not None and (moment[8] == "3" or moment[8:10] == "29") \
-                and _epoch_second(moment[:19]) is None:
-            return None
+    if "-02-29T" in own:  # not every year has one
+        for moment in (created, due, resolved):
+            if moment is not None and _epoch_second(moment[:19]) is None:
+                return None
     job = Job.__new__(Job)
     job.id, job.status, job.attempts, job.seq, job._ord = \
-        job_id, _STATUS[status], int(attempts), int(seq), 0
+        job_id, _STATUS[status], 0 if attempts == "0" else int(attempts), int(seq), 0
     # The time the scheduler asks every job for at start is read now; the others later.
     if status == "pending":
         job.due_at = (_epoch_second(due[:19]) * 1000 + _MILLISECONDS[due[20:23]]) / 1000
@@ -4757,6 +4762,7 @@ async def serve(settings: Settings) -> None:
         if isinstance(images, CatalogImages):
             log.warning("no UNSPLASH_ACCESS_KEY: photos come from the built-in catalog; set "
                         "UNSPLASH_ACCESS_KEY to an Unsplash access key for fresh random photos")
+        note_stored_jobs_cost(settings)
         if store.carried_over:
             retention = settings.job_retention
             log.info("the %d finished jobs carried over are kept %s (JOB_RETENTION)",
@@ -4871,6 +4877,7 @@ async def _supervise(settings: Settings, program: Path) -> int:
 
     log.info("jobservice %s supervising %d workers on http://%s:%d (pid %d)", __version__,
              settings.workers, settings.host, port, os.getpid())
+    note_stored_jobs_cost(settings)
     try:
         await asyncio.gather(*(keep_running(number) for number in range(settings.workers)))
     finally:
@@ -4957,6 +4964,14 @@ def memory_limit(proc: Path = Path("/proc/self/cgroup"),
     return physical, "the machine's physical memory"
 
 
+def note_stored_jobs_cost(settings: Settings) -> None:
+    """Said once (by the supervisor of workers), unless MAX_STORED_JOBS was chosen."""
+    if settings.max_stored_jobs and "MAX_STORED_JOBS" not in os.environ \
+            and not settings.supervisor:
+        log.log(*stored_jobs_note(settings.max_stored_jobs, settings.workers or 1,
+                                  *memory_limit()))
+
+
 def stored_jobs_note(jobs: int, processes: int, limit: int, source: str) -> tuple[int, str]:
     """(log level, what to say) about what the default MAX_STORED_JOBS will cost."""
     each = jobs * STORED_JOB_BYTES + PROCESS_BYTES
@@ -4992,10 +5007,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"jobservice: {exc}", file=sys.stderr)
         return 2
-    if settings.max_stored_jobs and "MAX_STORED_JOBS" not in os.environ \
-            and not settings.supervisor:
-        log.log(*stored_jobs_note(settings.max_stored_jobs, settings.workers or 1,
-                                  *memory_limit()))
     try:
         if settings.workers:
             return supervise(settings)
