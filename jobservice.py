@@ -39,6 +39,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -132,7 +133,11 @@ class Settings:
     header_timeout: float = 30.0  # a request's headers, from connecting or from its first byte
     body_timeout: float = 30.0  # its body, from its headers
     keepalive_timeout: float = 75.0  # an idle connection between two requests
+    ping_interval: float = 25.0  # Engine.IO's heartbeat, as the reference server's
+    ping_timeout: float = 20.0
     supervisor: int = 0  # a worker's: its supervisor's pid, whose port it shares
+    node_url: str = ""  # where the other nodes reach this one's relay door (Redis mode)
+    runtime_dir: Path | None = None  # a worker's: the supervisor's dir of relay sockets
 
     @property
     def unsplash_origin(self) -> str:
@@ -350,11 +355,58 @@ def _max_connections_per_address(env, max_connections: int) -> int:
                    minimum=1, integer=True)
 
 
+def _node_url(env, redis, port: int) -> str:
+    """NODE_URL, http://HOST:PORT: where the other nodes relay this node's Socket.IO
+    requests. The node listens for them on that port (on --host), a door of its own."""
+    url = (env.get("NODE_URL") or "").strip().rstrip("/")
+    if not url:
+        return ""
+    if not redis:
+        raise ConfigError("NODE_URL is for nodes sharing one Redis (REDIS_URL); one process "
+                          "has nobody to relay to")
+    parts = urlsplit(url)
+    try:
+        relay_port = parts.port
+    except ValueError:
+        relay_port = None
+    if parts.scheme != "http" or not parts.hostname or not relay_port or parts.path:
+        raise ConfigError(f"NODE_URL={url!r} is not http://HOST:PORT, the address the other "
+                          "nodes reach this node's relay port at")
+    if relay_port == port:
+        raise ConfigError(f"NODE_URL's port {relay_port} is PORT's: the relay door is a "
+                          "port of its own, for the other nodes only")
+    return url
+
+
 def _timeout(env, name: str, default: float) -> float:
     value = _duration(env, name, default)
     if value <= 0:
         raise ConfigError(f"{name} must be above 0: a client that outlasts it is cut off")
     return value
+
+
+# Socket.IO clients time the heartbeat with JavaScript timers, which take at most 2^31-1
+# ms: past that one fires at once, and the client drops a healthy connection.
+# Below 0.1 s a heartbeat outlasts no scheduling hiccup, and the sweep that keeps it
+# runs every quarter of it.
+MAX_JS_TIMER = (2**31 - 1) / 1000
+MIN_HEARTBEAT = 0.1
+
+
+def _heartbeat(env) -> tuple[float, float]:
+    """PING_INTERVAL and PING_TIMEOUT, in seconds."""
+    interval = _timeout(env, "PING_INTERVAL", 25.0)
+    timeout = _timeout(env, "PING_TIMEOUT", 20.0)
+    for name, value in (("PING_INTERVAL", interval), ("PING_TIMEOUT", timeout)):
+        if value < MIN_HEARTBEAT:
+            raise ConfigError(f"{name}={value:g} is below {MIN_HEARTBEAT:g} s: a client "
+                              "would be dropped at the first hiccup of either side")
+    if interval + timeout > MAX_JS_TIMER:
+        raise ConfigError(f"PING_INTERVAL + PING_TIMEOUT is {interval + timeout:,.0f} s, "
+                          f"over the {MAX_JS_TIMER:,.0f} s (24.8 days) a JavaScript timer "
+                          "takes: clients time the heartbeat with one, and past that drop "
+                          "the connection at once")
+    return interval, timeout
 
 
 def load_settings(argv: list[str] | None = None, env=None) -> Settings:
@@ -376,6 +428,7 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
                         help="start and supervise N processes on one port (needs --redis)")
     parser.add_argument("--worker", type=int, default=0, metavar="SUPERVISOR_PID",
                         help=argparse.SUPPRESS)
+    parser.add_argument("--runtime-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"jobservice {__version__}")
     args = parser.parse_args(argv)
 
@@ -438,6 +491,8 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         raise ConfigError(f"PEERS_MAX_QUEUED_BYTES must be at least {PEER_BACKLOG_BYTES} "
                           "(8 MiB), what one event client may have queued")
     max_connections = _max_connections(env)
+    node_url = _node_url(env, redis_url or sentinels, port)
+    ping_interval, ping_timeout = _heartbeat(env)
     if (env.get("JOB_LEASE") or "").strip() and _duration(env, "JOB_LEASE", 30.0) < 1:
         raise ConfigError("JOB_LEASE must be at least 1 s: a node renews its claims every "
                           "third of it")
@@ -488,6 +543,10 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         header_timeout=_timeout(env, "HEADER_TIMEOUT", 30.0),
         body_timeout=_timeout(env, "BODY_TIMEOUT", 30.0),
         keepalive_timeout=_timeout(env, "KEEPALIVE_TIMEOUT", 75.0),
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        node_url=node_url,
+        runtime_dir=Path(args.runtime_dir) if args.runtime_dir else None,
     )
     read_tokens(settings)  # a tokens file that is unreadable or empty stops start-up
     return settings
@@ -1492,6 +1551,14 @@ class JobStore:
         self._promises.append(promise)
         return promise
 
+    def commit_unless_changed(self, record: Job | Tombstone, seq: int) -> asyncio.Future:
+        """commit(record) if its job is still the change numbered `seq`, with no other on
+        its way; Conflict if not. One writer: what is checked here holds until written."""
+        held = self.jobs.get(record.id)
+        if held is None or held.seq != seq or record.id in self.in_flight:
+            raise Conflict("the job changed first")
+        return self.commit(record)
+
     async def _write_batches(self) -> None:
         while True:
             if not self._staged:
@@ -1774,6 +1841,24 @@ class JobStore:
                 last = job.id
             index += step
         return page, None
+
+    def walk(self, cursor: tuple | None, count: int) -> tuple[list[Job], tuple | None]:
+        """(the jobs among the next `count` places of the creation order from `cursor`,
+        None to start, and the cursor to go on from, None at the end): a walk over the
+        whole registry in steps, between which it may change. A job that lives throughout
+        is met once; one made or deleted meanwhile may be met or not. KeyError if the
+        order was rebuilt since the cursor was handed out: the walk starts over."""
+        order = self.order
+        if cursor is None:
+            index = 0
+        elif cursor[0] is not order:
+            raise KeyError("the order was rebuilt")
+        else:
+            # Deleted ids cut off the front shift what is left, not the places counted.
+            index = max(0, cursor[1] - self.order_base)
+        stop = min(len(order), index + count)
+        found = [job for job in order[index:stop] if job.status != "deleted"]
+        return found, ((order, self.order_base + stop) if stop < len(order) else None)
 
 
 def settle(promise: asyncio.Future, error: Exception | None = None) -> None:
@@ -2613,7 +2698,8 @@ class Scheduler:
             job.count_attempt()
             if job.attempts >= limit:
                 self._ready.remove(job_id)
-                self._fail(job, f"gave up after {job.attempts} attempts: {reason}")
+                tries = f"{job.attempts} attempt{'s' if job.attempts != 1 else ''}"
+                self._fail(job, f"gave up after {tries}: {reason}")
 
     def _fail(self, job: Job, reason: str) -> None:
         done = self.store.commit(job.failed(reason, time.time()))
@@ -2867,23 +2953,26 @@ class EventHub:
                 text = texts[peer.frames] = peer.frames.event(job)
             peer.push(text)
 
-    def attach(self, peer: Peer, since: int | None, handshake: str = "") -> None:
-        """Register a peer and queue what it missed, atomically: every change up to now
-        is in the replay, every later one arrives in its backlog. The handshake (Socket.IO's
-        CONNECT reply) follows the replay."""
-        after = [handshake] if handshake else []
+    def join(self, peer: Peer) -> None:
         self.peers.add(peer)
         if self.sweeper is None:
             self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def attach(self, peer: Peer, since: int | None, handshake: str = "") -> None:
+        """Register a peer and queue what it missed, atomically: every change up to now
+        is in the replay, every later one arrives in its backlog. The handshake (Socket.IO's
+        CONNECT reply) comes first: until it, a client has no namespace for an event."""
+        first = [handshake] if handshake else []
+        self.join(peer)
         if since is None:
-            peer.start(after)
+            peer.start(first)
             return
         self.store.forget_old_tombstones()
         if since > self.store.seq or since < self.store.forgotten:
-            peer.start([peer.frames.control("RESET", self.store.seq), *after])
+            peer.start([*first, peer.frames.control("RESET", self.store.seq)])
         else:
-            peer.start_replay(self.store, since,
-                              [peer.frames.control("SYNCED", self.store.seq), *after])
+            peer.start(first)
+            peer.start_replay(self.store, since, [peer.frames.control("SYNCED", self.store.seq)])
 
     async def _sweep(self) -> None:
         timeout = self.settings.peer_drain_timeout
@@ -2950,13 +3039,13 @@ class EventHub:
 
 # Engine.IO v4 sessions, under Socket.IO v5 on the main namespace. A session starts on
 # long-polling (and may upgrade to a WebSocket) or on a WebSocket; either way it is one
-# Peer. One sweep pings every session, drops those that stop answering, and enforces the
-# connect timeout, so an idle session costs no task and no timer. The recovery id (pid)
+# Peer. One sweep pings every session (every PING_INTERVAL), drops those that stop
+# answering (PING_TIMEOUT), and enforces the connect timeout, so an idle session costs no
+# task and no timer; a request that comes for a session already overdue is refused as it
+# arrives, as the reference server's timers would have ended it. The recovery id (pid)
 # is random and the public sid is derived from it, so a client that comes back with
 # {pid, offset} is recovered with no session kept on the server, across restarts too.
 
-EIO_PING_INTERVAL = 25.0
-EIO_PING_TIMEOUT = 20.0
 EIO_UPGRADE_TIMEOUT = 10.0
 EIO_MAX_PAYLOAD = 1_000_000
 SIO_CONNECT_TIMEOUT = 45.0
@@ -2996,13 +3085,42 @@ def socketio_resume(store: JobStore, auth: dict) -> tuple[str, int]:
     return secrets.token_urlsafe(15), store.seq
 
 
+# Names a client may not emit: the reference parser refuses an EVENT named after one of
+# its sockets' own events.
+SIO_RESERVED_EVENTS = frozenset(("connect", "connect_error", "disconnect", "disconnecting",
+                                 "newListener", "removeListener"))
+SIO_MESSAGE = re.compile(r"[23](?:/[^,]*,)?[0-9]*(.*)", re.DOTALL)
+
+
+def socketio_message_is_valid(packet: str) -> bool:
+    """Whether an EVENT (`2[ns,][id][name, ...]`) or ACK (`3[ns,]id[...]`) from a client
+    is one the reference parser reads. Nothing here listens to either, so a good one is
+    ignored, as the reference server ignores an event nobody listens to; a bad one ends
+    the session, as the parser's error does there."""
+    match = SIO_MESSAGE.fullmatch(packet)
+    if match is None:
+        return False
+    try:
+        data = json.loads(match.group(1))
+    except (ValueError, RecursionError):
+        return False
+    if type(data) is not list:
+        return False
+    if packet[0] == "3":
+        return True
+    name = data[0] if data else None
+    if type(name) is str:
+        return name not in SIO_RESERVED_EVENTS
+    return type(name) in (int, float)
+
+
 class EngineIOSession(Peer):
     def __init__(self, engine: EngineIO, polling: bool, client: str, token: str | None):
         super().__init__(SocketIOFrames)
         self.engine = engine
         self.client = client  # the address, for the limit on wrong tokens
         self.token = token  # from a Bearer header or the page's cookie, or CONNECT's auth
-        self.sid = secrets.token_urlsafe(15)
+        self.sid = engine.tag + secrets.token_urlsafe(15)  # the tag names this process
         self.polling = polling  # false once the session is on a WebSocket
         self.upgrading = False  # a WebSocket is taking over
         self.probed = False  # ... and has sent its probe: a waiting poll gets a noop
@@ -3013,21 +3131,24 @@ class EngineIOSession(Peer):
         self.opened_at = now
         self.polled_at = now  # when a long-poll last ended, or the session opened
         self.closed_at = now  # set when it closes with last words still to be polled for
-        self.ping_at = now + EIO_PING_INTERVAL
+        self.ping_at = now + engine.ping_interval
         self.pong_by: float | None = None
 
     def open_packet(self) -> str:
-        return "0" + json.dumps({
+        return "0" + _json_value({
             "sid": self.sid, "upgrades": ["websocket"] if self.polling else [],
-            "pingInterval": int(EIO_PING_INTERVAL * 1000),
-            "pingTimeout": int(EIO_PING_TIMEOUT * 1000), "maxPayload": EIO_MAX_PAYLOAD})
+            "pingInterval": round(self.engine.ping_interval * 1000),
+            "pingTimeout": round(self.engine.ping_timeout * 1000),
+            "maxPayload": EIO_MAX_PAYLOAD})
 
     def receive(self, packet: str) -> bool:
         """Take one packet from the client; False if it is not one this server takes,
         and the session is closed."""
+        if self.pong_by is not None and self.engine.expire(self):
+            return True  # too late, a pong too: the session has ended
         if packet == "3":
             self.pong_by = None
-            self.ping_at = asyncio.get_running_loop().time() + EIO_PING_INTERVAL
+            self.ping_at = asyncio.get_running_loop().time() + self.engine.ping_interval
         elif packet == "1":
             self.closed_by_client = True
             self.close(1000, "closed by the client")
@@ -3039,21 +3160,17 @@ class EngineIOSession(Peer):
         return True
 
     def _socketio(self, packet: str) -> bool:
+        if packet.startswith("0/"):
+            return self._other_namespace(packet[1:].split(",", 1)[0])
         if self.connected:
             if packet == "1":
                 self.closed_by_client = True
                 self.close(1000, "disconnected by the client")
-            elif not packet.startswith(("2", "3")):  # events and acks have no listener
+            elif packet.startswith("1/") and not packet.partition(",")[2]:
+                pass  # leaving a namespace it was refused: nothing to do, as the reference
+            elif not (packet.startswith(("2", "3")) and socketio_message_is_valid(packet)):
                 self.close(1002, "unsupported packet")
                 return False
-            return True
-        if packet.startswith("0/"):
-            # Only / is served. A stock client hears of a refusal only in the namespace it
-            # asked for, so a plain name is sent back, as the reference server does; any
-            # other bytes are not (the refusal then goes to /), and the session ends.
-            namespace = packet[1:].split(",", 1)[0]
-            self.refuse("Invalid namespace",
-                        namespace if SIO_PLAIN_NAMESPACE.fullmatch(namespace) else "")
             return True
         if not packet.startswith("0"):
             self.close(1002, "expected a CONNECT packet for /")
@@ -3073,8 +3190,24 @@ class EngineIOSession(Peer):
         self.connected = True
         self.engine.settle(self)
         pid, since = socketio_resume(self.engine.hub.store, auth)
-        handshake = "40" + json.dumps({"sid": socketio_sid(pid), "pid": pid})
+        handshake = "40" + _json_value({"sid": socketio_sid(pid), "pid": pid})
         self.engine.hub.attach(self, since, handshake)
+        return True
+
+    def _other_namespace(self, namespace: str) -> bool:
+        """Only / is served. A stock client hears of a refusal only in the namespace it
+        asked for, so a plain name is sent back, as the reference server does; any other
+        bytes are not. Before / is connected the refusal ends the session (to / if the
+        name was not plain); after, / goes on, as a client's Manager multiplexes all its
+        namespaces over one connection."""
+        plain = SIO_PLAIN_NAMESPACE.fullmatch(namespace) is not None
+        if not self.connected:
+            self.refuse("Invalid namespace", namespace if plain else "")
+        elif plain:
+            self.push(f"44{namespace}," + _json_value({"message": "Invalid namespace"}))
+        else:
+            self.close(1002, "unsupported packet")
+            return False
         return True
 
     def refuse(self, message: str, namespace: str = "") -> None:
@@ -3083,7 +3216,7 @@ class EngineIOSession(Peer):
         the server's own words."""
         addressed = f"{namespace}," if namespace else ""
         self.close(1008, "connect refused",
-                   f"44{addressed}" + json.dumps({"message": message}))
+                   f"44{addressed}" + _json_value({"message": message}))
 
     def _refusal(self, token) -> str | None:
         """Why a CONNECT may not go on (the token is missing or wrong), or None. The
@@ -3127,13 +3260,23 @@ class EngineIOSession(Peer):
         else:
             super().push(text)
 
+    def ping(self, pong_by: float) -> None:
+        """A ping, ahead of any events waiting: a replay that takes longer than the
+        pong may does not end the session of a client that reads it (the events keep
+        their order; a ping belongs to no namespace)."""
+        if not self.closing:
+            self.pong_by = pong_by
+            self.replay.appendleft("2")
+            self.queued_bytes += 1
+            self.wakeup.set()
+
     def silent(self, now: float) -> bool:
         """The client stopped answering pings, or, on polling, stopped collecting them:
         pongs sent blind, without polling, do not keep a session."""
         if self.pong_by is not None and now >= self.pong_by:
             return True
         return (self.polling and not self.polled and not self.upgrading
-                and now >= self.polled_at + EIO_PING_INTERVAL + EIO_PING_TIMEOUT)
+                and now >= self.polled_at + self.engine.heartbeat)
 
     def upgrade(self, ws: web.WebSocketResponse, transport) -> None:
         self.engine.count_polling(self, -1)
@@ -3162,12 +3305,20 @@ class EngineIO:
     def __init__(self, hub: EventHub, access: Access):
         self.hub = hub
         self.access = access
+        self.ping_interval = access.settings.ping_interval
+        self.ping_timeout = access.settings.ping_timeout
+        # A polling client that has not polled for this long has missed a ping's pong.
+        self.heartbeat = self.ping_interval + self.ping_timeout
         self.sessions: dict[str, EngineIOSession] = {}
         self.half_open: dict[str, EngineIOSession] = {}  # no CONNECT yet, oldest first
         self.half_open_by_address: dict[str, dict[str, EngineIOSession]] = {}  # the same
         self.polling_count = 0
         self.polling_by_address: dict[str, int] = {}
         self.sweeper: asyncio.Task | None = None
+        # In Redis mode, the process's tag starts each sid it makes, and the relay takes
+        # a request for another process's sid there (jobservice_redis.Relay).
+        self.tag = ""
+        self.relay = None
 
     def open(self, polling: bool, client: str = "", token: str | None = None
              ) -> EngineIOSession | None:
@@ -3188,11 +3339,62 @@ class EngineIO:
                 or self._give_way(self.half_open)):
             return None
         session = EngineIOSession(self, polling, client, token)
-        self.sessions[session.sid] = self.half_open[session.sid] = session
-        self.half_open_by_address.setdefault(client, {})[session.sid] = session
+        self._register(session)
+        return session
+
+    def _register(self, session: EngineIOSession) -> None:
+        self.sessions[session.sid] = session
+        if not session.connected:
+            self.half_open[session.sid] = session
+            self.half_open_by_address.setdefault(session.client, {})[session.sid] = session
         self.count_polling(session, +1)
         if self.sweeper is None:
             self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    # A session moves to the process that holds its WebSocket (every process reads the
+    # same events): its owner hands over what the client has not been sent yet, and the
+    # seq up to which that covers; the new owner goes on from there in its own registry.
+
+    def hand_over(self, session: EngineIOSession) -> dict:
+        """The session's state for the process its WebSocket reached; here it ends, and
+        its client is told nothing (it is moving, not closing)."""
+        now = asyncio.get_running_loop().time()
+        frames, since, end = list(session.replay), None, []
+        if session.replay_store is not None:
+            # Mid-replay: the replay goes on from where it got to, up to the new owner's
+            # now, so it holds the live events queued meanwhile too; only pings stay.
+            records = session.replay_records
+            since = records[0].seq - 1 if records else session.replay_from
+            end = session.replay_end
+            frames += [text for text in session.backlog if text == "2"]
+        else:
+            frames += session.backlog
+            if session.connected:
+                since = self.hub.store.seq
+        state = {"sid": session.sid, "client": session.client, "token": session.token,
+                 "connected": session.connected, "age": now - session.opened_at,
+                 "ping_in": session.ping_at - now,
+                 "pong_in": None if session.pong_by is None else session.pong_by - now,
+                 "frames": frames, "since": since, "end": end, "seq": self.hub.store.seq}
+        session.close(1000, "moved to the process of its WebSocket")
+        return state
+
+    def adopt(self, state: dict, ws: web.WebSocketResponse, transport) -> EngineIOSession:
+        """The session another process handed over, on this process's WebSocket; the
+        store has applied every change up to state["seq"]."""
+        session = EngineIOSession(self, False, state["client"], state["token"])
+        session.sid, session.connected = state["sid"], state["connected"]
+        now = asyncio.get_running_loop().time()
+        session.opened_at = now - state["age"]
+        session.ping_at = now + state["ping_in"]
+        if state["pong_in"] is not None:
+            session.pong_by = now + state["pong_in"]
+        self._register(session)
+        session.start(state["frames"])
+        if session.connected:
+            self.hub.join(session)
+            session.start_replay(self.hub.store, state["since"], state["end"])
+        session.use_websocket(ws, transport)
         return session
 
     @staticmethod
@@ -3234,24 +3436,41 @@ class EngineIO:
             if session.token is not None and session.token not in tokens:
                 session.refuse("unauthorized: the access token was revoked")
 
+    def session(self, sid: str) -> EngineIOSession | None:
+        """The session of that sid, if it is still alive now."""
+        session = self.sessions.get(sid)
+        if session is not None and self.expire(session):
+            return None
+        return session
+
+    def expire(self, session: EngineIOSession, now: float | None = None) -> bool:
+        """End the session if its heartbeat is overdue, or forget it if its last words
+        were never polled for; whether it has ended."""
+        now = asyncio.get_running_loop().time() if now is None else now
+        if session.closing:
+            if now < session.closed_at + self.ping_timeout:
+                return False
+            self.forget(session)
+        elif session.silent(now):
+            session.close(1000, "ping timeout")
+            self.hub.store.metrics.peers_dropped.labels("ping_timeout").inc()
+        else:
+            return False
+        return True
+
     async def _sweep(self) -> None:
-        period = min(1.0, EIO_PING_INTERVAL / 4, EIO_PING_TIMEOUT / 4)
+        period = min(1.0, self.ping_interval / 4, self.ping_timeout / 4)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(period)
             now = loop.time()
             for session in list(self.sessions.values()):
-                if session.closing:  # its last words were never polled for
-                    if now >= session.closed_at + EIO_PING_TIMEOUT:
-                        self.forget(session)
-                elif session.silent(now):
-                    session.close(1000, "ping timeout")
-                    self.hub.store.metrics.peers_dropped.labels("ping_timeout").inc()
-                elif not session.connected and now >= session.opened_at + SIO_CONNECT_TIMEOUT:
+                if self.expire(session, now) or session.closing:
+                    continue
+                if not session.connected and now >= session.opened_at + SIO_CONNECT_TIMEOUT:
                     session.close(1002, "no Socket.IO CONNECT packet")
                 elif session.pong_by is None and now >= session.ping_at:
-                    session.pong_by = now + EIO_PING_TIMEOUT
-                    session.push("2")
+                    session.ping(now + self.ping_timeout)
 
     async def close_all(self, code: int, reason: str) -> None:
         if self.sweeper is not None:
@@ -3658,13 +3877,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     order = query.get("order", "asc")
     if order not in ("asc", "desc"):
         raise ApiError(400, "invalid_parameter", "order must be asc or desc")
-    limit = None
-    if "limit" in query:
-        raw = query["limit"]
-        if not is_ascii_number(raw) or not 1 <= int(raw) <= MAX_PAGE:
-            raise ApiError(400, "invalid_parameter",
-                           f"limit must be a whole number from 1 to {MAX_PAGE}")
-        limit = int(raw)
+    limit = _query_limit(query, MAX_PAGE)
     cursor_name = "before" if order == "desc" else "after"
     wrong = "after" if order == "desc" else "before"
     if wrong in query:
@@ -3715,6 +3928,17 @@ async def list_jobs(request: web.Request) -> web.Response:
 LIST_SLICE = 2000
 
 
+def _query_limit(query, maximum: int) -> int | None:
+    """The `limit` parameter (None without one); ApiError 400 unless it is 1 to maximum."""
+    if "limit" not in query:
+        return None
+    raw = query["limit"]
+    if not is_ascii_number(raw) or not 1 <= int(raw) <= maximum:
+        raise ApiError(400, "invalid_parameter",
+                       f"limit must be a whole number from 1 to {maximum}")
+    return int(raw)
+
+
 async def get_job(request: web.Request) -> web.Response:
     job = request.app[STORE].get(request.match_info["id"])
     if job is None:
@@ -3754,6 +3978,220 @@ async def delete_job(request: web.Request) -> web.Response:
         raise ApiError(404, "not_found", "no job with that id")
     await _committed(store, Tombstone(job.id, "deleted", time.time()))
     return web.Response(status=204)
+
+
+# Bulk changes: retry the failed jobs, delete the finished ones, all of them or those a
+# filter picks. One request may take a million jobs, so the registry is walked
+# WALK_STEP places at a time, and the jobs found are changed BULK_STEP at a time, each
+# through commit() like a single change (journaled, announced, replayed), the next step
+# once the last is stored: no step holds the event loop long, nor fills a peer's queue
+# at once. The answer (202, how many it took) comes once the walk is done; the changes
+# follow. A request takes the jobs that match when it comes: a job anyone changes after
+# that (retries, deletes, or a node resolves), before its turn, is left as that change
+# made it, in Redis mode too, where the script checks it again; one that fails later is
+# not retried. One runs at a time per process: the next waits its turn (so it sees what
+# the last one did), and past BULK_QUEUE waiting, another gets 409.
+
+WALK_STEP = 5000  # places of the order looked at per step: 3-7 ms of CPU at a million jobs
+BULK_STEP = 500  # changes staged at once
+# The jobs a bulk change makes (and its list of those it took) live on: every this many
+# they are moved out of the garbage collector's way, as after a compaction. Its passes
+# over them took 20-50 ms at 100,000 jobs, 250 ms at 500,000.
+FREEZE_EVERY = 5000
+BULK_QUEUE = 4
+FIND_LIMIT = 100
+MAX_ID_LENGTH = 200
+
+
+class BulkChange:
+    def __init__(self, store: JobStore):
+        self.store = store
+        self.waiting = 0
+        self._turn = asyncio.Lock()  # held from the walk to the last change stored
+        self._task: asyncio.Task | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._turn.locked()
+
+    async def begin(self, matches, statuses: tuple[str, ...] | None, change, room=None
+                    ) -> tuple[int, int]:
+        """Take the jobs that match when its turn comes (at most room(), if given) and
+        change each into change(job) in the background; (how many it took, the seq they
+        were taken at). `statuses`: the filter picks every job of these, and no other."""
+        if self.waiting >= BULK_QUEUE:
+            raise ApiError(409, "bulk_in_progress", f"{BULK_QUEUE} bulk changes wait for "
+                           "the one under way on this node; try again when it is done",
+                           {"Retry-After": "1"})
+        self.waiting += 1
+        try:
+            await self._turn.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            jobs, seq = await self._select(matches, statuses)
+        except BaseException:
+            self._turn.release()
+            raise
+        if room is not None:
+            del jobs[max(0, room()):]
+        self._task = asyncio.create_task(self._change(jobs, change), name="bulk change")
+        return len(jobs), seq
+
+    async def _select(self, matches, statuses) -> tuple[list[Job], int]:
+        store = self.store
+        while True:
+            # Every job of these statuses found: the walk can end.
+            wanted = None if statuses is None else sum(store.counts[s] for s in statuses)
+            seq, found, cursor = store.seq, [], None
+            try:
+                while True:
+                    jobs, cursor = store.walk(cursor, WALK_STEP)
+                    found += [job for job in jobs if job.seq <= seq and matches(job)]
+                    if cursor is None or len(found) == wanted:
+                        return found, seq
+                    await asyncio.sleep(0)
+            except KeyError:
+                continue  # the order was rebuilt meanwhile: a job could be met twice
+
+    async def _change(self, jobs: list[Job], change) -> None:
+        store, changed, skipped = self.store, 0, 0
+        try:
+            for start in range(0, len(jobs), BULK_STEP):
+                if start % FREEZE_EVERY == 0:
+                    gc.freeze()
+                promises, full = [], False
+                step = jobs[start:start + BULK_STEP]
+                jobs[start:start + BULK_STEP] = [None] * len(step)  # let them go as done
+                for job in step:
+                    record = change(job)
+                    if record is None:  # no room left (MAX_PENDING_JOBS)
+                        full = True
+                        break
+                    try:
+                        promises.append(store.commit_unless_changed(record, job.seq))
+                    except Conflict:
+                        skipped += 1
+                results = await asyncio.gather(*promises, return_exceptions=True)
+                changed += sum(result is None for result in results)
+                skipped += sum(isinstance(result, Conflict) for result in results)
+                failure = next((result for result in results
+                                if isinstance(result, StorageError)), None)
+                if failure is not None:
+                    log.warning("a bulk change stopped after %d jobs: %s", changed, failure)
+                    return
+                if full:
+                    return
+        except StorageError:
+            pass  # shutting down: what is left stays as it is
+        finally:
+            self._turn.release()
+            log.info("a bulk change changed %d jobs (%d changed first elsewhere)", changed,
+                     skipped)
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+
+def _bulk_filter(body: dict, statuses: tuple[str, ...]):
+    """(matches(job), the statuses it takes if it picks by status alone, else None) from
+    a bulk request's body: `status`, `finishedBefore`, `finishedAfter`, `error`."""
+    unknown = set(body) - {"status", "finishedBefore", "finishedAfter", "error"}
+    if unknown:
+        raise ApiError(400, "invalid_body", f"unknown field {sorted(unknown)[0]!r}")
+    status = body.get("status")
+    if status is not None:
+        if status not in statuses:
+            raise ApiError(400, "invalid_body", f"status must be {' or '.join(statuses)}")
+        statuses = (status,)
+    bounds = []
+    for name in ("finishedBefore", "finishedAfter"):
+        value = body.get(name)
+        try:
+            bounds.append(None if value is None else parse_time(value, name))
+            if value is not None and not math.isfinite(bounds[-1]):  # JSON's Infinity, NaN
+                raise ValueError(name)
+        except (ValueError, TypeError, OverflowError):
+            raise ApiError(400, "invalid_body", f"{name} must be a time (ISO 8601, or epoch "
+                           "milliseconds)") from None
+    before, after = bounds
+    error = body.get("error")
+    if error is not None and (not isinstance(error, str) or not 0 < len(error) <= 200):
+        raise ApiError(400, "invalid_body", "error must be text of 1 to 200 characters")
+    needle = error.casefold() if error else None
+
+    def matches(job: Job) -> bool:
+        if job.status not in statuses:
+            return False
+        finished = job.resolved_at or job.created_at
+        return ((before is None or finished < before) and (after is None or finished >= after)
+                and (needle is None or needle in (job.error or "").casefold()))
+
+    return matches, statuses if before is None and after is None and needle is None else None
+
+
+async def retry_jobs(request: web.Request) -> web.Response:
+    """Retry the failed jobs (all, or those the body's filter picks); 202 with how many."""
+    matches, statuses = _bulk_filter(await json_body(request), ("failed",))
+    store, settings = request.app[STORE], request.app[SETTINGS]
+    _admit(request)
+    headers = _rate_limit(request)
+    delay = settings.retry_base_delay
+
+    def room() -> int:
+        return settings.max_pending_jobs - store.counts["pending"] - len(store.in_flight)
+
+    def retried(job: Job) -> Job | None:
+        return job.retried(time.time() + delay) if room() > 0 else None
+
+    taken, seq = await request.app[BULK].begin(matches, statuses, retried, room)
+    return json_response(json.dumps({"taken": taken, "seq": seq}), 202, headers)
+
+
+async def delete_jobs(request: web.Request) -> web.Response:
+    """Delete the finished jobs (all, or those the body's filter picks); 202 with how many."""
+    matches, statuses = _bulk_filter(await json_body(request), ("resolved", "failed"))
+    taken, seq = await request.app[BULK].begin(
+        matches, statuses, lambda job: Tombstone(job.id, "deleted", time.time()))
+    return json_response(json.dumps({"taken": taken, "seq": seq}), 202)
+
+
+async def find_jobs(request: web.Request) -> web.Response:
+    """The jobs whose id starts with `id` (the whole id, or the short one a card shows),
+    oldest first, at most `limit`: the registry is walked in steps, a job found by its
+    whole id is looked up at once."""
+    query = request.query
+    unknown = set(query) - {"id", "limit"}
+    if unknown:
+        raise ApiError(400, "invalid_parameter",
+                       f"unknown query parameter {sorted(unknown)[0]!r}")
+    prefix = query.get("id", "")
+    if not 0 < len(prefix) <= MAX_ID_LENGTH:
+        raise ApiError(400, "invalid_parameter",
+                       f"id must be 1 to {MAX_ID_LENGTH} characters of a job's id")
+    limit = _query_limit(query, FIND_LIMIT) or 10
+    store = request.app[STORE]
+    exact = store.get(prefix)
+    found, cursor = [], None
+    while True:
+        try:
+            jobs, cursor = store.walk(cursor, WALK_STEP)
+        except KeyError:  # the order was rebuilt: start over
+            found, cursor = [], None
+            continue
+        found += [job for job in jobs if job.id.startswith(prefix) and job.id != prefix]
+        if cursor is None or len(found) + (exact is not None) >= limit:
+            break
+        await asyncio.sleep(0)
+    if exact is not None:
+        found.insert(0, exact)
+    return json_response("[" + ",".join(job.json for job in found[:limit]) + "]",
+                         headers={"X-Jobs-Seq": str(store.seq)})
 
 
 async def job_stats(request: web.Request) -> web.Response:
@@ -3891,7 +4329,7 @@ TEXT_TYPE = "text/plain"
 
 def _engineio_refusal(status: int, code: int, message: str, headers=None) -> web.Response:
     return web.json_response({"code": code, "message": message}, status=status,
-                             headers=headers)
+                             headers=headers, dumps=_json_value)
 
 
 def _engineio_text(body: str) -> web.Response:
@@ -3905,12 +4343,14 @@ async def socketio_endpoint(request: web.Request) -> web.StreamResponse:
     if transport not in ("polling", "websocket"):
         return _engineio_refusal(400, 0, "Transport unknown")
     engine = request.app[ENGINE]
-    session = None
+    session = relayed = None
     if "sid" in query:
-        session = engine.sessions.get(query["sid"])
+        session = engine.session(query["sid"])
         if session is None:
-            return _engineio_refusal(400, 1, "Session ID unknown")
-        if not session.polling or (transport == "websocket" and session.upgrading):
+            relayed = engine.relay and engine.relay.owner(query["sid"])
+            if not relayed:
+                return _engineio_refusal(400, 1, "Session ID unknown")
+        elif not session.polling or (transport == "websocket" and session.upgrading):
             return _engineio_refusal(400, 3, "Bad request")  # upgraded, or upgrading
     elif request.method != "GET":
         return _engineio_refusal(400, 2, "Bad handshake method")
@@ -3924,6 +4364,8 @@ async def socketio_endpoint(request: web.Request) -> web.StreamResponse:
     except ApiError as exc:
         return _engineio_refusal(403, 4, exc.message)
 
+    if relayed:  # checked here, where it came in; its owner checks the session
+        return await engine.relay.forward(request, relayed, transport)
     if transport == "websocket":
         return await _engineio_websocket(request, engine, session)
     if session is None:
@@ -3962,20 +4404,19 @@ async def _engineio_poll(session: EngineIOSession) -> web.Response:
     return _engineio_text(body)
 
 
-async def _engineio_post(request: web.Request, session: EngineIOSession) -> web.Response:
+async def _engineio_post(request: web.Request | None, session: EngineIOSession,
+                         body: bytes | None = None) -> web.Response:
+    """A POST of packets: read from the request, or already read (relayed)."""
     if session.posting:
         session.close(1002, "overlapping posts")
         return _engineio_refusal(400, 3, "Bad request")
     session.posting = True
     try:
         try:
-            body = await read_body(request, EIO_MAX_PAYLOAD)
-        except ApiError as exc:  # its packets are lost: the client starts over, recovering
-            if exc.status == 413:
-                session.close(1009, "payload too large")
-            else:
-                session.close(1002, "unreadable body")
-            return _engineio_refusal(exc.status, 3, exc.message)
+            if body is None:
+                body = await read_body(request, EIO_MAX_PAYLOAD)
+        except ApiError as exc:
+            return engineio_unreadable(session, exc)
         if body.count(b"\x1e") >= EIO_MAX_POST_PACKETS:
             session.close(1002, "too many packets")
             return _engineio_refusal(400, 3, f"more than {EIO_MAX_POST_PACKETS} packets "
@@ -3995,6 +4436,16 @@ async def _engineio_post(request: web.Request, session: EngineIOSession) -> web.
         session.posting = False
 
 
+def engineio_unreadable(session: EngineIOSession, exc: ApiError) -> web.Response:
+    """A POST whose body could not be read: its packets are lost, so the session ends and
+    the client starts over, recovering."""
+    if exc.status == 413:
+        session.close(1009, "payload too large")
+    else:
+        session.close(1002, "unreadable body")
+    return _engineio_refusal(exc.status, 3, exc.message)
+
+
 async def _engineio_websocket(request: web.Request, engine: EngineIO,
                               session: EngineIOSession | None) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=EIO_MAX_PAYLOAD)
@@ -4009,6 +4460,12 @@ async def _engineio_websocket(request: web.Request, engine: EngineIO,
             await ws.close()
             return ws
         session.upgrade(ws, request.transport)
+    return await engineio_receive(ws, session)
+
+
+async def engineio_receive(ws: web.WebSocketResponse, session: EngineIOSession
+                           ) -> web.WebSocketResponse:
+    """The client's packets on its WebSocket, until it closes."""
     try:
         async for message in ws:
             if message.type != aiohttp.WSMsgType.TEXT:
@@ -4023,29 +4480,39 @@ async def _engineio_websocket(request: web.Request, engine: EngineIO,
 
 
 async def _engineio_upgrade(ws: web.WebSocketResponse, session: EngineIOSession) -> bool:
-    """The probe (`2probe` → `3probe`), then `5`: True once the session is upgraded."""
+    """The probe, then `5`: True once the session is upgraded."""
     session.upgrading = True
+
+    def probed() -> None:
+        session.probed = True
+        session.wakeup.set()  # a poll waiting now is answered with a noop
+
+    try:
+        return await engineio_probe(ws, probed) and not session.closing
+    finally:
+        if session.polling:
+            session.upgrading = session.probed = False
+
+
+async def engineio_probe(ws: web.WebSocketResponse, probed) -> bool:
+    """`2probe` → `3probe` (then probed() is called), then `5`: True if the client upgrades."""
     try:
         async with asyncio.timeout(EIO_UPGRADE_TIMEOUT):
             probe = await ws.receive()
             if probe.type != aiohttp.WSMsgType.TEXT or probe.data != "2probe":
                 return False
             await ws.send_str("3probe")
-            session.probed = True
-            session.wakeup.set()  # a poll waiting now is answered with a noop
+            probed()
             while True:
                 message = await ws.receive()
                 if message.type != aiohttp.WSMsgType.TEXT:
                     return False
                 if message.data == "5":
-                    return not session.closing
+                    return True
                 if message.data != "6":
                     return False
     except (TimeoutError, ConnectionError, RuntimeError):
         return False
-    finally:
-        if session.polling:
-            session.upgrading = session.probed = False
 
 
 INDEX_FILE = STATIC_DIR / "index.html"
@@ -4319,6 +4786,7 @@ INDEX_HTML = web.AppKey("index_html", str)
 NODE = web.AppKey("node", str)
 REFUSED_ORIGINS = web.AppKey("refused_origins", set)
 HOSTS = web.AppKey("hosts", HostCheck)
+BULK = web.AppKey("bulk", BulkChange)
 
 
 # A Redis-mode node serves while it loads its jobs (at start, and again if it falls
@@ -4336,7 +4804,8 @@ async def until_loaded(request: web.Request, handler) -> web.StreamResponse:
 
 
 NEEDS_REGISTRY = frozenset((create_job, list_jobs, job_stats, get_job, delete_job, retry_job,
-                            events_socket, socketio_endpoint))
+                            retry_jobs, delete_jobs, find_jobs, events_socket,
+                            socketio_endpoint))
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -4359,7 +4828,11 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/jobs", create_job)
     app.router.add_get("/jobs", list_jobs)
     app.router.add_get("/jobs/stats", job_stats)
-    job = "/jobs/{id:(?!stats$)[^{}/]+}"  # /jobs/{id}, but not /jobs/stats
+    app.router.add_get("/jobs/find", find_jobs)
+    app.router.add_post("/jobs/retry", retry_jobs)
+    app.router.add_post("/jobs/delete", delete_jobs)
+    # /jobs/{id}, but not /jobs/stats and the others: no job takes their names
+    job = "/jobs/{id:(?!(?:stats|find|retry|delete)$)[^{}/]+}"
     app.router.add_get(job, get_job)
     app.router.add_delete(job, delete_job)
     app.router.add_post("/jobs/{id}/retry", retry_job)
@@ -4422,11 +4895,18 @@ async def _lifecycle(app: web.Application):
     app[HUB] = hub = EventHub(store, settings)
     app[ENGINE] = EngineIO(hub, app[ACCESS])
     app[SCHEDULER] = scheduler = scheduler_class(store, images, settings)
+    app[BULK] = bulk = BulkChange(store)
+    relay = redis_mode().Relay(app) if settings.redis else None  # before any session
     await store.open(replayed)
     scheduler.start()
     try:
+        if relay is not None:
+            await relay.start()
         yield
     finally:
+        await bulk.stop()
+        if relay is not None:
+            await relay.close()
         await scheduler.stop()
         await store.close()
         await session.close()
@@ -4435,6 +4915,8 @@ async def _lifecycle(app: web.Application):
 async def _close_sockets(app: web.Application) -> None:
     await app[ENGINE].close_all(1001, "server shutting down")
     await app[HUB].close_all(1001, "server shutting down")
+    if app[ENGINE].relay is not None:
+        await app[ENGINE].relay.close()
 
 
 # --- Command line -------------------------------------------------------------------
@@ -4774,7 +5256,9 @@ async def serve(settings: Settings) -> None:
             "finished jobs are kept %s (JOB_RETENTION); deletions are replayed for %s "
             "(EVENTS_REPLAY_WINDOW); at most %d jobs pending (MAX_PENDING_JOBS); %s "
             "(MAX_STORED_JOBS); at most %d connections (MAX_CONNECTIONS) of %d open "
-            "files (RLIMIT_NOFILE), %d from one address (MAX_CONNECTIONS_PER_ADDRESS)",
+            "files (RLIMIT_NOFILE), %d from one address (MAX_CONNECTIONS_PER_ADDRESS); "
+            "Socket.IO pings every %g s (PING_INTERVAL) and waits %g s for the pong "
+            "(PING_TIMEOUT)",
             __version__, host if ":" not in host else f"[{host}]", port, len(store.jobs),
             store.counts["pending"], store.describe(), settings.job_delay_min,
             settings.job_delay_max, settings.job_delay_step, settings.retry_base_delay,
@@ -4784,7 +5268,8 @@ async def serve(settings: Settings) -> None:
             else "forever", describe_duration(settings.events_replay_window),
             settings.max_pending_jobs, f"at most {settings.max_stored_jobs} stored"
             if settings.max_stored_jobs else "no limit on jobs stored",
-            settings.max_connections, open_files_limit(), settings.max_connections_per_address)
+            settings.max_connections, open_files_limit(), settings.max_connections_per_address,
+            settings.ping_interval, settings.ping_timeout)
         await stop.wait()
         log.info("shutting down")
         if settings.supervisor:
@@ -4809,16 +5294,24 @@ async def _stop_when_orphaned(supervisor: int, stop: asyncio.Event) -> None:
 # `--workers N`: one supervisor, N worker processes on one port (SO_REUSEPORT, so the
 # kernel spreads connections over them), sharing jobs through Redis. A worker that dies
 # is started again (with a growing pause if it keeps dying at once); SIGTERM or SIGINT
-# stops them all gracefully; SIGHUP is passed on (token rotation).
+# stops them all gracefully; SIGHUP is passed on (token rotation). The workers relay
+# Socket.IO requests to each other by Unix sockets in a directory only this user can
+# open (mode 0700), made for this run and removed after it.
 
 WORKER_STOP_TIMEOUT = 30.0
 
 
 def supervise(settings: Settings) -> int:
-    return asyncio.run(_supervise(settings, Path(__file__).resolve()))
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    runtime = tempfile.mkdtemp(prefix="jobservice-",
+                               dir=base if base and os.path.isdir(base) else None)
+    try:
+        return asyncio.run(_supervise(settings, Path(__file__).resolve(), runtime))
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
-async def _supervise(settings: Settings, program: Path) -> int:
+async def _supervise(settings: Settings, program: Path, runtime: str) -> int:
     # Held (bound, never listening) for as long as the workers run: port 0 becomes one
     # port for all of them, and nobody else can take it between restarts.
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -4830,8 +5323,9 @@ async def _supervise(settings: Settings, program: Path) -> int:
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind((settings.host, settings.port))
     port = holder.getsockname()[1]
-    command = [sys.executable, str(program), "--worker", str(os.getpid()),
-               "--host", settings.host, "--port", str(port), "--data", str(settings.jobs_file)]
+    command = [sys.executable, str(program), "--worker", str(os.getpid()), "--runtime-dir",
+               runtime, "--host", settings.host, "--port", str(port), "--data",
+               str(settings.jobs_file)]
     env = {**os.environ, "REDIS_URL": settings.redis_url}  # not in argv, where ps shows it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

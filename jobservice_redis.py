@@ -17,7 +17,10 @@ handlers, the event hub and Socket.IO cannot tell the two apart:
   JOB_LEASE and are claimed by another: a photo may be fetched twice, a job resolves once;
 - the photo pool: one list for the cluster, the access key's budget one hash every
   node changes in a WATCHed transaction (so N nodes spend what one key allows), and a
-  rejected key a key every node reads.
+  rejected key a key every node reads;
+- session routing: a Socket.IO request for a session another process holds is relayed
+  there (workers by a Unix socket each, nodes by NODE_URL), and an upgraded session
+  moves to the process that holds its WebSocket.
 
 A node loads the registry in short steps (the seq, the jobs a thousand at a time, then
 the changes made meanwhile from the stream), so that no command holds Redis for long,
@@ -33,19 +36,27 @@ Redis Cluster is not supported; one primary (with replicas and Sentinel, if you 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
+import hashlib
 import heapq
+import hmac
 import itertools
 import json
 import logging
+import os
 import random
+import re
+import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import aiofiles.os
+import aiohttp
 import redis.asyncio as aioredis
+from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -53,6 +64,11 @@ from redis.exceptions import RedisError, WatchError
 
 import jobservice
 from jobservice import (
+    EIO_MAX_PAYLOAD,
+    EIO_UPGRADE_TIMEOUT,
+    ENGINE,
+    STORE,
+    ApiError,
     Conflict,
     Job,
     JobStore,
@@ -65,11 +81,20 @@ from jobservice import (
     StorageError,
     Tombstone,
     UnsplashImages,
+    _engineio_poll,
+    _engineio_post,
+    _engineio_refusal,
+    _engineio_text,
     _without_password,
     backoff,
+    engineio_probe,
+    engineio_receive,
+    engineio_unreadable,
+    is_ascii_number,
     iso,
     job_from_text,
     json_before_seq,
+    read_body,
     record_from_dict,
     settle,
 )
@@ -106,9 +131,12 @@ class Keys:
         # + node: the seq up to which a node has read the stream, written (with a TTL)
         # only so that the WAIT after it covers what was read (REDIS_MIN_REPLICAS_ACK)
         self.reading = prefix + "reading:"
+        self.relay_secret = prefix + "relay:secret"  # the key that opens relay channels
+        self.relay_node = prefix + "relay:node:"  # + tag: a node's NODE_URL, with a TTL
 
     def all(self) -> list[str]:
-        return [key for key in vars(self).values() if key != self.reading]
+        return [key for key in vars(self).values()
+                if key not in (self.reading, self.relay_secret, self.relay_node)]
 
     def for_commit(self) -> list[str]:
         """KEYS[1..8] of the COMMIT script, in its order."""
@@ -118,6 +146,8 @@ class Keys:
 
 # One change per four arguments (op, id, JSON before its seq, argument); one result each:
 # its seq, 0 if there was nothing to do (deleted already), -1 if its condition failed.
+# A deletion is `delete` (whatever the job is now), or `expire` and `delete-unchanged`,
+# made only if the job's seq is still the argument.
 # Running twice (redis-py resends a command whose reply was lost) changes nothing more.
 COMMIT = """
 local node, cutoff, maxlen = ARGV[1], ARGV[2], ARGV[3]
@@ -465,8 +495,6 @@ class RedisJobStore(JobStore):
     # Writing
 
     def commit(self, record: Job | Tombstone) -> asyncio.Future:
-        if self._closing:
-            raise StorageError("the service is shutting down")
         held = self.jobs.get(record.id)
         if isinstance(record, Tombstone):
             op = "delete" if record.reason == "deleted" else "expire"
@@ -475,6 +503,22 @@ class RedisJobStore(JobStore):
             op, arg = ("create" if held is None else "retry"), str(ms(record.due_at))
         else:
             op, arg = "finish", ""
+        return self._queue(record, op, arg)
+
+    def commit_unless_changed(self, record: Job | Tombstone, seq: int) -> asyncio.Future:
+        """As in one process, and checked again by the script: a deletion is made only if
+        the job is still at `seq` in Redis, a retry only if it is still failed there, so
+        a change another node made first stands (the commit raises Conflict)."""
+        held = self.jobs.get(record.id)
+        if held is None or held.seq != seq or record.id in self.in_flight:
+            raise Conflict("the job changed first")
+        if isinstance(record, Tombstone):
+            return self._queue(record, "delete-unchanged", str(seq))
+        return self.commit(record)
+
+    def _queue(self, record: Job | Tombstone, op: str, arg: str) -> asyncio.Future:
+        if self._closing:
+            raise StorageError("the service is shutting down")
         future = self._loop.create_future()
         self._pending_writes.append((record, op, arg, future))
         self.in_flight.add(record.id)
@@ -1018,6 +1062,444 @@ def _shared_photo(value: str) -> Photo:
 
 
 # import / export
+
+
+# --- Session routing ----------------------------------------------------------------
+# A long-polling session lives in the process that made it, yet --workers (SO_REUSEPORT)
+# and a round-robin balancer hand its polls, POSTs and upgrade to any process. So each
+# sid starts with its process's tag, and a process that gets a request for another's
+# sid relays it there, over a channel: one WebSocket per pair of processes, opened on
+# first use, that carries any number of requests at once, so a held poll costs no
+# connection of its own and no keep-alive or read timeout applies to it. Workers reach
+# each other by a Unix socket each, in the supervisor's private runtime directory (mode
+# 0700); nodes by NODE_URL, a port of their own that each registers in Redis with a TTL.
+# A channel opens only with an HMAC of a secret the nodes share through Redis; what comes
+# on it was checked (Host, Origin, the transport) where it came in, and is served where it
+# lands, never relayed on, but for one hop from a machine's relay port to the worker
+# there that owns the sid. On its WebSocket upgrade the session moves to the process
+# that holds the WebSocket (EngineIO.hand_over, EngineIO.adopt): only polling is ever
+# relayed. An owner that is gone is Engine.IO's "Session ID unknown" at once: the client
+# opens a new session anywhere and recovers what it missed from the shared stream.
+
+RELAY_TAG = re.compile(r"[A-Za-z0-9_-]{6}")  # the start of every sid this process makes
+RELAY_HEADER = "X-Jobservice-Relay"  # "<from tag> <unix time> <HMAC>", opening a channel
+RELAY_CLOCK_SKEW = 60.0  # how old (or how far ahead) an opening's time may be
+RELAY_HEARTBEAT = 10.0  # a channel to a machine that vanished is closed within 1.5x this
+RELAY_CONNECT_TIMEOUT = 2.0
+RELAY_MAX_MESSAGE = 4 * EIO_MAX_PAYLOAD  # a POST or a poll's answer, and a few headers
+RELAY_GONE_MEMORY = 1024  # owners found gone, answered at once (tags are never reused)
+
+
+class OwnerGone(Exception):
+    """The process that holds a session cannot be reached: the session is gone with it."""
+
+
+def _pack(head: dict, body: bytes = b"") -> bytes:
+    return json.dumps(head, separators=(",", ":")).encode() + b"\n" + body
+
+
+def _unpack(data: bytes) -> tuple[dict, bytes]:
+    end = data.index(b"\n")
+    return json.loads(data[:end]), data[end + 1:]
+
+
+class Channel:
+    """The calling end of a channel: requests go out numbered, answers come back by number."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, session: aiohttp.ClientSession,
+                 own_session: bool, closed):
+        self.ws, self.session, self.own_session = ws, session, own_session
+        self.calls: dict[int, asyncio.Future] = {}
+        self.numbers = itertools.count()
+        self.reader = asyncio.get_running_loop().create_task(self._read(closed))
+
+    async def call(self, head: dict, body: bytes = b"") -> tuple[dict, bytes]:
+        number = next(self.numbers)
+        answer = self.calls[number] = asyncio.get_running_loop().create_future()
+        try:
+            if self.ws.closed:
+                raise OwnerGone
+            await self.ws.send_bytes(_pack({**head, "n": number}, body))
+            return await answer
+        except (ConnectionError, RuntimeError):
+            raise OwnerGone from None
+        finally:
+            self.calls.pop(number, None)
+
+    async def _read(self, closed) -> None:
+        try:
+            async for message in self.ws:
+                if message.type != aiohttp.WSMsgType.BINARY:
+                    break
+                head, body = _unpack(message.data)
+                answer = self.calls.get(head["n"])
+                if answer is not None and not answer.done():
+                    answer.set_result((head, body))
+        finally:
+            closed(self)
+            for answer in self.calls.values():
+                if not answer.done():
+                    answer.set_exception(OwnerGone())
+            await self.ws.close()
+            if self.own_session:
+                await self.session.close()
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.reader
+
+
+class Relay:
+    """This process's door for the others' relayed requests, and its channels to theirs."""
+
+    def __init__(self, app: web.Application):
+        self.app = app
+        self.settings: Settings = app[jobservice.SETTINGS]
+        self.engine = app[ENGINE]
+        self.store: RedisJobStore = app[STORE]
+        self.keys = self.store.keys
+        self.engine.relay = self
+        self.tag = self.engine.tag = secrets.token_urlsafe(6)[:6]
+        runtime = self.settings.runtime_dir
+        self.socket_path = runtime / f"{self.tag}.sock" if runtime else None
+        self.secret = b""
+        self.channels: dict[str, Channel] = {}
+        self.opening: dict[str, asyncio.Future] = {}
+        self.gone: OrderedDict[str, None] = OrderedDict()
+        self.http: aiohttp.ClientSession | None = None
+        self.runner: web.AppRunner | None = None
+        self.renewer: asyncio.Task | None = None
+        self.served: set[web.WebSocketResponse] = set()  # channels from the others
+        self.closed = False
+
+    async def start(self) -> None:
+        redis, keys = self.store.redis, self.keys
+        await redis.set(keys.relay_secret, secrets.token_hex(32), nx=True)
+        self.secret = (await redis.get(keys.relay_secret)).encode()
+        self.http = aiohttp.ClientSession(timeout=self._timeout())
+        settings = self.settings
+        if self.socket_path is None and not settings.node_url:
+            return  # it relays to the others, but none can relay to it
+        door = web.Application(client_max_size=RELAY_MAX_MESSAGE)
+        door.router.add_get("/relay/{tag:[A-Za-z0-9_-]{6}}", self._door)
+        self.runner = web.AppRunner(door, access_log=None, handle_signals=False,
+                                    shutdown_timeout=1.0)
+        await self.runner.setup()
+        if self.socket_path is not None:
+            await web.UnixSite(self.runner, str(self.socket_path)).start()
+        if settings.node_url:
+            port = int(settings.node_url.rsplit(":", 1)[1])
+            await web.TCPSite(self.runner, settings.host or None, port,
+                              reuse_port=bool(settings.supervisor)).start()
+            await self._register()
+            self.renewer = asyncio.get_running_loop().create_task(self._renew())
+
+    async def close(self) -> None:
+        """At shutdown, once this process's own sessions are closed: a poll relayed from
+        here still waiting is answered with a noop (the client polls again elsewhere),
+        one relayed to here is given up without taking anything."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.renewer is not None:
+            self.renewer.cancel()
+            try:
+                await self.store.redis.delete(self.keys.relay_node + self.tag)
+            except (RedisError, OSError):
+                pass  # its TTL ends it
+        if self.socket_path is not None:
+            self.socket_path.unlink(missing_ok=True)
+            if os.getppid() != self.settings.supervisor:  # its supervisor was killed
+                with contextlib.suppress(OSError):
+                    self.socket_path.parent.rmdir()
+        for channel in list(self.channels.values()):
+            await channel.close()
+        for ws in list(self.served):
+            await ws.close()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.http is not None:
+            await self.http.close()
+
+    @staticmethod
+    def _timeout() -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, sock_connect=RELAY_CONNECT_TIMEOUT)
+
+    async def _register(self) -> None:
+        await self.store.redis.set(self.keys.relay_node + self.tag, self.settings.node_url,
+                                   px=ms(self.settings.job_lease))
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.job_lease / 3)
+            try:
+                await self._register()
+            except (RedisError, OSError) as exc:
+                log.warning("could not renew this node's relay address in Redis: %s", exc)
+
+    # The opening of a channel: "<from> <time> <HMAC of both tags and the time>".
+
+    def _signature(self, to: str, at: str) -> str:
+        return hmac.new(self.secret, f"relay {to} {at}".encode(), hashlib.sha256).hexdigest()
+
+    def _opening(self, to: str) -> str:
+        at = str(int(time.time()))
+        return f"{self.tag} {at} {self._signature(to, at)}"
+
+    def _signed(self, request: web.Request, to: str) -> bool:
+        _, at, signature = [*request.headers.get(RELAY_HEADER, "").split(" "), "", ""][:3]
+        return (is_ascii_number(at) and len(at) < 12
+                and abs(time.time() - int(at)) <= RELAY_CLOCK_SKEW
+                and hmac.compare_digest(self._signature(to, at).encode(),
+                                        signature.encode(errors="surrogateescape")))
+
+    # The relaying end.
+
+    def owner(self, sid: str) -> str | None:
+        """The tag of the process that holds sid, if another process does."""
+        tag = sid[:6]
+        return tag if tag != self.tag and RELAY_TAG.fullmatch(tag) else None
+
+    async def forward(self, request: web.Request, tag: str, transport: str
+                      ) -> web.StreamResponse:
+        """A request for a session of the process `tag`, answered there."""
+        sid = request.query["sid"]
+        try:
+            channel = await self._channel(tag)
+            if transport == "websocket":
+                return await self._upgrade(request, channel, sid)
+            head, body = {"sid": sid}, b""
+            if request.method == "GET":
+                head["op"] = "poll"
+            elif request.method == "POST":
+                head["op"] = "post"
+                try:
+                    body = await read_body(request, EIO_MAX_PAYLOAD)
+                except ApiError as exc:  # the owner ends the session, as for its own
+                    head["unreadable"] = [exc.status, exc.code, exc.message]
+            else:
+                return _engineio_refusal(400, 3, "Bad request")
+            answer, body = await channel.call(head, body)
+        except OwnerGone:
+            if self.closed and request.method == "GET":
+                return _engineio_text("6")
+            return _engineio_refusal(400, 1, "Session ID unknown")
+        return web.Response(status=answer["status"], body=body,
+                            headers=answer["headers"])
+
+    async def _upgrade(self, request: web.Request, channel: Channel, sid: str
+                       ) -> web.StreamResponse:
+        """The upgrade of another process's session: probed here, then handed over."""
+        answer, body = await channel.call({"op": "upgrade", "sid": sid})
+        if answer["status"] != 200:
+            return web.Response(status=answer["status"], body=body,
+                                headers=answer["headers"])
+        ws = web.WebSocketResponse(max_msg_size=EIO_MAX_PAYLOAD)
+        session, probed = None, []
+        try:
+            await ws.prepare(request)
+            if await engineio_probe(ws, lambda: probed.append(asyncio.ensure_future(
+                    channel.call({"op": "probed", "sid": sid})))):
+                await probed[0]
+                answer, body = await channel.call({"op": "handover", "sid": sid})
+                if answer["status"] == 200:
+                    state = json.loads(body)
+                    async with asyncio.timeout(EIO_UPGRADE_TIMEOUT):
+                        await self.store.applied(state["seq"])
+                    session = self.engine.adopt(state, ws, request.transport)
+        except (OwnerGone, TimeoutError):
+            pass
+        finally:
+            for call in probed:
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+            if session is None:
+                await self._abort(channel, sid)
+        if session is None:
+            await ws.close()
+            return ws
+        return await engineio_receive(ws, session)
+
+    @staticmethod
+    async def _abort(channel: Channel, sid: str) -> None:
+        try:
+            await channel.call({"op": "abort", "sid": sid})
+        except OwnerGone:
+            pass  # and the upgrade with it
+
+    async def _channel(self, tag: str) -> Channel:
+        channel = self.channels.get(tag)
+        if channel is not None:
+            return channel
+        if tag in self.gone or self.closed:
+            raise OwnerGone
+        opening = self.opening.get(tag)
+        if opening is None:
+            opening = self.opening[tag] = asyncio.ensure_future(self._open(tag))
+            opening.add_done_callback(lambda done: (self.opening.pop(tag, None),
+                                                    done.cancelled() or done.exception()))
+        return await asyncio.shield(opening)
+
+    async def _open(self, tag: str) -> Channel:
+        runtime = self.settings.runtime_dir
+        path = runtime / f"{tag}.sock" if runtime else None
+        if path is not None and path.exists():  # a worker beside this one
+            session, own = aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=str(path)), timeout=self._timeout()), True
+            url = f"http://relay/relay/{tag}"
+        else:
+            try:
+                address = await self.store.redis.get(self.keys.relay_node + tag)
+            except (RedisError, OSError):
+                raise OwnerGone from None  # not known to be gone: asked again next time
+            if address is None:
+                raise self._gone(tag)
+            session, own, url = self.http, False, f"{address}/relay/{tag}"
+        try:
+            ws = await session.ws_connect(
+                url, headers={RELAY_HEADER: self._opening(tag)}, heartbeat=RELAY_HEARTBEAT,
+                max_msg_size=RELAY_MAX_MESSAGE, compress=0)  # deflate would cost each message
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            if own:
+                await session.close()
+            raise self._gone(tag) from None
+        channel = self.channels[tag] = Channel(
+            ws, session, own, lambda closed: self.channels.get(tag) is closed
+            and self.channels.pop(tag))
+        return channel
+
+    def _gone(self, tag: str) -> OwnerGone:
+        self.gone[tag] = None
+        while len(self.gone) > RELAY_GONE_MEMORY:
+            self.gone.popitem(last=False)
+        return OwnerGone()
+
+    # The serving end: a channel from another process, and the requests on it.
+
+    async def _door(self, request: web.Request) -> web.StreamResponse:
+        to = request.match_info["tag"]
+        if not self._signed(request, to):
+            return web.Response(status=403)
+        if to != self.tag:
+            return await self._pass_on(request, to)
+        ws = web.WebSocketResponse(heartbeat=RELAY_HEARTBEAT, max_msg_size=RELAY_MAX_MESSAGE)
+        await ws.prepare(request)
+        upgrading: set[str] = set()  # the sessions this channel's process is upgrading
+        polls: set[asyncio.Task] = set()
+        self.served.add(ws)
+        try:
+            async for message in ws:
+                if message.type != aiohttp.WSMsgType.BINARY:
+                    break
+                head, body = _unpack(message.data)
+                if head["op"] == "poll":  # held: answered when it has something
+                    poll = asyncio.get_running_loop().create_task(self._poll(ws, head))
+                    polls.add(poll)
+                    poll.add_done_callback(polls.discard)
+                else:
+                    await self._answer(ws, head, await self._serve(head, body, upgrading))
+        except ConnectionError:
+            pass
+        finally:
+            self.served.discard(ws)
+            for poll in polls:
+                poll.cancel()
+            for sid in upgrading:
+                self._stop_upgrading(sid)
+        return ws
+
+    def _session(self, sid: str):
+        """(the polling session sid, or None; the refusal if None). One whose heartbeat
+        is overdue ends now, as for a request that came to this process itself."""
+        session = self.engine.session(sid)
+        if session is None:
+            return None, _engineio_refusal(400, 1, "Session ID unknown")
+        if not session.polling:
+            return None, _engineio_refusal(400, 3, "Bad request")  # upgraded
+        return session, None
+
+    async def _poll(self, ws: web.WebSocketResponse, head: dict) -> None:
+        session, refusal = self._session(head["sid"])
+        await self._answer(ws, head, refusal or await _engineio_poll(session))
+
+    async def _serve(self, head: dict, body: bytes, upgrading: set[str]) -> web.Response:
+        op, sid = head["op"], head["sid"]
+        session, refusal = self._session(sid)
+        if refusal is not None:
+            return refusal
+        if op == "post":
+            if "unreadable" in head:
+                return engineio_unreadable(session, ApiError(*head["unreadable"]))
+            return await _engineio_post(None, session, body)
+        if op == "upgrade":
+            if session.upgrading:
+                return _engineio_refusal(400, 3, "Bad request")
+            session.upgrading = True
+            upgrading.add(sid)
+        elif sid not in upgrading:
+            return _engineio_refusal(400, 3, "Bad request")
+        elif op == "probed":
+            session.probed = True
+            session.wakeup.set()  # a poll waiting now is answered with a noop
+        elif op == "abort":
+            upgrading.discard(sid)
+            self._stop_upgrading(sid)
+        elif op == "handover":
+            upgrading.discard(sid)
+            if session.closing:
+                self._stop_upgrading(sid)
+                return _engineio_refusal(400, 3, "Bad request")
+            return web.json_response(self.engine.hand_over(session))
+        return web.Response()
+
+    def _stop_upgrading(self, sid: str) -> None:
+        session = self.engine.sessions.get(sid)
+        if session is not None and session.polling:
+            session.upgrading = session.probed = False
+
+    @staticmethod
+    async def _answer(ws: web.WebSocketResponse, head: dict, response: web.Response) -> None:
+        headers = [(name, value) for name, value in response.headers.items()
+                   if name != "Content-Length"]
+        try:
+            await ws.send_bytes(_pack({"n": head["n"], "status": response.status,
+                                       "headers": headers}, response.body or b""))
+        except (ConnectionError, RuntimeError):
+            pass  # the channel is gone, and what it carried with it
+
+    async def _pass_on(self, request: web.Request, to: str) -> web.StreamResponse:
+        """A channel that came to this machine's relay port for another worker here: piped
+        to its socket, once (one that came by a socket is never passed on)."""
+        runtime = self.settings.runtime_dir
+        path = runtime / f"{to}.sock" if runtime else None
+        if path is None or isinstance(request.transport.get_extra_info("sockname"), str) \
+                or not path.exists():
+            return web.Response(status=404)
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path)),
+                                         timeout=self._timeout()) as session:
+            try:
+                inner = await session.ws_connect(
+                    f"http://relay/relay/{to}", headers={RELAY_HEADER: request.headers[
+                        RELAY_HEADER]}, heartbeat=RELAY_HEARTBEAT,
+                    max_msg_size=RELAY_MAX_MESSAGE, compress=0)
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                return web.Response(status=404)
+            outer = web.WebSocketResponse(heartbeat=RELAY_HEARTBEAT,
+                                          max_msg_size=RELAY_MAX_MESSAGE)
+            await outer.prepare(request)
+
+            async def pipe(source, sink) -> None:
+                try:
+                    async for message in source:
+                        if message.type != aiohttp.WSMsgType.BINARY:
+                            break
+                        await sink.send_bytes(message.data)
+                finally:
+                    await sink.close()
+
+            await asyncio.gather(pipe(outer, inner), pipe(inner, outer),
+                                 return_exceptions=True)
+        return outer
 
 
 class Refused(Exception):

@@ -1,18 +1,23 @@
-// jobservice page: wires the list, the live connection, the buttons and the viewer,
-// behind the login form when the server wants a token.
+// jobservice page: wires the list, the live connection, the buttons, the search, the
+// bulk actions, a job's details and the viewer, behind the login form when the server
+// wants a token.
 
 import {
-  ApiError, closeSession, createJob, deleteJob, firstPageUrl, getJob, getPhotoStatus, getSession,
-  getStats, listPage, retryJob, setUnauthorizedHandler,
+  ApiError, bulkChange, closeSession, createJob, deleteJob, findJobs, firstPageUrl, getJob,
+  getPhotoStatus, getSession, getStats, listPage, retryJob, setUnauthorizedHandler,
 } from './js/api.js';
 import { Announcer } from './js/announcer.js';
+import { BulkActions } from './js/bulk.js';
 import { Connection } from './js/connection.js';
+import { Detail, jobFromHash } from './js/detail.js';
 import { JobList } from './js/list.js';
 import { LoginForm } from './js/login.js';
-import { altText, closeConfirm, openConfirm } from './js/rows.js';
+import {
+  STATUS_LABEL, altText, closeConfirm, openConfirm, plainError, setServerAway,
+} from './js/rows.js';
 import { onTick } from './js/ticker.js';
 import {
-  formatClock, now, parseTime, shortId,
+  formatClock, h, now, parseTime, plural, shortId,
 } from './js/util.js';
 import { Viewer } from './js/viewer.js';
 
@@ -22,7 +27,12 @@ const ui = {
   list: $('[data-testid="job-list"]'),
   newJob: $('[data-testid="new-job"]'),
   newTen: $('[data-testid="new-ten"]'),
-  filter: $('[data-testid="filter"]'),
+  listCount: $('[data-testid="list-count"]'),
+  find: $('[data-testid="find"]'),
+  findInput: $('[data-testid="find-input"]'),
+  findResults: $('[data-testid="find-results"]'),
+  bulk: $('[data-testid="bulk"]'),
+  detail: $('[data-testid="detail"]'),
   badge: $('[data-testid="conn-badge"]'),
   badgeLabel: $('[data-testid="conn-badge"] .conn-label'),
   retryNow: $('[data-action="reconnect"]'),
@@ -63,8 +73,8 @@ let announceChanges = false; // off while the first list renders
 
 function describe(job) {
   const name = `Job ${shortId(job.id)}`;
-  if (job.status === 'resolved') return `${name} is ready: ${altText(job.image)}.`;
-  if (job.status === 'failed') return `${name} failed${job.error ? `: ${job.error}` : ''}.`;
+  if (job.status === 'resolved') return `${name} resolved: ${altText(job.image)}.`;
+  if (job.status === 'failed') return `${name} failed: ${plainError(job)}`;
   return `${name} is in the queue.`;
 }
 
@@ -102,7 +112,6 @@ const EMPTY_TEXT = {
 
 function renderSummary() {
   const filter = list.filter;
-  if (ui.filter.value !== filter) ui.filter.value = filter;
   for (const btn of ui.statButtons) {
     const pressed = String(btn.dataset.filterValue === filter);
     if (btn.getAttribute('aria-pressed') !== pressed) btn.setAttribute('aria-pressed', pressed);
@@ -121,6 +130,19 @@ function renderSummary() {
   const empty = list.complete && list.shownCount() === 0;
   if (ui.empty.hidden === empty) ui.empty.hidden = !empty;
   if (empty) ui.emptyText.textContent = EMPTY_TEXT[filter] || EMPTY_TEXT.all;
+  renderCount();
+}
+
+/** "100 of 3,015 jobs": the cards loaded, of what the server holds for the filter. */
+function renderCount() {
+  const filter = list.filter;
+  const all = filter === 'all' ? totals.shown.total : totals.shown[filter];
+  let text = '';
+  if (list.loaded && Number.isFinite(all)) {
+    const noun = filter === 'all' ? 'job' : `${filter} job`;
+    text = `${numberFormat.format(Math.min(list.order.length, all))} of ${plural(all, noun)}`;
+  }
+  if (ui.listCount.textContent !== text) ui.listCount.textContent = text;
 }
 
 function setFilter(value) {
@@ -128,7 +150,6 @@ function setFilter(value) {
   list.setFilter(v);
 }
 
-ui.filter.addEventListener('change', () => setFilter(ui.filter.value));
 for (const btn of ui.statButtons) {
   btn.addEventListener('click', () => {
     const v = btn.dataset.filterValue;
@@ -155,6 +176,8 @@ function renderTotals(stats) {
     }
   }
   if (ui.stats.getAttribute('aria-busy') !== 'false') ui.stats.setAttribute('aria-busy', 'false');
+  renderCount();
+  bulk.refresh();
 }
 
 async function fetchTotals() {
@@ -236,7 +259,85 @@ function resetTotals() {
     delete el.dataset.value;
   }
   ui.stats.setAttribute('aria-busy', 'true');
+  renderCount();
 }
+
+// ---------- bulk actions ----------
+
+const bulk = new BulkActions(ui.bulk, {
+  counts() {
+    const { pending, resolved, failed } = totals.shown;
+    return [pending, resolved, failed].every(Number.isFinite) ? { pending, resolved, failed } : null;
+  },
+  async run(kind) {
+    const answer = await bulkChange(kind);
+    refreshTotals();
+    return answer;
+  },
+});
+
+// ---------- a job's details (#job=ID), and finding a job by its id ----------
+
+const detail = new Detail(ui.detail, {
+  fetchJob: getJob,
+  onClose() {
+    // The URL no longer names a job; no new history entry for closing.
+    if (jobFromHash(window.location.hash)) {
+      window.history.replaceState(null, '', `${window.location.pathname}${window.location.search}`);
+    }
+  },
+});
+
+/** Opens the details the URL names (a link followed, a URL opened, Back or Forward). */
+function followHash() {
+  if (!session.active) return;
+  const id = jobFromHash(window.location.hash);
+  if (!id) detail.close();
+  else if (!detail.isOpen || detail.id !== id) detail.open(id, list.jobs.get(id));
+}
+
+window.addEventListener('hashchange', followHash);
+
+/** Shows a job found by the search, and names it in the URL. */
+function showFound(job) {
+  window.history.pushState(null, '', `#job=${encodeURIComponent(job.id)}`);
+  detail.open(job.id, job, ui.findInput);
+}
+
+function findSays(text, links = []) {
+  ui.findResults.replaceChildren(text, ...(links.length ? [h('ul', { className: 'find-list' }, ...links)] : []));
+}
+
+ui.find.addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  let wanted = ui.findInput.value.trim().replace(/^#/, '');
+  if (/^[0-9a-f-]+$/i.test(wanted)) wanted = wanted.toLowerCase(); // ids are lowercase hex
+  if (!wanted) {
+    findSays('Type a job id, or its first characters.');
+    return;
+  }
+  const { epoch } = session;
+  findSays('Looking…');
+  let found;
+  try {
+    found = await findJobs(wanted, 10);
+  } catch (err) {
+    if (epoch === session.epoch) findSays(`The search did not go through: ${err.message}`);
+    return;
+  }
+  if (epoch !== session.epoch) return;
+  if (found.length === 1) {
+    findSays(`Found job ${shortId(found[0].id)}.`);
+    showFound(found[0]);
+  } else if (!found.length) {
+    findSays(`No job has an id that starts with “${wanted}”.`);
+  } else {
+    const more = found.length === 10 ? ' (the first 10; type more of the id)' : '';
+    findSays(`${found.length} jobs have an id that starts with “${wanted}”${more}:`, found.map((job) => h('li', null,
+      h('a', { href: `#job=${encodeURIComponent(job.id)}`, text: `#${shortId(job.id)}` }),
+      ` ${STATUS_LABEL[job.status] || job.status}, created ${formatClock(parseTime(job.createdAt))}`)));
+  }
+});
 
 // ---------- photos: say so when fresh ones cannot be had ----------
 
@@ -517,6 +618,7 @@ const connection = new Connection({
   onJob(_event, job) {
     if (Number.isFinite(job.seq) && job.seq > state.lastSeq) state.lastSeq = job.seq;
     list.apply(job);
+    detail.update(job);
     refreshTotals();
     // A reused photo may mean news; a fresh one while the notice shows, that it is over.
     if (job.image && (job.image.reused === true || !ui.photoNotice.hidden)) {
@@ -526,6 +628,7 @@ const connection = new Connection({
   onDeleted(info) {
     if (Number.isFinite(info.seq) && info.seq > state.lastSeq) state.lastSeq = info.seq;
     list.remove(info.id, info.reason === 'expired' ? 'expired' : 'deleted');
+    detail.gone(info.id);
     refreshTotals();
   },
   onSynced(seq) {
@@ -533,6 +636,8 @@ const connection = new Connection({
   },
   onState(s, info) {
     badgeInfo = info || {};
+    setServerAway(s !== 'live'); // due cards wait for the server, not the kitchen
+    list.tick(now());
     if (ui.badge.dataset.state !== s) ui.badge.dataset.state = s;
     renderBadge();
     if (!list.loaded && info && info.error) {
@@ -561,6 +666,7 @@ ui.retryNow.addEventListener('click', () => connection.retryNow());
 
 onTick(() => {
   list.tick(now());
+  detail.tick(now());
   if (connection.state === 'reconnecting' && badgeInfo.phase === 'waiting') renderBadge();
 });
 
@@ -593,12 +699,16 @@ function enter() {
   login.hide();
   showBoard(true);
   connection.start();
+  followHash();
 }
 
 /** Forgets every job shown, closes the live connection: nothing is left on screen. */
 function clearBoard() {
   connection.stop();
   viewer.close();
+  detail.close();
+  bulk.reset();
+  ui.findResults.replaceChildren();
   list.reset();
   resetTotals();
   state.lastSeq = 0;
@@ -698,6 +808,7 @@ Object.defineProperty(window, '__jobservice', {
     get loadedCount() { return list.order.length; },
     get totals() { return { ...totals.shown }; },
     get connection() { return connection.state; },
+    get retryDelays() { return [...connection.delays]; },
     get session() { return { required: session.required, active: session.active }; },
   }),
   writable: false,

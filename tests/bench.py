@@ -19,6 +19,9 @@ What it measures (see --help for the knobs):
 * Fan-out: one resolution to 1,000 /ws clients (4 client processes x 250 sockets),
   time until the last one has it; the same to 1,000 Socket.IO clients on long-polling,
   and the service's RSS per idle polling session.
+* Bulk changes (--only bulk): POST /jobs/retry over 50,000 (500,000) failed jobs and
+  POST /jobs/delete over as many resolved ones, 100,000 (1,000,000) stored: time to the
+  202 and until all are stored, and the slowest GET /healthz of another client meanwhile.
 * Unsplash efficiency: API calls per resolved job for a burst of 3,000 jobs against
   tests/fake_unsplash.py.
 * Under the Unsplash quota (--only quota), the fake playing a key's limit scaled 100x
@@ -36,6 +39,12 @@ What it measures (see --help for the knobs):
   per job and its peak while loading); POST with REDIS_MIN_REPLICAS_ACK=1 against 0 on
   one replica; and a failover (primary SIGKILLed under load, three sentinels): the kill
   to a 201 on every node, and how many 201s were lost. `--redis-part` picks parts.
+* Session routing (--only routing): a Socket.IO POST and a long-poll answered by the
+  session's own node against the same relayed through another node (p50/p99; a poll is
+  timed from the POST /jobs whose event it carries); one resolution to 1,000 stock
+  socket.io-client sockets (npm, default options, 4 Node processes x 250) on
+  `--workers 4`, until the last has it; POST /jobs throughput of `--workers 2` against
+  one process, both in Redis mode on one redis-server (alternating, same run).
 
 Stores are pre-populated by writing a snapshot in the service's own format
 ({"version":1,"seq":N,"jobs":[...]}) with pending jobs due far in the future.
@@ -2329,6 +2338,227 @@ def _redis_failover(ctx, results: Results) -> None:
                      "one's replica right after the switch")
 
 
+# --- Session routing ----------------------------------------------------------------
+
+
+def _relay_nodes(ctx, redis: RedisServer, prefix: str) -> list[Server]:
+    nodes = [start_redis_node(ctx, redis, prefix, f"relay-{n}",
+                              {"NODE_URL": f"http://127.0.0.1:{free_port()}"})
+             for n in range(2)]
+    for node in nodes:
+        node.wait_healthy()
+    return nodes
+
+
+async def _relay_timings(owner: int, other: int, rounds: int) -> dict:
+    """Per round, in alternating order: a POST of a pong to a session of `owner`, sent to
+    `owner` and through `other`; and a long-poll of each of two sessions of `owner`, one
+    held on `owner` and one through `other`, timed from a POST /jobs until it carries
+    that job's ON_CREATED_JOB."""
+    io = "/socket.io/?EIO=4&transport=polling"
+    timings: dict[str, list[float]] = {"post direct": [], "post relayed": [],
+                                       "poll direct": [], "poll relayed": []}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+
+        async def session() -> str:
+            async with http.get(f"http://127.0.0.1:{owner}{io}") as response:
+                sid = json.loads((await response.text())[1:])["sid"]
+            async with http.post(f"http://127.0.0.1:{owner}{io}&sid={sid}",
+                                 data="40") as response:
+                assert await response.text() == "ok"
+            body = ""
+            while "SYNCED" not in body:
+                async with http.get(f"http://127.0.0.1:{owner}{io}&sid={sid}") as response:
+                    body = await response.text()
+            return sid
+
+        polled = {"direct": (owner, await session()), "relayed": (other, await session())}
+        pong = polled["direct"][1]
+
+        async def poll(port: int, sid: str, job: asyncio.Future, started: list
+                       ) -> float | None:
+            """Milliseconds to the job's event; None if a ping came first (answered)."""
+            pinged = False
+            while True:
+                async with http.get(f"http://127.0.0.1:{port}{io}&sid={sid}") as response:
+                    body = await response.text()
+                done = time.perf_counter()
+                if "2" in body.split("\x1e"):
+                    pinged = True
+                    async with http.post(f"http://127.0.0.1:{port}{io}&sid={sid}",
+                                         data="3") as response:
+                        assert await response.text() == "ok"
+                if (await job) in body:
+                    return None if pinged else (done - started[0]) * 1000
+
+        for n in range(rounds):
+            order = ("direct", "relayed") if n % 2 else ("relayed", "direct")
+            for way in order:
+                port = owner if way == "direct" else other
+                started = time.perf_counter()
+                async with http.post(f"http://127.0.0.1:{port}{io}&sid={pong}",
+                                     data="3") as response:
+                    assert await response.text() == "ok"
+                timings[f"post {way}"].append((time.perf_counter() - started) * 1000)
+            job, started = asyncio.get_running_loop().create_future(), [0.0]
+            polls = {way: asyncio.ensure_future(poll(port, sid, job, started))
+                     for way, (port, sid) in polled.items()}
+            await asyncio.sleep(0.02)  # both polls held before the job is made
+            started[0] = time.perf_counter()
+            async with http.post(f"http://127.0.0.1:{owner}/jobs") as response:
+                job.set_result((await response.json())["id"])
+            took = {way: await task for way, task in polls.items()}
+            if None not in took.values():  # a round a ping fell in is not counted
+                for way, ms in took.items():
+                    timings[f"poll {way}"].append(ms)
+    return timings
+
+
+def _relay_cost(ctx, results: Results) -> None:
+    redis = RedisServer(ctx.workdir, "relay-redis")
+    nodes = []
+    try:
+        redis.wait_healthy()
+        nodes = _relay_nodes(ctx, redis, f"bench-{uuid.uuid4().hex[:8]}:")
+        rounds = 200 if ctx.quick else 1000
+        timings = asyncio.run(_relay_timings(nodes[0].port, nodes[1].port, rounds))
+    finally:
+        for node in nodes:
+            node.stop()
+        redis.stop()
+    results.raw["routing"] = {"relay_ms": timings}
+    for kind in ("post", "poll"):
+        direct, relayed = timings[f"{kind} direct"], timings[f"{kind} relayed"]
+        what = ("A Socket.IO POST (a pong)" if kind == "post" else
+                "A long-poll, POST /jobs to its event")
+        results.add(f"{what}, relayed through another node: p50 / p99", median(relayed), "ms",
+                    "", None, fmt="{:.2f}", p99_ms=percentile(relayed, 0.99),
+                    direct_p50_ms=median(direct), direct_p99_ms=percentile(direct, 0.99),
+                    rounds=len(relayed))
+        log(f"routing: {kind} direct p50 {median(direct):.2f} p99 "
+            f"{percentile(direct, 0.99):.2f} ms; relayed p50 {median(relayed):.2f} p99 "
+            f"{percentile(relayed, 0.99):.2f} ms ({len(relayed)} rounds)")
+
+
+def _supervisor(ctx, redis: RedisServer, prefix: str, workers: int, env=None) -> Server:
+    """`--workers N` in Redis mode, once every worker answers /healthz."""
+    folder = ctx.workdir / f"workers{workers}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    port = free_port()
+    server = Server(f"workers-{workers}", [PY, str(SERVICE), "--workers", str(workers),
+                                           "--port", str(port), "--data",
+                                           str(folder / "jobs.json")],
+                    service_env({**LONG_DELAYS, "REDIS_URL": redis.url, "REDIS_PREFIX": prefix,
+                                 **(env or {})}), folder / "service.log", port)
+    server.wait_healthy()
+    nodes: set[str] = set()
+    deadline = time.monotonic() + 120
+    while len(nodes) < workers and time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            nodes.add(server.health()["node"])  # a new connection each time
+    return server
+
+
+def _workers_fanout(ctx, results: Results) -> None:
+    node = shutil.which("node")
+    client = ROOT / "tests" / "node" / "sio_many.mjs"
+    if node is None or not (ROOT / "tests" / "node" / "node_modules").is_dir():
+        results.add("Fan-out on --workers 4: not measured (npm ci --prefix tests/node)", None, "")
+        return
+    redis = RedisServer(ctx.workdir, "fanout-workers-redis")
+    supervisor, groups = None, []
+    try:
+        redis.wait_healthy()
+        supervisor = _supervisor(ctx, redis, f"bench-{uuid.uuid4().hex[:8]}:", 4,
+                                 {"JOB_DELAY_MIN": "0.3", "JOB_DELAY_MAX": "0.3",
+                                  "JOB_DELAY_STEP": "0.1"})
+        url = f"http://127.0.0.1:{supervisor.port}"
+        groups = [subprocess.Popen([node, str(client), url, "250"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+                  for _ in range(4)]
+
+        def expect(group, kind: str) -> dict:
+            while True:
+                line = json.loads(group.stdout.readline())
+                if line["type"] == kind:
+                    return line
+
+        for kind in ("connected", "upgraded"):
+            for group in groups:
+                expect(group, kind)
+        log("routing: 1,000 socket.io-client sockets connected and upgraded on --workers 4")
+        ids = []
+        for _ in range(ctx.resolutions):
+            ids.append(json.loads(request(supervisor.port, "POST", "/jobs", b"{}")[2])["id"])
+            for group in groups:
+                group.stdin.write(f"wait {json.dumps(ids[-1:])}\n")
+                group.stdin.flush()
+            for group in groups:
+                expect(group, "has")
+        clients = []
+        for group in groups:
+            group.stdin.write("report\n")
+            group.stdin.flush()
+            clients += expect(group, "report")["clients"]
+        resolved_at = {job_id: parse_iso(json.loads(request(
+            supervisor.port, "GET", f"/jobs/{job_id}")[2])["resolvedAt"]) for job_id in ids}
+    finally:
+        for group in groups:
+            if group.poll() is None:
+                group.kill()
+                group.wait()
+        if supervisor is not None:
+            supervisor.stop()
+        redis.stop()
+    lasts = [(max(client["at"][job_id] for client in clients) / 1000 - resolved_at[job_id])
+             * 1000 for job_id in ids]
+    complete = all(len(client["at"]) == len(ids) for client in clients)
+    results.raw.setdefault("routing", {})["workers_fanout"] = {"last_ms": lasts,
+                                                               "clients": len(clients)}
+    results.add(f"Fan-out to {len(clients):,} socket.io-client sockets (default options) on "
+                "--workers 4: last receiver", median(lasts), "ms", "", None, fmt="{:.1f}",
+                resolutions=len(lasts), worst_ms=max(lasts), every_client_got_every_event=complete,
+                upgraded=sum(client["upgrades"] > 0 for client in clients))
+    log(f"routing: fan-out to {len(clients)} sockets on 4 workers, last receiver median "
+        f"{median(lasts):.1f} ms (worst {max(lasts):.1f})")
+
+
+def _workers_throughput(ctx, results: Results) -> None:
+    """POST /jobs of --workers 2 against one process, both Redis mode, alternating."""
+    redis = RedisServer(ctx.workdir, "throughput-workers-redis")
+    runs: dict[str, list[float]] = {"one process": [], "--workers 2": []}
+    try:
+        redis.wait_healthy()
+        for n in range(ctx.repeats):
+            order = ("one process", "--workers 2") if n % 2 == 0 else ("--workers 2",
+                                                                       "one process")
+            for setup in order:
+                prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+                server = (start_redis_node(ctx, redis, prefix, "throughput-one")
+                          if setup == "one process" else _supervisor(ctx, redis, prefix, 2))
+                try:
+                    server.wait_healthy()
+                    url = f"http://127.0.0.1:{server.port}"
+                    ctx.wrk.run(url + "/healthz", "get", 1)
+                    runs[setup].append(ctx.wrk.run(url + "/jobs", "post", ctx.duration)["rps"])
+                finally:
+                    server.stop()
+    finally:
+        redis.stop()
+    one, two = median(runs["one process"]), median(runs["--workers 2"])
+    results.raw.setdefault("routing", {})["throughput"] = runs
+    results.add("POST /jobs, --workers 2 against one process (Redis mode, one redis-server)",
+                two / one * 100, "%", "", None, fmt="{:.0f}", workers2_rps=two, one_rps=one,
+                rounds=len(runs["one process"]))
+    log(f"routing: POST /jobs one process {one:,.0f} req/s, --workers 2 {two:,.0f} req/s")
+
+
+def bench_routing(ctx, results: Results) -> None:
+    """What it costs that any process serves any request of any session."""
+    for part in (_relay_cost, _workers_fanout, _workers_throughput):
+        part(ctx, results)
+
+
 def bench_redis(ctx, results: Results) -> None:
     """The Redis scale-out mode (REDIS_URL), each part on its own fresh redis-server."""
     missing = None
@@ -2365,15 +2595,126 @@ def bench_redis(ctx, results: Results) -> None:
         raise RuntimeError("; ".join(failed))
 
 
+# --- Bulk changes --------------------------------------------------------------------
+
+
+def _finished_snapshot(path: Path, count: int) -> None:
+    """A jobs.json of `count` finished jobs: every other one failed, the rest resolved."""
+    now = time.time()
+    created, due, done = iso(now - 600), iso(now - 590), iso(now - 580)
+    image = json.dumps({"id": "x", "thumb": None, "small": None, "alt": "Food photo",
+                        "author": None, "authorUrl": None, "pageUrl": None, "color": None,
+                        "source": "catalog"}, separators=(",", ":"))
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(f'{{"version":1,"seq":{count},"jobs":[\n')
+        for seq in range(1, count + 1):
+            job_id = str(uuid.uuid4())
+            if seq % 2:
+                tail = ('"status":"failed","result":null,'
+                        f'"createdAt":"{created}","dueAt":"{due}","resolvedAt":"{done}",'
+                        '"attempts":10,"error":"gave up after 10 attempts: Unsplash '
+                        'answered HTTP 500","image":null')
+            else:
+                tail = ('"status":"resolved","result":"https://images.unsplash.com/x",'
+                        f'"createdAt":"{created}","dueAt":"{due}","resolvedAt":"{done}",'
+                        f'"attempts":1,"error":null,"image":{image}')
+            out.write(f'{{"id":"{job_id}",{tail},"seq":{seq}}}'
+                      + (",\n" if seq < count else "\n"))
+        out.write("]}\n")
+
+
+def _http_probe(port: int, stop, out) -> None:
+    """In a process of its own: GET /healthz every 5 ms until told to stop; the slowest
+    answer, and how many there were."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    slowest, count = 0.0, 0
+    while not stop.is_set():
+        started = time.perf_counter()
+        conn.request("GET", "/healthz")
+        conn.getresponse().read()
+        took = time.perf_counter() - started
+        slowest, count = max(slowest, took), count + 1
+        time.sleep(max(0.0, 0.005 - took))
+    conn.close()
+    out.put((slowest, count))
+
+
+def _bulk_run(port: int, kind: str, left: str) -> tuple[float, float, int]:
+    """POST /jobs/<kind>: (seconds to the 202, seconds until no job is `left`, taken)."""
+    started = time.monotonic()
+    status, _, body = request(port, "POST", f"/jobs/{kind}", b"{}", timeout=120)
+    answered = time.monotonic() - started
+    assert status == 202, body
+    while json.loads(request(port, "GET", "/jobs/stats")[2])[left]:
+        time.sleep(0.02)
+    return answered, time.monotonic() - started, json.loads(body)["taken"]
+
+
+def bench_bulk(ctx, results: Results) -> None:
+    """POST /jobs/retry over N/2 failed jobs, then POST /jobs/delete over the N/2
+    resolved ones, N jobs stored: the time to the 202, the time until every change is
+    stored (GET /jobs/stats), and the slowest GET /healthz of another client (one every
+    5 ms) meanwhile, against the slowest one at rest in the same run."""
+    sizes = [20_000] if ctx.quick else [100_000] + ([1_000_000] if ctx.million else [])
+    mp = multiprocessing.get_context("fork")
+    raw = results.raw["bulk"] = {}
+    held = {**LONG_DELAYS, "RETRY_BASE_DELAY": "86400", "RETRY_MAX_DELAY": "86400",
+            "JOB_RETENTION": "0"}
+
+    def probed(port: int, action) -> tuple[float, int, object]:
+        stop, out = mp.Event(), mp.Queue()
+        probe = mp.Process(target=_http_probe, args=(port, stop, out), daemon=True)
+        probe.start()
+        try:
+            time.sleep(0.2)
+            value = action()
+            stop.set()
+            slowest, count = out.get(timeout=60)
+        finally:
+            probe.join(10)
+            if probe.is_alive():
+                probe.kill()
+        return slowest, count, value
+
+    for size in sizes:
+        snapshot = ctx.workdir / f"finished-{size}.json"
+        _finished_snapshot(snapshot, size)
+        server = start_service(ctx.workdir, f"bulk-{size}", snapshot, held)
+        try:
+            server.wait_healthy(timeout=600)
+            rest, _, _ = probed(server.port, lambda: time.sleep(1.0))
+            row = {"rest_slowest_ms": rest * 1000}
+            for kind, left in (("retry", "failed"), ("delete", "resolved")):
+                slowest, count, (answered, done, taken) = probed(
+                    server.port, lambda port=server.port, kind=kind, left=left:
+                    _bulk_run(port, kind, left))
+                row[kind] = {"taken": taken, "answered_s": answered, "done_s": done,
+                             "slowest_ms": slowest * 1000, "probes": count}
+                log(f"bulk {kind} @ {size:,} jobs: {taken:,} taken, 202 in {answered:.2f} s, "
+                    f"all stored in {done:.2f} s; slowest GET /healthz meanwhile "
+                    f"{slowest * 1000:.1f} ms of {count:,} (at rest {rest * 1000:.1f} ms)")
+                results.add(f"Bulk {kind} of {taken:,} jobs ({size:,} stored): until all "
+                            "are stored", done, "s", fmt="{:.2f}", answered_s=answered)
+                results.add(f"Bulk {kind} ({size:,} stored): slowest GET /healthz of "
+                            "another client meanwhile (every 5 ms)", slowest * 1000, "ms",
+                            fmt="{:.1f}", at_rest_ms=rest * 1000, probes=count)
+            raw[size] = row
+        finally:
+            server.stop()
+
+
 # --- Main ---------------------------------------------------------------------------
 
 
 SECTIONS = {"post": bench_post, "access": bench_access, "reads": bench_reads,
             "memory": bench_memory, "restart": bench_restart, "fanout": bench_fanout,
             "polling": bench_polling, "unsplash": bench_unsplash, "quota": bench_quota,
-            "redis": bench_redis, "soak": bench_soak, "stored": bench_stored}
-# soak, quota and stored take minutes of wall clock each: --only soak, --only quota, ...
-DEFAULT_SECTIONS = [name for name in SECTIONS if name not in ("soak", "quota", "stored")]
+            "redis": bench_redis, "routing": bench_routing, "soak": bench_soak,
+            "bulk": bench_bulk, "stored": bench_stored}
+# soak and quota take minutes of wall clock each: --only soak, --only quota; bulk, with
+# its million jobs, --only bulk; stored, with its millions and a baseline, --only stored
+DEFAULT_SECTIONS = [name for name in SECTIONS if name not in ("soak", "quota", "bulk",
+                                                              "stored")]
 REDIS_PARTS = ["throughput", "event_latency", "fanout_rows", "memory", "start", "replicas",
                "failover"]
 

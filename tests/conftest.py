@@ -382,6 +382,7 @@ class ServiceProcess:
         self.log: list[str] = []
         self.url = ""
         self._reader: asyncio.Task | None = None
+        self._new_line = asyncio.Event()  # set as each line of the log is read
 
     async def start(self, timeout: float = 20.0) -> ServiceProcess:
         self.process = await asyncio.create_subprocess_exec(
@@ -397,11 +398,22 @@ class ServiceProcess:
         async for raw in self.process.stdout:
             line = raw.decode(errors="replace").rstrip()
             self.log.append(line)
+            self._new_line.set()
             match = self.LISTENING.search(line)
             if match and not ready.done():
                 ready.set_result(f"http://{match.group(1)}:{match.group(2)}")
         if not ready.done():
             ready.set_exception(RuntimeError("service exited:\n" + "\n".join(self.log)))
+
+    async def logged(self, text: str, limit: float = 10.0) -> str:
+        """The first line of the log that holds text, read already or awaited."""
+        async with asyncio.timeout(limit):
+            while True:
+                line = next((line for line in self.log if text in line), None)
+                if line is not None:
+                    return line
+                self._new_line.clear()
+                await self._new_line.wait()
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.process.returncode is None:
@@ -569,3 +581,85 @@ async def tcp_proxy():
     yield start
     for proxy in proxies:
         await proxy.close()
+
+
+# --- nginx in front: the README's reverse-proxy configuration, on ports of the test's own ---
+
+NGINX_CONFIG = re.compile(r"<!-- nginx-config -->\s*```nginx\n(.*?)```", re.S)
+
+
+class Nginx:
+    """Debian's nginx running the README's configuration: its upstream servers replaced by
+    `backends`, its TLS `listen` by a free loopback port, the certificate lines dropped,
+    and the upstream `keepalive_timeout` set to `keepalive_timeout`. Its prefix, pid, logs
+    and temporary files are in a folder of its own."""
+
+    def __init__(self, folder: Path, backends: list[str], keepalive_timeout: str):
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        match = NGINX_CONFIG.search((ROOT / "README.md").read_text())
+        assert match, "README.md has no nginx-config block"
+        block = match.group(1)
+        servers = "".join(f"    server {backend};\n" for backend in backends)
+        block = re.sub(r"(upstream jobservice \{\n)    server [^\n]*\n", rf"\g<1>{servers}",
+                       block)
+        block = re.sub(r"keepalive_timeout \S+;", f"keepalive_timeout {keepalive_timeout};",
+                       block)
+        block = block.replace("listen 443 ssl;", f"listen 127.0.0.1:{self.port};")
+        block = re.sub(r"\n\s*ssl_certificate(_key)? [^\n]*", "", block)
+        self.config = block
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> Nginx:
+        binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+        if binary is None:
+            pytest.fail("the nginx tests need Debian's nginx: apt-get install -y nginx",
+                        pytrace=False)
+        folder = self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        temp = "".join(f"{kind}_temp_path {folder / kind};\n" for kind in
+                       ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (folder / "nginx.conf").write_text(
+            ("user root;\n" if os.geteuid() == 0 else "")
+            + f"daemon off;\nworker_processes 1;\npid {folder / 'nginx.pid'};\n"
+            f"error_log {folder / 'error.log'} warn;\nevents {{}}\n"
+            f"http {{\naccess_log {folder / 'access.log'};\n{temp}{self.config}}}\n")
+        self.process = subprocess.Popen(
+            [binary, "-p", str(folder), "-c", str(folder / "nginx.conf")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("nginx did not start: "
+                                   + self.process.stderr.read().decode(errors="replace"))
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), 0.2):
+                return self
+            time.sleep(0.02)  # a process of its own: nothing to await but its port
+        raise RuntimeError(f"nginx did not listen on {self.port} within {timeout} s")
+
+    def statuses(self) -> list[int]:
+        """The status of every request nginx answered, from its access log."""
+        log = (self.folder / "access.log").read_text()
+        return [int(match) for match in re.findall(r'" (\d{3}) ', log)]
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    """Start nginx in front of backends: `nginx(["127.0.0.1:PORT", ...], "1s")`."""
+    started: list[Nginx] = []
+
+    def start(backends: list[str], keepalive_timeout: str = "60s") -> Nginx:
+        server = Nginx(tmp_path / f"nginx{len(started)}", backends, keepalive_timeout)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()

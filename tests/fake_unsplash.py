@@ -24,7 +24,7 @@ from collections import deque
 
 from aiohttp import web
 
-MODES = ("ok", "500", "stall", "badjson", "429", "403-rate", "401", "remaining0")
+MODES = ("ok", "500", "stall", "hold", "badjson", "429", "403-rate", "401", "remaining0")
 
 
 def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
@@ -54,6 +54,7 @@ class FakeUnsplash:
         self.mode = "ok"
         self.chaos: dict[str, float] = {}  # mode -> probability, drawn per call
         self.stall_seconds = 30.0
+        self.released = asyncio.Event()  # ends the calls that "hold" keeps waiting
         self.retry_after: str | None = "1"
         self.images = {f"{n}.png": png(64, 48, rgb) for n, rgb in enumerate(COLORS)}
         self.quota = 5000
@@ -100,6 +101,8 @@ class FakeUnsplash:
             return web.json_response({"errors": ["Internal server error"]}, status=500)
         if mode == "stall":
             await asyncio.sleep(self.stall_seconds)
+        if mode == "hold":  # until a test sets another mode, then answered as "ok"
+            await self.released.wait()
         if mode == "badjson":
             return web.Response(text='[{"id": "broken", "urls": ', content_type="application/json")
         if mode == "429":
@@ -158,6 +161,10 @@ class FakeUnsplash:
     async def control(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.mode = body.get("mode", self.mode)
+        if self.mode == "hold":
+            self.released.clear()
+        else:
+            self.released.set()
         self.chaos = body.get("chaos", self.chaos)
         self.script.extend(body.get("script", []))
         self.stall_seconds = body.get("stall_seconds", self.stall_seconds)

@@ -9,7 +9,9 @@ Engine.IO long-polling (cross-origin XHR, hence CORS) and upgrades to a WebSocke
   event exactly once, and the transport stays "polling";
 - the page's origin not in CORS_ORIGINS: the browser refuses the handshake and the page
   gets connect_error, never connect;
-- no console or page errors (the refused case allows only Chromium's CORS reports).
+- no console or page errors (the refused case allows only Chromium's CORS reports);
+- the same page against `--workers 4` (Redis mode): the kernel hands its polls, POSTs and
+  upgrade to any of four processes, and it sees no failed request or WebSocket.
 
 The service is a real process (`python jobservice.py`); the other origin is an aiohttp
 server in this process. Every wait is on the page (`wait_for_function`); nothing sleeps.
@@ -18,6 +20,7 @@ server in this process. Every wait is on the page (`wait_for_function`); nothing
 from __future__ import annotations
 
 import re
+import secrets
 
 import aiohttp
 import pytest
@@ -27,6 +30,7 @@ from conftest import create_jobs, running_services
 from playwright.async_api import Browser, Page
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 from test_browser import browser  # noqa: F401 (a fixture: one Chromium per module)
+from test_cluster_cli import LISTENING, running_supervisors
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -150,17 +154,37 @@ async def wait_resolved(page: Page, errors: list[str], ids: list[str]) -> None:
 # ---------- tests ----------
 
 
+@pytest_asyncio.fixture(loop_scope="module")
+async def supervisors(tmp_path):
+    """test_cluster_cli's `supervisors`, on this module's loop."""
+    async with running_supervisors(tmp_path) as start:
+        yield start
+
+
 @pytest.mark.parametrize("websocket", [True, False], ids=["default", "no-websocket"])
 async def test_old_frontend_cross_origin_receives_every_event_once(
         service_process, frontend, open_page, websocket):
     service = await service_process({"CORS_ORIGINS": frontend})
-    page, errors = await open_page(service.url,
+    await receives_every_event_once(service.url, open_page, websocket)
+
+
+async def test_old_frontend_against_four_workers_receives_every_event_once(
+        supervisors, redis_server, frontend, open_page):
+    supervisor = await supervisors({"REDIS_URL": redis_server.url, "CORS_ORIGINS": frontend,
+                                    "REDIS_PREFIX": f"browser-{secrets.token_hex(4)}:"},
+                                   workers=4)
+    await supervisor.matches(LISTENING, 4)
+    await receives_every_event_once(supervisor.url, open_page, True)
+
+
+async def receives_every_event_once(service_url: str, open_page, websocket: bool) -> None:
+    page, errors = await open_page(service_url,
                                    None if websocket else "delete window.WebSocket")
     assert await page.evaluate("typeof window.WebSocket") == (
         "function" if websocket else "undefined")
     await wait_for(page, errors, "() => window.sio.connects === 1")
 
-    async with aiohttp.ClientSession(base_url=service.url) as http:
+    async with aiohttp.ClientSession(base_url=service_url) as http:
         # Posted at once, while the transport may still be polling or upgrading.
         ids = await create_jobs(http, JOBS)
         await wait_resolved(page, errors, ids)

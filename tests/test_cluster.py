@@ -154,7 +154,6 @@ async def test_a_killed_node_s_claims_are_resolved_once_by_the_others(
     node_a = (await health(http, a))["node"]
     stream = await watch(b)
     ids = [await post(http, (a, b)[number % 2]) for number in range(500)]
-    created_by = time.time()
 
     async with asyncio.timeout(10):  # until A holds claims it has not resolved (a state
         # in another process, read from Redis: there is nothing to await but a poll)
@@ -162,6 +161,7 @@ async def test_a_killed_node_s_claims_are_resolved_once_by_the_others(
             await asyncio.sleep(0.01)
     a.process.kill()
     await a.process.wait()
+    killed_at = time.time()
     held = [job_id for job_id, owner in (await redis_client.hgetall("jobservice:claims")).items()
             if owner == node_a]
     fake.opened.set()
@@ -175,10 +175,11 @@ async def test_a_killed_node_s_claims_are_resolved_once_by_the_others(
     async with http.get(f"{b.url}/jobs") as response:
         jobs = {job["id"]: job for job in await response.json()}
     assert all(jobs[job_id]["status"] == "resolved" for job_id in ids)
-    # What A held resolved within its lease plus the longest delay (and some slack).
+    # What A held resolved once its lease ran out, not much later: counted from the kill,
+    # so that however long A took to claim on a busy box, it is not counted here.
     latest = max(jobs[job_id]["resolvedAt"] for job_id in held)
     finished = datetime.fromisoformat(latest).timestamp()
-    assert finished - created_by < lease + 1.5 + 5, latest
+    assert finished - killed_at < lease + 1.5 + 5, latest
     # The event log in Redis holds one resolution per job: exactly once, at the source.
     entries = await redis_client.xrange("jobservice:events")
     resolved = collections.Counter(json.loads(fields["r"])["id"] for _, fields in entries

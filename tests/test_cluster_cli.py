@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from conftest import FAST_ENV, ROOT, create_jobs, free_port, running_services
+from test_socketio import closed, event, text_frame
 
 PROGRAM = str(ROOT / "jobservice.py")
 # The embedded mode, whatever the environment running the tests holds.
@@ -505,6 +506,13 @@ class Supervisor:
 
 @pytest.fixture
 async def supervisors(tmp_path):
+    async with running_supervisors(tmp_path) as start:
+        yield start
+
+
+@contextlib.asynccontextmanager
+async def running_supervisors(tmp_path: Path):
+    """A starter of supervisors; each is stopped after, and any worker left killed."""
     started: list[Supervisor] = []
 
     async def start(env: dict, workers: int = 2, port: int = 0, ready=True) -> Supervisor:
@@ -512,7 +520,13 @@ async def supervisors(tmp_path):
         started.append(supervisor)
         return await supervisor.start(ready)
 
-    yield start
+    try:
+        yield start
+    finally:
+        await _stop_supervisors(started)
+
+
+async def _stop_supervisors(started: list[Supervisor]) -> None:
     for supervisor in started:  # by pid, gracefully first: its workers go with it
         process = supervisor.process
         if process is None or process.returncode is not None:
@@ -579,6 +593,79 @@ async def test_two_workers_serve_one_port_and_share_jobs_through_redis(
     assert {job["status"] for job in done.values()} == {"resolved"}
     await ask_nodes(supervisor.url, lambda seen: len(seen) == 2 and all(
         health["resolved"] == 6 and health["pending"] == 0 for health in seen.values()))
+
+
+async def test_the_heartbeat_settings_and_the_connect_order_hold_on_every_worker(
+        redis_env, supervisors, http):
+    """PING_INTERVAL and PING_TIMEOUT reach each worker, as every setting does, and on
+    whichever worker the kernel hands a connection to, the CONNECT is acked before the
+    replay and the heartbeat keeps its time. WebSocket clients only: long-polling across
+    workers needs each session's requests brought to its worker."""
+    supervisor = await supervisors({**redis_env, **SLOW, "PING_INTERVAL": "0.3",
+                                    "PING_TIMEOUT": "1"})
+    await supervisor.matches(re.compile(r"pings every 0\.3 s \(PING_INTERVAL\) and waits "
+                                        r"1 s for the pong"), 2)
+    url = supervisor.url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
+
+    async def packet(ws) -> str:
+        """The next packet but pings, which are answered."""
+        while (text := await text_frame(ws)) == "2":
+            await ws.send_str("3")
+        return text
+
+    async def connect(auth: dict) -> tuple[aiohttp.ClientWebSocketResponse, dict, list]:
+        """A new connection (any worker), CONNECT; (it, the ack, the replay's events)."""
+        ws = await http.ws_connect(url)
+        opened = json.loads((await text_frame(ws))[1:])
+        assert (opened["pingInterval"], opened["pingTimeout"]) == (300, 1000)
+        await ws.send_str("40" + json.dumps(auth))
+        ack = await packet(ws)
+        assert ack.startswith("40{"), f"{ack!r} came before the CONNECT ack"
+        replay = [event(await packet(ws))]
+        while replay[-1][0] != "SYNCED":
+            replay.append(event(await packet(ws)))
+        return ws, json.loads(ack[2:]), replay
+
+    clients = [await connect({}) for _ in range(6)]  # spread over both, by the kernel
+    async with aiohttp.ClientSession(supervisor.url) as client:
+        ids = await create_jobs(client, 3)
+    for ws, _, _ in clients:
+        seen = [event(await packet(ws))[1]["id"] for _ in ids]
+        assert sorted(seen) == sorted(ids)
+        await ws.send_str("1")
+        await ws.close()
+    _, reply, _ = clients[0]
+    for _ in range(3):  # a recovery from before the jobs, on whichever worker
+        ws, again, replay = await connect({"pid": reply["pid"], "offset": "0"})
+        assert again == reply  # recovered: the same sid and pid
+        assert [job["id"] for _, job, _ in replay[:-1]] == ids
+        assert await text_frame(ws, limit=2) == "2"
+        await closed(ws, limit=3)  # not answered: ended after pingTimeout
+
+
+async def test_a_late_poll_is_refused_as_it_arrives_on_either_worker(redis_env, supervisors):
+    """A polling session that has not polled within PING_INTERVAL + PING_TIMEOUT is over
+    when its next request comes, on whichever worker the kernel hands the connection:
+    its own, or the other, which relays it there. At these values the sweep runs once a
+    second, so most requests just past the deadline would come before it."""
+    supervisor = await supervisors({**redis_env, "PING_INTERVAL": "4", "PING_TIMEOUT": "4"})
+    await supervisor.matches(LISTENING, 2)
+    polling = f"{supervisor.url}/socket.io/?EIO=4&transport=polling"
+    connector = aiohttp.TCPConnector(force_close=True)  # a new connection, any worker, each
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async def noop(sid: str) -> tuple[int, str]:
+            async with http.post(f"{polling}&sid={sid}", data="6") as response:
+                return response.status, await response.text()
+
+        sids = []
+        for _ in range(8):
+            async with http.get(polling) as response:
+                sids.append(json.loads((await response.text())[1:])["sid"])
+        opened = time.monotonic()  # after the last handshake: every session is due by +8 s
+        assert [await noop(sid) for sid in sids] == [(200, "ok")] * 8  # in time, relayed too
+        await asyncio.sleep(opened + 8.05 - time.monotonic())  # the deadline: no event
+        assert [await noop(sid) for sid in sids] == [
+            (400, '{"code":1,"message":"Session ID unknown"}')] * 8
 
 
 async def test_a_killed_worker_is_replaced_and_the_port_keeps_answering(

@@ -58,12 +58,6 @@ async def refused_and_ended(http: aiohttp.ClientSession, url: str) -> str:
     return json.loads(refusal[2:])["message"]
 
 
-async def eventually_logged(service, text: str, limit: float = 10.0) -> None:
-    async with asyncio.timeout(limit):
-        while not any(text in line for line in service.log):  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-
 # --- A refused CONNECT ends the session, holds nothing, echoes nothing -----------------
 
 
@@ -91,7 +85,7 @@ async def test_refused_connects_hold_no_memory(service_process):
         print(f"RSS growth after 25 x 2 x 375 KB of refused CONNECTs: {grown / 2**20:.1f} MiB")
         assert grown < 30 * 2**20, f"the service grew {grown / 2**20:.1f} MiB"
         for url, answer in attacks[::2]:  # refused unread, and the session is over
-            assert answer == (400, '{"code": 3, "message": "more than 1000 packets in one '
+            assert answer == (400, '{"code":3,"message":"more than 1000 packets in one '
                                    'payload"}')
             assert (await get(http, url))[0] == 400
         for url, answer in attacks[1::2]:  # the first refusal ended it
@@ -113,7 +107,7 @@ async def test_a_refusal_never_echoes_what_the_client_sent(service_process):
             assert (await ws.receive(timeout=5)).data.startswith("0{")
             await ws.send_str(f"40/{MARKER},")
             refusal = await ws.receive(timeout=5)
-            assert refusal.data == '44{"message": "Invalid namespace"}'
+            assert refusal.data == '44{"message":"Invalid namespace"}'
             # What follows a refusal is not read, nor answered. (Frames the server leaves
             # unread make its close a reset, which can cut off the close frame.)
             with contextlib.suppress(ConnectionResetError):
@@ -196,7 +190,7 @@ async def test_rotation_ends_sessions_opened_with_a_revoked_token(service_proces
 
         tokens.write_text(f"{OTHER}\n")
         service.process.send_signal(signal.SIGHUP)
-        await eventually_logged(service, "reloaded 1 access tokens")
+        await service.logged("reloaded 1 access tokens")
 
         for url in polled:
             status, body = await post(http, url, "40")
@@ -209,7 +203,7 @@ async def test_rotation_ends_sessions_opened_with_a_revoked_token(service_proces
             async with asyncio.timeout(5):
                 while (message := await ws.receive()).type == aiohttp.WSMsgType.TEXT:
                     frames.append(message.data)
-            assert frames == ['44{"message": "unauthorized: the access token was revoked"}']
+            assert frames == ['44{"message":"unauthorized: the access token was revoked"}']
             assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, 1008)
         assert await post(http, kept, "40") == (200, "ok")
         status, body = await get(http, kept)
@@ -279,12 +273,10 @@ def test_bad_per_address_settings_name_themselves(jobs_file):
 # --- A polling session must poll --------------------------------------------------------
 
 
-async def test_blind_pongs_do_not_keep_a_session_that_never_polls(start_service, monkeypatch):
+async def test_blind_pongs_do_not_keep_a_session_that_never_polls(start_service):
     """A client that POSTs a pong on time but never polls for its pings is dropped within
     pingInterval + pingTimeout, like one that stops answering."""
-    monkeypatch.setattr(jobservice, "EIO_PING_INTERVAL", 0.2)
-    monkeypatch.setattr(jobservice, "EIO_PING_TIMEOUT", 0.3)
-    client = await start_service()
+    client = await start_service({"PING_INTERVAL": "0.2", "PING_TIMEOUT": "0.3"})
     engine = client.server.app[jobservice.ENGINE]
     opened = await (await client.get(POLLING)).text()
     sid = json.loads(opened[1:])["sid"]

@@ -10,6 +10,7 @@ that a long-poll is held open.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import json
 import logging
@@ -79,23 +80,32 @@ class Poller:
         self.client, self.sid = client, sid
         self.events: list[tuple[str, dict, str]] = []
         self.packets: list[str] = []
+        self.unread: collections.deque[str] = collections.deque()  # polled, not looked at
 
     async def connect(self, auth: dict | None = None) -> dict:
+        """CONNECT; the reply's payload, once the replay that follows it is in (up to its
+        SYNCED or RESET). The reply comes first: until it, a client has no namespace for
+        an event."""
         response = await post(self.client, self.sid, "40" + json.dumps(auth or {}))
         assert await response.text() == "ok"
-        return await self.until(lambda packet: packet.startswith("40"))
+        reply = await self.until(lambda packet: packet.startswith("40"))
+        assert not self.events, f"before the CONNECT reply: {self.events}"
+        await self.until(lambda packet: packet.startswith(('42["SYNCED"', '42["RESET"')))
+        return reply
 
     async def until(self, predicate, limit: float = 10.0):
         async with asyncio.timeout(limit):
             while True:
-                for packet in await poll(self.client, self.sid):
-                    self.packets.append(packet)
-                    if packet == "2":
-                        assert await (await post(self.client, self.sid, "3")).text() == "ok"
-                    elif packet.startswith("42"):
-                        self.events.append(event(packet))
-                    if predicate(packet):
-                        return json.loads(packet[2:]) if packet.startswith("40") else packet
+                if not self.unread:
+                    self.unread.extend(await poll(self.client, self.sid))
+                packet = self.unread.popleft()
+                self.packets.append(packet)
+                if packet == "2":
+                    assert await (await post(self.client, self.sid, "3")).text() == "ok"
+                elif packet.startswith("42"):
+                    self.events.append(event(packet))
+                if predicate(packet):
+                    return json.loads(packet[2:]) if packet.startswith("40") else packet
 
     async def resolutions(self, ids) -> dict[str, dict]:
         wanted = set(ids)
@@ -127,7 +137,7 @@ async def test_connect_then_events_with_their_offsets_in_one_body_each(start_ser
     reply = await poller.connect()
     assert set(reply) == {"sid", "pid"}
     seq = client.server.app[jobservice.STORE].seq
-    assert poller.events == [("SYNCED", {"seq": seq}, str(seq))]  # before the reply
+    assert poller.events == [("SYNCED", {"seq": seq}, str(seq))]  # after the reply
 
     ids = await create_jobs(client, 3)
     final = await poller.resolutions(ids)
@@ -257,14 +267,11 @@ async def test_the_client_closes_and_a_waiting_poll_gets_a_noop(start_service):
     assert sid not in client.server.app[jobservice.ENGINE].sessions
 
 
-@pytest.fixture
-def quick_pings(monkeypatch):
-    monkeypatch.setattr(jobservice, "EIO_PING_INTERVAL", 0.1)
-    monkeypatch.setattr(jobservice, "EIO_PING_TIMEOUT", 0.2)
+QUICK_PINGS = {"PING_INTERVAL": "0.1", "PING_TIMEOUT": "0.2"}
 
 
-async def test_server_pings_and_ends_a_session_that_does_not_pong(start_service, quick_pings):
-    client = await start_service()
+async def test_server_pings_and_ends_a_session_that_does_not_pong(start_service):
+    client = await start_service(QUICK_PINGS)
     opened = await handshake(client)
     assert (opened["pingInterval"], opened["pingTimeout"]) == (100, 200)
     sid = opened["sid"]
@@ -277,10 +284,10 @@ async def test_server_pings_and_ends_a_session_that_does_not_pong(start_service,
     await refused(await client.get(f"{POLLING}&sid={sid}"), 400, 1)
 
 
-async def test_a_session_that_stops_polling_expires(start_service, quick_pings):
+async def test_a_session_that_stops_polling_expires(start_service):
     """Nothing waits on the session, so only the sweep can end it: within
     pingInterval + pingTimeout (plus a sweep period), with no task of its own."""
-    client = await start_service()
+    client = await start_service(QUICK_PINGS)
     engine = client.server.app[jobservice.ENGINE]
     sid = (await handshake(client))["sid"]
     await post(client, sid, "40")

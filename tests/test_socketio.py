@@ -57,17 +57,20 @@ def event(frame: str) -> tuple[str, dict, str]:
 
 
 async def sio_connect(ws, auth: dict | None = None):
-    """Send CONNECT; (the events that came before the reply, the reply's payload)."""
+    """Send CONNECT; (the reply's payload, the replay that follows it up to its SYNCED or
+    RESET). The reply comes first: until it, a client has no namespace for an event."""
     await ws.send_str("40" if auth is None else "40" + json.dumps(auth))
-    before = []
-    while True:
+    reply, replay = None, []
+    while not replay or replay[-1][0] not in ("SYNCED", "RESET"):
         frame = await text_frame(ws)
         if frame == "2":  # a server ping, due from the open packet on
             await ws.send_str("3")
-        elif frame.startswith("40"):
-            return before, json.loads(frame[2:])
+        elif reply is None:
+            assert frame.startswith("40{"), f"before the CONNECT reply: {frame}"
+            reply = json.loads(frame[2:])
         else:
-            before.append(event(frame))
+            replay.append(event(frame))
+    return reply, replay
 
 
 async def next_event(ws, limit: float = 10.0) -> tuple[str, dict, str]:
@@ -133,14 +136,14 @@ async def test_also_served_without_the_trailing_slash(start_service):
 
 
 @pytest.mark.parametrize("auth", [None, {}, {"token": "abc"}])
-async def test_connect_reply_has_sid_and_pid_after_synced(start_service, open_events, auth):
+async def test_connect_reply_has_sid_and_pid_then_synced(start_service, open_events, auth):
     client = await start_service()
     watcher = await open_events(client)
     await watcher.resolutions(await post_jobs(client, 1))  # a store that is not empty, at rest
     ws, opened = await eio_open(client)
-    before, reply = await sio_connect(ws, auth)
+    reply, after = await sio_connect(ws, auth)
     seq = jobservice_seq(client)
-    assert before == [("SYNCED", {"seq": seq}, str(seq))]
+    assert after == [("SYNCED", {"seq": seq}, str(seq))]
     assert set(reply) == {"sid", "pid"}
     assert all(isinstance(reply[key], str) and reply[key] for key in ("sid", "pid"))
     assert len({reply["sid"], reply["pid"], opened["sid"]}) == 3  # three different ids
@@ -167,7 +170,7 @@ async def test_recovery_replays_missed_jobs_then_connects_with_same_sid_and_pid(
         start_service, open_events):
     client = await start_service()
     ws, _ = await eio_open(client)
-    _, first = await sio_connect(ws)
+    first, _ = await sio_connect(ws)
     [a] = await post_jobs(client, 1)
     name, job_a, offset = await next_event(ws)
     assert (name, job_a["id"]) == (CREATED, a)
@@ -179,7 +182,7 @@ async def test_recovery_replays_missed_jobs_then_connects_with_same_sid_and_pid(
     final = await watcher.resolutions({a, b, c})
 
     ws, _ = await eio_open(client)
-    replay, again = await sio_connect(ws, {"pid": first["pid"], "offset": offset})
+    again, replay = await sio_connect(ws, {"pid": first["pid"], "offset": offset})
     assert again == first  # same sid and pid: socket.recovered === true in socket.io-client
     *missed, synced = replay
     assert sorted((name, job["id"]) for name, job, _ in missed) == sorted(
@@ -199,22 +202,20 @@ async def test_offset_above_the_servers_seq_gives_a_new_session_and_reset(start_
     and RESET, as for `/ws?since=` above the counter."""
     client = await start_service()
     ws, _ = await eio_open(client)
-    _, first = await sio_connect(ws)
+    first, _ = await sio_connect(ws)
     await ws.close()
 
     seq = jobservice_seq(client)
     ws, _ = await eio_open(client)
-    before, reply = await sio_connect(ws, {"pid": first["pid"], "offset": str(seq + 100)})
-    assert before == [("RESET", {"seq": seq}, str(seq))]
+    reply, after = await sio_connect(ws, {"pid": first["pid"], "offset": str(seq + 100)})
+    assert after == [("RESET", {"seq": seq}, str(seq))]
     assert reply["pid"] != first["pid"], "RESET must not look like a recovered session"
     assert reply["sid"] != first["sid"]
     await ws.close()
 
 
-async def test_server_pings_and_drops_a_client_that_never_pongs(start_service, monkeypatch):
-    monkeypatch.setattr(jobservice, "EIO_PING_INTERVAL", 0.1)
-    monkeypatch.setattr(jobservice, "EIO_PING_TIMEOUT", 0.3)
-    client = await start_service()
+async def test_server_pings_and_drops_a_client_that_never_pongs(start_service):
+    client = await start_service({"PING_INTERVAL": "0.1", "PING_TIMEOUT": "0.3"})
     ws, opened = await eio_open(client)
     assert (opened["pingInterval"], opened["pingTimeout"]) == (100, 300)
     await sio_connect(ws)
@@ -304,9 +305,9 @@ async def test_bad_connect_payload_is_refused_and_closed(start_service, packet):
 
 
 @pytest.mark.parametrize(("connect", "refusal"), [
-    ('40/admin,{"token":"t"}', '44/admin,{"message": "Invalid namespace"}'),
-    ('40/admin<script>,{"token":"t"}', '44{"message": "Invalid namespace"}'),
-    ("40/" + "a" * 64 + ",", '44{"message": "Invalid namespace"}'),
+    ('40/admin,{"token":"t"}', '44/admin,{"message":"Invalid namespace"}'),
+    ('40/admin<script>,{"token":"t"}', '44{"message":"Invalid namespace"}'),
+    ("40/" + "a" * 64 + ",", '44{"message":"Invalid namespace"}'),
 ])
 async def test_connect_to_another_namespace_is_refused_and_ends_the_session(
         start_service, connect, refusal):
@@ -361,8 +362,8 @@ async def test_unknown_packet_closes_without_harming_the_server(
 
     # The next client is served as usual, events and all.
     ws, _ = await eio_open(client)
-    before, reply = await sio_connect(ws)
-    assert before[-1][0] == "SYNCED" and "pid" in reply
+    reply, after = await sio_connect(ws)
+    assert after[-1][0] == "SYNCED" and "pid" in reply
     [job_id] = await post_jobs(client, 1)
     name, job, _ = await next_event(ws)
     assert (name, job["id"]) == (CREATED, job_id)
@@ -387,6 +388,23 @@ def assert_offsets_are_seqs(lines: list[dict]) -> None:
             assert len(line["args"]) == 2, line  # the payload, then the offset
 
 
+def ends_replay(line: dict) -> bool:
+    return line["type"] == "event" and line["name"] in ("SYNCED", "RESET")
+
+
+async def connect_and_replay(node, since: int = 0) -> tuple[dict, list[dict]]:
+    """The next `connect` from node.lines[since] on, and the events from it up to the
+    SYNCED or RESET that ends the replay. The CONNECT reply comes first, so no event comes
+    before `connect` (socket.io-client would hold one that did and hand it over first)."""
+    hello = await node.until(lambda line: line["type"] == "connect", since=since)
+    at = next(index for index, line in enumerate(node.lines) if line is hello)
+    early = [line for line in node.lines[since:at] if line["type"] == "event"]
+    assert not early, f"events before connect: {early}"
+    end = await node.until(ends_replay, since=at)
+    events = [line for line in node.lines[at:] if line["type"] == "event"]
+    return hello, events[:next(i for i, line in enumerate(events) if line is end) + 1]
+
+
 @pytest.mark.parametrize("transports", [["websocket"], "default"])
 async def test_node_client_for_another_namespace_hears_why(service_process, node_client,
                                                            transports):
@@ -402,10 +420,9 @@ async def test_node_client_for_another_namespace_hears_why(service_process, node
 async def test_node_client_receives_created_and_resolved(service_process, node_client, http):
     service = await service_process()
     node = await node_client(service.url)
-    hello = await node.connected()
+    hello, replay = await connect_and_replay(node)
     assert hello["recovered"] is False and isinstance(hello["id"], str)
-    opened, first = node.lines[:2]
-    assert opened["type"] == "open" and first["name"] == "SYNCED"  # before the CONNECT reply
+    assert [line["name"] for line in replay] == ["SYNCED"]
 
     ids = await post_jobs((http, service.url), 2)
     for job_id in ids:
@@ -462,7 +479,7 @@ async def test_node_client_recovers_missed_resolutions_across_restart(
 async def test_node_client_replay_of_what_resolved_while_it_was_away(
         service_process, node_client, tcp_proxy, open_events, http):
     """The same through a proxy that keeps the client out until the missed jobs have
-    resolved on the restarted server: they must come as the replay, before `connect`."""
+    resolved on the restarted server: they must come as the replay, right after `connect`."""
     service = await service_process(SLOW_JOBS)
     port = urlsplit(service.url).port
     proxy = await tcp_proxy(port)
@@ -484,10 +501,9 @@ async def test_node_client_replay_of_what_resolved_while_it_was_away(
     final = await watcher.resolutions(ids)
     proxy.open_gate()
 
-    back = await node.connected()
+    back, replay = await connect_and_replay(node, away)
     assert back == {"type": "connect", "recovered": True, "id": hello["id"],
                     "transport": "websocket"}
-    replay = [line for line in node.lines[away:] if line["type"] == "event"]
     assert [line["name"] for line in replay] == [RESOLVED] * 3 + ["SYNCED"], replay
     assert {line["job"]["id"]: line["job"] for line in replay[:3]} == final
     [marker] = await post_jobs((http, restarted.url), 1)
@@ -513,9 +529,8 @@ async def test_node_client_is_not_recovered_when_the_store_was_replaced(
     away = len(node.lines)
 
     await service_process(path=tmp_path / "replaced.json", args=["--port", str(port)])
-    back = await node.connected()
-    events = [(line["name"], line["job"], line["offset"])
-              for line in node.lines[away:] if line["type"] == "event"]
+    back, replay = await connect_and_replay(node, away)
+    events = [(line["name"], line["job"], line["offset"]) for line in replay]
     assert events == [("RESET", {"seq": 0}, "0")]
     assert back["recovered"] is False, "RESET, yet socket.recovered === true"
     assert back["id"] != hello["id"]

@@ -145,6 +145,27 @@ export async function retryJob(id) {
   await request('POST', `/jobs/${encodeURIComponent(id)}/retry`);
 }
 
+/** The jobs whose id starts with `prefix` (a whole id, or the short one a card shows). */
+export async function findJobs(prefix, limit = 10) {
+  const query = `id=${encodeURIComponent(prefix)}&limit=${limit}`;
+  const { data } = await request('GET', `/jobs/find?${query}`);
+  if (!Array.isArray(data)) throw new ApiError(200, 'bad_response', 'The search was not understood.');
+  return data;
+}
+
+/**
+ * A bulk change: 'retry' every failed job, or 'delete' the finished ones. Resolves with
+ * {taken, seq}: how many it took; each change then arrives as its own event.
+ */
+export async function bulkChange(kind, filter = {}) {
+  const { data } = await request('POST', kind === 'retry' ? '/jobs/retry' : '/jobs/delete',
+    { body: filter, timeout: 60000 });
+  if (!data || !Number.isInteger(data.taken)) {
+    throw new ApiError(202, 'bad_response', 'The server did not say how many jobs it took.');
+  }
+  return data;
+}
+
 // ---------- the session (the page's login) ----------
 
 /** {required, authenticated}: whether the server wants a token, and whether we have a session. */

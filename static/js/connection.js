@@ -1,5 +1,7 @@
 // The live connection to /ws: replay from `since`, SYNCED, RESET, and reconnects
-// with exponential backoff and full jitter.
+// with exponential backoff and full jitter, capped at a second: a server back from a
+// restart is live on the page within two. It tries again at once when that can help:
+// the network is back (`online`), or the tab is looked at again.
 //
 // State for the badge: 'live' | 'reconnecting' | 'offline' (navigator.onLine false).
 //
@@ -7,8 +9,8 @@
 // opened (refused, or a handshake the server turned down, e.g. 401) is told to
 // onOpenFailed, since a page cannot see why a WebSocket handshake failed.
 
-const BASE_DELAY = 1000;
-const MAX_DELAY = 30000;
+const BASE_DELAY = 500;
+const MAX_DELAY = 1000; // a refused connection costs the server next to nothing
 const MIN_DELAY = 250;
 const OPEN_TIMEOUT = 10000;
 
@@ -37,6 +39,7 @@ export class Connection {
     this.stopped = true;
     this.gen = 0; // bumped by start() and stop(): a load from before is not acted on
     this.listening = false;
+    this.delays = []; // the last waits scheduled between tries, in ms (the page's test hooks)
   }
 
   start() {
@@ -81,11 +84,15 @@ export class Connection {
       this.attempt = 0;
       this.connect();
     });
+    document.addEventListener('visibilitychange', () => {
+      if (document.visibilityState === 'visible') this.retryNow();
+    });
   }
 
-  /** Skip the wait and try now (the badge's "Retry now"). */
+  /** Skip the wait and try now (the badge's "Retry now", the tab shown again). */
   retryNow() {
-    if (this.stopped || this.state === 'live' || this.ws) return;
+    if (this.stopped || this.state === 'live' || this.ws || this.loading) return;
+    this.attempt = 0;
     this.connect();
   }
 
@@ -230,6 +237,8 @@ export class Connection {
     this.attempt = Math.min(this.attempt + 1, 30);
     const ceiling = quick ? 1000 : Math.min(MAX_DELAY, BASE_DELAY * 2 ** (this.attempt - 1));
     const delay = Math.max(MIN_DELAY, Math.random() * ceiling); // full jitter
+    this.delays.push(delay);
+    if (this.delays.length > 20) this.delays.shift();
     const retryAt = Date.now() + delay;
     this.timer = setTimeout(() => {
       this.timer = null;

@@ -3,16 +3,52 @@
 
 import { allowedImageUrl, safeColor } from './images.js';
 import {
-  UNSPLASH_HOME, externalLink, formatClock, formatCountdown, h, parseTime, shortId, withUtm,
+  UNSPLASH_HOME, externalLink, formatClock, formatCountdown, h, parseTime, plural, shortId, withUtm,
 } from './util.js';
 
-const STATUS_LABEL = {
+// The API's own words for its states, as the tiles say them too.
+export const STATUS_LABEL = {
   pending: 'Pending',
-  resolved: 'Ready',
+  resolved: 'Resolved',
   failed: 'Failed',
   creating: 'Sending',
   error: 'Not created',
 };
+
+// The server's errors, said in plain words; the exact text stays in the job's details.
+const PLAIN_ERRORS = [
+  [/rejected the access key|HTTP 401\b/i, 'Unsplash refused the access key'],
+  [/cannot reach Unsplash/i, 'Couldn’t reach Unsplash'],
+  [/did not answer within/i, 'Unsplash didn’t answer in time'],
+  [/Unsplash answered HTTP (\d+)/i, (m) => `Unsplash answered with an error (HTTP ${m[1]})`],
+  [/not photo JSON/i, 'Unsplash sent no photo'],
+  [/calls are used up|rate limit/i, 'Unsplash’s limit for the access key was reached'],
+  [/internal error/i, 'The service hit an internal error'],
+  [/old service/i, 'It failed in the old service'],
+];
+
+/** What went wrong, in a short sentence: "Couldn't reach Unsplash. Gave up after 3 attempts." */
+export function plainError(job) {
+  const raw = job && typeof job.error === 'string' ? job.error : '';
+  let what = 'The job failed';
+  for (const [pattern, say] of PLAIN_ERRORS) {
+    const m = pattern.exec(raw);
+    if (m) {
+      what = typeof say === 'function' ? say(m) : say;
+      break;
+    }
+  }
+  const gaveUp = /gave up after (\d+) attempts?/i.exec(raw);
+  const tries = gaveUp ? Number(gaveUp[1]) : null;
+  return tries ? `${what}. Gave up after ${plural(tries, 'attempt')}.` : `${what}.`;
+}
+
+// Whether the live connection is down: a due job then waits for the server, not the kitchen.
+let serverAway = false;
+
+export function setServerAway(away) {
+  serverAway = away;
+}
 
 // Per-row handles used by the ticker, so it never has to query the DOM.
 const pendingParts = new WeakMap();
@@ -77,8 +113,19 @@ function deleteButton(job) {
   });
 }
 
+/** The short id, a link to the job's details (#job=ID), which any key or click opens. */
+function idLink(job) {
+  return h('a', {
+    className: 'job-id',
+    href: `#job=${encodeURIComponent(job.id)}`,
+    'data-testid': 'job-link',
+    'aria-label': `Details of job ${shortId(job.id)}`,
+    text: `#${shortId(job.id)}`,
+  });
+}
+
 function foot(job) {
-  const bits = [h('span', { className: 'job-id', title: job.id, text: `#${shortId(job.id)}` })];
+  const bits = [idLink(job)];
   if (Number.isInteger(job.attempts) && job.attempts > 0) {
     bits.push(h('span', { className: 'job-attempts', text: `${job.attempts} ${job.attempts === 1 ? 'attempt' : 'attempts'}` }));
   }
@@ -92,16 +139,16 @@ function pendingMedia(el) {
   const progress = h('div', {
     className: 'progress',
     role: 'progressbar',
-    'aria-label': 'Time until ready',
+    'aria-label': 'Time until due',
     'aria-valuemin': 0,
     'aria-valuemax': 100,
     'aria-valuenow': 0,
     'data-testid': 'progress',
   }, bar);
   const countdown = h('span', { className: 'countdown', 'data-testid': 'countdown' }, text);
-  pendingParts.set(el, { text, bar, progress, frac: -1, pct: -1, fetching: false });
+  pendingParts.set(el, { text, bar, progress, frac: -1, pct: -1, phase: null });
   return h('div', { className: 'job-media media-pending' },
-    h('div', { className: 'wait' }, countdown, h('span', { className: 'wait-label', text: 'until ready' })),
+    h('div', { className: 'wait' }, countdown, h('span', { className: 'wait-label', text: 'to go' })),
     progress);
 }
 
@@ -188,7 +235,7 @@ function jobContent(el, job) {
     failedMedia(),
     h('div', { className: 'job-body' },
       head(status, job),
-      h('p', { className: 'job-error', 'data-testid': 'error', text: job.error || 'The job failed.' }),
+      h('p', { className: 'job-error', 'data-testid': 'error', text: plainError(job) }),
       h('div', { className: 'job-actions' },
         h('button', {
           className: 'btn btn-small', type: 'button', 'data-action': 'retry', 'data-testid': 'retry', text: 'Retry',
@@ -242,23 +289,23 @@ export function tickRow(el, job, t) {
   const created = parseTime(job.createdAt);
   let text;
   let frac;
-  let fetching = false;
+  let phase = null; // past due: 'fetching', or 'waiting' for the server to be back
   if (!Number.isFinite(due)) {
     text = 'queued';
     frac = 0;
   } else if (due - t <= 0) {
-    text = 'fetching…';
+    text = serverAway ? 'waiting for the server' : 'fetching…';
     frac = 1;
-    fetching = true;
+    phase = serverAway ? 'waiting' : 'fetching';
   } else {
     text = formatCountdown(due - t);
     const span = due - created;
     frac = Number.isFinite(span) && span > 0 ? Math.min(1, Math.max(0, (t - created) / span)) : 0;
   }
   if (parts.text.data !== text) parts.text.data = text;
-  if (fetching !== parts.fetching) {
-    parts.fetching = fetching;
-    if (fetching) el.dataset.phase = 'fetching';
+  if (phase !== parts.phase) {
+    parts.phase = phase;
+    if (phase) el.dataset.phase = phase;
     else delete el.dataset.phase;
   }
   const rounded = Math.round(frac * 1000) / 1000;

@@ -97,3 +97,48 @@ export function h(tag, attrs, ...children) {
 export function externalLink(href, text, extra = {}) {
   return h('a', { href, target: '_blank', rel: 'noopener noreferrer', text, ...extra });
 }
+
+/** "1 attempt", "3 attempts". */
+export function plural(n, one, many = `${one}s`) {
+  return `${new Intl.NumberFormat().format(n)} ${n === 1 ? one : many}`;
+}
+
+const fullFmt = new Intl.DateTimeFormat(undefined, {
+  year: 'numeric', month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit', second: '2-digit',
+});
+
+/** A moment in full, for the job's details. */
+export function formatDateTime(t) {
+  return Number.isFinite(t) ? fullFmt.format(new Date(t)) : '';
+}
+
+const relativeFmt = new Intl.RelativeTimeFormat(undefined, { numeric: 'auto' });
+const RELATIVE_UNITS = [['day', 86400], ['hour', 3600], ['minute', 60], ['second', 1]];
+
+/** "5 minutes ago", "in 2 hours", "now". */
+export function formatRelative(t, from) {
+  if (!Number.isFinite(t)) return '';
+  const seconds = Math.round((t - from) / 1000);
+  if (Math.abs(seconds) < 5) return 'now';
+  for (const [unit, size] of RELATIVE_UNITS) {
+    if (Math.abs(seconds) >= size) return relativeFmt.format(Math.trunc(seconds / size), unit);
+  }
+  return 'now';
+}
+
+/** 45 s -> "45 seconds", 105 s -> "1 minute 45 seconds", 7260 s -> "2 hours 1 minute". */
+export function formatDuration(ms) {
+  if (!Number.isFinite(ms) || ms < 0) return '';
+  const total = Math.round(ms / 1000);
+  if (total < 60) return ms < 1000 ? `${Math.round(ms)} ms` : plural(total, 'second');
+  const units = [['day', 86400], ['hour', 3600], ['minute', 60], ['second', 1]];
+  const parts = [];
+  let left = total;
+  for (const [unit, size] of units) {
+    const n = Math.floor(left / size);
+    left -= n * size;
+    if (n && parts.length < 2) parts.push(plural(n, unit));
+    else if (parts.length) break;
+  }
+  return parts.join(' ');
+}
