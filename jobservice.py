@@ -739,11 +739,26 @@ def parse_time(value, what: str) -> float | None:
 
 @functools.lru_cache(maxsize=8192)
 def _epoch_second(text: str) -> int | None:
+    # A store's jobs span days, and mostly different seconds: each day is parsed once.
+    hour, minute, second = text[11:13], text[14:16], text[17:19]
+    if len(text) == 19 and text[10] == "T" and text[13] == text[16] == ":" \
+            and (hour + minute + second).isdecimal() and (hour + minute + second).isascii() \
+            and hour < "24" and minute < "60" and second < "60":
+        day = _epoch_day(text[:10])
+        return None if day is None else day + int(hour) * 3600 + int(minute) * 60 + int(second)
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
         return None
     return int(moment.replace(tzinfo=UTC).timestamp())
+
+
+@functools.lru_cache(maxsize=4096)
+def _epoch_day(text: str) -> int | None:
+    try:
+        return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp())
+    except ValueError:
+        return None
 
 
 # Job ids are UUID4s from the OS's CSPRNG, drawn 4,096 at a time: uuid.uuid4() makes a
@@ -882,9 +897,7 @@ class Job:
         if text[start] == "n":
             moment = None
         else:
-            start += text[start] == '"'
-            moment = (_epoch_second(text[start:start + 19]) * 1000
-                      + _MILLISECONDS[text[start + 20:start + 23]]) / 1000
+            moment = _time_at(text, start + (text[start] == '"'))
         setattr(self, name, moment)
         return moment
 
@@ -1037,62 +1050,84 @@ def _old_service_image(result: str) -> Image:
 # A job's JSON exactly as Job.json writes it (no escapes in its own strings, an image
 # with no `}` in it): what this service's own files and Redis hold. Read here faster
 # than by json and Job.from_dict (a regular expression's character sets and ranges are
-# slow to repeat, so they are few), and its text is what the job keeps; anything else,
-# or a value out of range, is read by json instead.
-_TEXT = r'"([^"\\]*)"'
-_TIME = (r'"((?!0000)[0-9]{4}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])'
+# slow to repeat, so they are few, and the image is found by str.find), and its text is
+# what the job keeps; anything else, or a value out of range, is read by json instead.
+_TEXT = r'"([^"]*)"'  # and no backslash, as job_from_text checks
+_TIME = (r'"(?!0000)[0-9]{4}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])'
          r'|(?:0[13-9]|1[0-2])-(?:29|30)|(?:0[13578]|1[02])-31|02-29)T'
-         r'(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]\.[0-9]{3}Z)"')
+         r'(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]\.[0-9]{3}Z"')
 _JOB_TEXT = re.compile(
-    r'\{"id":"([^"\\]+)","status":"(pending|resolved|failed)","result":(?:null|' + _TEXT + ')'
+    r'\{"id":"([^"]+)","status":"(pending|resolved|failed)","result":(?:null|' + _TEXT + ')'
     rf'(,"createdAt":{_TIME},"dueAt":{_TIME},"resolvedAt":(?:null|{_TIME}),'
     rf'"attempts":(0|[1-9][0-9]{{0,8}}),"error":(?:null|{_TEXT}),"image":)'
-    r'(null|\{[^}]*\}),"seq":(0|[1-9][0-9]{0,17})\}')
+    r'(?:null,"seq":(0|[1-9][0-9]{0,17})\})?')
+_JOB_END = re.compile(r',"seq":(0|[1-9][0-9]{0,17})\}')
 # Where each time is in the text from `,"createdAt"` on (resolvedAt may be null).
 _TIMES_IN_TEXT = {"created_at": 14, "due_at": 49, "resolved_at": 88}
 
 
+def _time_at(text: str, start: int) -> float:
+    return (_epoch_second(text[start:start + 19]) * 1000
+            + _MILLISECONDS[text[start + 20:start + 23]]) / 1000
+
+
 def job_from_text(text: str, pos: int = 0, images: dict | None = None):
     """(the job, where its text ends) if text[pos:] starts with a job as Job.json writes
-    it, else None. `images` keeps the Images met so far by their text, for a load."""
+    it, else None. `images` keeps the Images met so far, by URL, with their text, for a
+    load: a job's image is then known by comparing its text in place."""
     match = _JOB_TEXT.match(text, pos)
     if match is None:
         return None
-    job_id, status, result, own, created, due, resolved, attempts, error, image, seq = \
-        match.groups()
-    if not job_id.isprintable() or not (result or "").isprintable() \
-            or not (error or "").isprintable():
-        return None  # a control character, which json would have refused
+    job_id, status, result, own, attempts, error, seq = match.groups()
+    if not job_id.isprintable() or "\\" in job_id or (
+            error is not None and (not error.isprintable() or "\\" in error)):
+        return None  # an escape, or a control character json would have refused
     if "-02-29T" in own:  # not every year has one
-        for moment in (created, due, resolved):
-            if moment is not None and _epoch_second(moment[:19]) is None:
+        for start in (14, 49, 89):
+            if own[start - 1] == '"' and _epoch_second(own[start:start + 19]) is None:
                 return None
+    held = None
+    if seq is None:  # an image, flat (up to the first `}`), found by find()
+        start = match.end()
+        for known, image in (images or {}).get(result, ()):
+            if text.startswith(known, start):
+                held, end = image, start + len(known)
+                break
+        else:
+            if text[start:start + 1] != "{" or (result is not None and (
+                    not result.isprintable() or "\\" in result)):
+                return None
+            end = text.find("}", start) + 1
+            known = text[start:end]
+            try:  # the first `}` may have been in a string: then this is no image
+                held = shared_image(result, json.loads(known))
+            except ValueError:
+                return None
+            if images is not None:
+                images.setdefault(result, []).append((known, held))
+        last = _JOB_END.match(text, end)
+        if last is None:
+            return None
+        seq, end = last.group(1), last.end()
+    elif result is not None and (not result.isprintable() or "\\" in result):
+        return None
+    else:
+        end = match.end()
     job = Job.__new__(Job)
     job.id, job.status, job.attempts, job.seq, job._ord = \
         job_id, _STATUS[status], 0 if attempts == "0" else int(attempts), int(seq), 0
+    job.error = None if error is None else _common_error(error)
     # The time the scheduler asks every job for at start is read now; the others later.
     if status == "pending":
-        job.due_at = (_epoch_second(due[:19]) * 1000 + _MILLISECONDS[due[20:23]]) / 1000
-    elif resolved is not None:
-        job.resolved_at = (_epoch_second(resolved[:19]) * 1000
-                           + _MILLISECONDS[resolved[20:23]]) / 1000
-    job.error = None if error is None else _common_error(error)
-    if image == "null":
-        job.result, job.image, job._text = result, None, match.group()
-        return job, match.end()
-    key = (result, image)
-    held = images.get(key) if images is not None else None
+        job.due_at = (_epoch_second(own[49:68]) * 1000 + _MILLISECONDS[own[69:72]]) / 1000
+    elif own[88] == '"':
+        job.resolved_at = (_epoch_second(own[89:108]) * 1000
+                           + _MILLISECONDS[own[109:112]]) / 1000
     if held is None:
-        try:  # the first `}` may have been in a string: then this is no image
-            held = shared_image(result, json.loads(image))
-        except ValueError:
-            return None
-        if images is not None:
-            images[key] = held
-    job.result, job.image = held.result, held
-    # What it keeps is the middle, as Job.json would keep it, or else the whole text.
-    job._text = own if _plain(job_id) else match.group()
-    return job, match.end()
+        job.result, job.image, job._text = result, None, text[pos:end]
+    else:  # it keeps the middle, as Job.json keeps it (the id needs no escaping)
+        job.result, job.image, job._text = held.result, held, own
+    return job, end
 
 
 DELETE_REASONS = ("deleted", "expired")
@@ -1749,9 +1784,14 @@ class JobStore:
             await out.write(
                 f'{{"version":{SNAPSHOT_VERSION},"seq":{seq},"forgotten":{forgotten},'
                 f'"deleted":[{",".join(tomb.json for tomb in deleted)}],"jobs":['.encode())
-            # In slices, so a large registry never holds the event loop for long.
+            # In slices, so a large registry never holds the event loop for long. A job
+            # written is let go: one changed meanwhile would otherwise be held twice till
+            # the end (a burst of resolutions during a compaction left RSS at 1.5 times
+            # the jobs' size, in pools no longer used but in arenas still in use).
             for start in range(0, len(jobs), SNAPSHOT_SLICE):
-                text = ",\n".join(job.json for job in jobs[start:start + SNAPSHOT_SLICE])
+                stop = min(len(jobs), start + SNAPSHOT_SLICE)
+                text = ",\n".join(job.json for job in jobs[start:stop])
+                jobs[start:stop] = itertools.repeat(None, stop - start)
                 await out.write((("\n" if start == 0 else ",\n") + text).encode())
             await out.write(b"\n]}\n")
             await out.flush()

@@ -393,6 +393,23 @@ class Wrk:
         raise RuntimeError(f"no result from {' '.join(cmd)}:\n{stdout}\n{stderr}")
 
 
+def post_until(ctx, server: Server, count: int, timeout: float = 300.0) -> tuple[dict, float]:
+    """POST /jobs with wrk (64 connections) until the service holds `count` jobs: (wrk's
+    figures, the seconds it took)."""
+    cmd = ctx.wrk.command(f"http://127.0.0.1:{server.port}/jobs", "post", timeout + 60)
+    started = time.monotonic()
+    wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while server.health()["jobs"] < count:
+            if wrk.poll() is not None or time.monotonic() - started > timeout:
+                raise RuntimeError(f"wrk stopped before {count:,} jobs were created")
+            time.sleep(0.1)
+    finally:
+        wrk.send_signal(signal.SIGINT)  # wrk stops early and reports on SIGINT
+        stdout, stderr = wrk.communicate(timeout=60)
+    return Wrk.parse(stdout, stderr, cmd), time.monotonic() - started
+
+
 # --- Results ------------------------------------------------------------------------
 
 
@@ -705,25 +722,13 @@ def bench_memory(ctx, results: Results) -> None:
             request(server.port, "GET", "/healthz")
         time.sleep(0.5)
         rss_empty = server.rss()
-        cmd = ctx.wrk.command(f"http://127.0.0.1:{server.port}/jobs", "post", 600)
-        started = time.monotonic()
-        wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            while server.health()["jobs"] < target_jobs:
-                if wrk.poll() is not None or time.monotonic() - started > 300:
-                    raise RuntimeError(f"wrk stopped before {target_jobs:,} jobs were created")
-                time.sleep(0.1)
-        finally:
-            wrk.send_signal(signal.SIGINT)  # wrk stops early and reports on SIGINT
-            stdout, stderr = wrk.communicate(timeout=30)
-        created_in = time.monotonic() - started
+        run, created_in = post_until(ctx, server, target_jobs)
         time.sleep(3.0)  # let a compaction that is under way finish
         health = server.health()
         rss_full = server.rss()
         peak = server.status("VmHWM")
         jobs = health["jobs"]
         per_job = (rss_full - rss_empty) / jobs
-        run = Wrk.parse(stdout, stderr, cmd)
         results.raw["memory_post"] = {"rss_empty": rss_empty, "rss_full": rss_full,
                                       "vm_hwm": peak, "jobs": jobs, "pending": health["pending"],
                                       "seconds": created_in, "wrk": run}
@@ -949,19 +954,8 @@ def _posted_rows(ctx, program: Path, count: int, delay: float) -> dict:
             request(server.port, "GET", "/healthz")
         _list_all(server)
         empty = _settled_rss(server)
-        cmd = ctx.wrk.command(f"http://127.0.0.1:{server.port}/jobs", "post", 3600)
         started = time.monotonic()
-        wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            while server.health()["jobs"] < count:
-                if wrk.poll() is not None:
-                    raise RuntimeError(f"wrk stopped before {count:,} jobs were created")
-                time.sleep(0.05)
-        finally:
-            wrk.send_signal(signal.SIGINT)
-            stdout, stderr = wrk.communicate(timeout=60)
-        created_s = time.monotonic() - started
-        run = Wrk.parse(stdout, stderr, cmd)
+        run, created_s = post_until(ctx, server, count, 3600)
         time.sleep(1.0)  # the creations wrk left in flight are stored
         _list_all(server)
         rss_pending, health = _settled_rss(server), server.health()
@@ -2040,21 +2034,7 @@ def _redis_memory(ctx, results: Results) -> None:
 
             # POST /jobs: plus one stream entry each, until the stream is trimmed.
             before = redis.memory()
-            cmd = ctx.wrk.command(f"http://127.0.0.1:{node.port}/jobs", "post", 600)
-            started = time.monotonic()
-            wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
-            try:
-                while node.health()["jobs"] < jobs_wanted:
-                    if wrk.poll() is not None or time.monotonic() - started > 300:
-                        raise RuntimeError(f"wrk stopped before {jobs_wanted:,} jobs were "
-                                           "created")
-                    time.sleep(0.1)
-            finally:
-                wrk.send_signal(signal.SIGINT)
-                stdout, stderr = wrk.communicate(timeout=30)
-            created_s = time.monotonic() - started
-            run = Wrk.parse(stdout, stderr, cmd)
+            run, created_s = post_until(ctx, node, jobs_wanted)
             posted, (node_jobs,) = _wait_converged(redis, post_prefix, [node])
             time.sleep(2.0)
             after = redis.memory()
