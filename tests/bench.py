@@ -929,9 +929,10 @@ def _loaded_row(ctx, program: Path, name: str, snapshot: Path | None, count: int
     try:
         start_s = server.wait_healthy(timeout=900)
         cpu_s = server.cpu_seconds()
-        rss_started, peak = server.rss(), server.status("VmHWM")
+        rss_started = server.rss()
         listed = _list_all(server)
         rss = _settled_rss(server)
+        peak = server.status("VmHWM")  # the most it took, loading or listing
         jobs = server.health()["jobs"]
     finally:
         server.stop()
