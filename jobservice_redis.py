@@ -424,13 +424,18 @@ class RedisJobStore(JobStore):
         while True:
             cursor, chunk = await redis.hscan(keys.jobs, cursor, count=LOAD_CHUNK)
             for job_id, value in chunk.items():
-                cseq, _, text = value.partition(" ")
-                job = self._parse(text, f"job {job_id}", images)
-                if job is not None:
-                    held = jobs.get(job.id)
-                    if held is None or held.seq < job.seq:
-                        job._ord = int(cseq)
-                        jobs[job.id] = job
+                space = value.find(" ")  # "<creation seq> <job>", read in place
+                found = job_from_text(value, space + 1, images)
+                if found is not None and found[1] == len(value):
+                    job = found[0]
+                else:
+                    job = self._parse(value[space + 1:], f"job {job_id}", images)
+                    if job is None:
+                        continue
+                held = jobs.get(job.id)
+                if held is None or held.seq < job.seq:
+                    job._ord = int(value[:space])
+                    jobs[job.id] = job
             if not cursor:
                 break
         deleted: dict[int, Tombstone] = {}
