@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 import zlib
 from collections import OrderedDict, deque
@@ -56,6 +57,7 @@ import aiofiles
 import aiofiles.os
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -136,6 +138,7 @@ class Settings:
     ping_interval: float = 25.0  # Engine.IO's heartbeat, as the reference server's
     ping_timeout: float = 20.0
     supervisor: int = 0  # a worker's: its supervisor's pid, whose port it shares
+    loop: str = "auto"  # --loop: the event loop to serve on (EVENT_LOOPS)
     node_url: str = ""  # where the other nodes reach this one's relay door (Redis mode)
     runtime_dir: Path | None = None  # a worker's: the supervisor's dir of relay sockets
 
@@ -428,6 +431,10 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
                         help="start and supervise N processes on one port (needs --redis)")
     parser.add_argument("--worker", type=int, default=0, metavar="SUPERVISOR_PID",
                         help=argparse.SUPPRESS)
+    parser.add_argument("--loop", default=env.get("LOOP") or "auto",
+                        help="the event loop: auto (the host's, if it set an event loop "
+                             "policy; else uvloop if installed; else asyncio's), asyncio or "
+                             "uvloop (env LOOP, default auto)")
     parser.add_argument("--runtime-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"jobservice {__version__}")
     args = parser.parse_args(argv)
@@ -477,6 +484,9 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
     if not is_ascii_number(args.workers):
         raise ConfigError(f"--workers {args.workers!r} is not a whole number")
     workers = int(args.workers)
+    loop = args.loop.strip().lower()
+    if loop not in EVENT_LOOPS:
+        raise ConfigError(f"--loop {args.loop!r} is not one of {', '.join(EVENT_LOOPS)} (LOOP)")
     if workers and not (redis_url or sentinels):
         raise ConfigError("--workers needs REDIS_URL (or --redis): processes share jobs "
                           "through Redis, never through one jobs.json")
@@ -534,6 +544,7 @@ def load_settings(argv: list[str] | None = None, env=None) -> Settings:
         job_lease=_duration(env, "JOB_LEASE", 30.0),
         workers=workers,
         supervisor=args.worker,
+        loop=loop,
         max_connections=max_connections,
         max_connections_per_address=_max_connections_per_address(env, max_connections),
         polling_sessions_per_address=_number(env, "POLLING_SESSIONS_PER_ADDRESS", 500,
@@ -573,7 +584,8 @@ class Metrics:
         def histogram(name, text, labels=(), buckets=LATENCY_BUCKETS):
             return Histogram(name, text, labels, registry=registry, buckets=buckets)
 
-        self.jobs_created = counter("jobservice_jobs_created", "Jobs created by POST /jobs.")
+        self.jobs_created = PlainCounter("jobservice_jobs_created",
+                                         "Jobs created by POST /jobs.", registry)
         self.jobs_resolved = counter("jobservice_jobs_resolved", "Jobs resolved with a photo.")
         self.jobs_failed = counter("jobservice_jobs_failed", "Jobs that failed.")
         self.jobs_deleted = counter("jobservice_jobs_deleted",
@@ -631,6 +643,24 @@ class Metrics:
             self.jobs_failed.inc()
         elif record.status == "deleted":
             self.jobs_deleted.labels(record.reason).inc()
+
+
+class PlainCounter:
+    """A counter without labels, kept as a plain number and turned into a Prometheus
+    family at scrape time, for what is counted on every request: prometheus_client's
+    inc() takes a lock each time (0.5 us)."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry):
+        self.name, self.documentation, self.value = name, documentation, 0
+        registry.register(self)
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation)
+        family.add_metric((), self.value)
+        yield family
 
 
 class HttpTally:
@@ -1624,8 +1654,9 @@ class JobStore:
                 self.fault = None
             self._journal_records += len(staged)
             self._apply(staged)
-            for promise in promises:
-                settle(promise)
+            for promise in promises:  # settle(), inline: one call less per change
+                if not promise.done():
+                    promise.set_result(None)
             if self._journal_records >= self._compact_at and self._compaction is None:
                 await self._rotate_and_compact()
 
@@ -2986,6 +3017,8 @@ class EventHub:
         store.replaced.append(self.start_over)
 
     def publish(self, job: Job) -> None:
+        if not self.peers:
+            return
         texts = {}
         for peer in tuple(self.peers):  # a peer too far behind leaves the set as it goes
             text = texts.get(peer.frames)
@@ -3525,8 +3558,8 @@ class EngineIO:
 
 # --- HTTP handlers ------------------------------------------------------------------
 # JSON in, JSON out; every error is {"error": {"code", "message"}} with the status that
-# fits. One middleware does errors, CORS and security headers, since each middleware
-# layer costs every request.
+# fits. One guard, wrapped around every route's handler (add_route, below), does errors,
+# CORS and security headers, since each layer costs every request.
 
 MAX_BODY = 64 * 1024
 MAX_PAGE = 1000
@@ -3569,18 +3602,24 @@ BODY_CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
 async def read_body(request: web.Request, limit: int = MAX_BODY) -> bytes:
     """The request's body, decoded if it came gzip- or deflate-coded; ApiError if it is
     over `limit` bytes (as sent or once decoded), in a coding not decoded, or corrupt."""
-    if (request.content_length or 0) > limit:
+    length = request.content_length
+    if (length or 0) > limit:
         raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
     coding = request.headers.get("Content-Encoding")  # the one lookup a plain body costs
     if coding is not None and coding.strip().lower() != "identity":
         return await _decoded_body(request, coding, limit)
     body = bytearray()
     try:
+        if length is not None:
+            # One that came whole with its headers (most do) is taken without waiting.
+            content = request.content
+            return content.read_nowait() if content.is_eof() else \
+                await content.readexactly(length)
         while chunk := await request.content.readany():
             body += chunk
             if len(body) > limit:
                 raise ApiError(413, "payload_too_large", f"the body is over {limit} bytes")
-    except web.RequestPayloadError as exc:
+    except (web.RequestPayloadError, asyncio.IncompleteReadError) as exc:
         raise ApiError(400, "invalid_body", f"the body cannot be read: {exc}") from None
     return bytes(body)
 
@@ -3831,15 +3870,17 @@ class Access:
 
 async def create_job(request: web.Request) -> web.Response:
     await json_body(request)  # optional, and ignored; but bad input is refused
-    store = request.app[STORE]
-    _make_room(request)
-    _admit(request)
-    headers = _rate_limit(request)
-    job = Job.new(request.app[SETTINGS], time.time())
+    app = request.app
+    store, settings = app[STORE], app[SETTINGS]
+    _make_room(app, store, settings)
+    _admit(app, store, settings)
+    headers = app[CREATED_HEADERS].copy()  # its security headers, as the guard adds them
+    if app[ACCESS].creations is not None:
+        headers.update(_rate_limit(request))
+    job = Job.new(settings, time.time())
     await _committed(store, job)
     store.metrics.jobs_created.inc()
     headers["Location"] = f"/jobs/{job.id}"
-    headers["Content-Type"] = JSON_CONTENT_TYPE
     # An id is hex and hyphens: nothing to escape, so no json.dumps (2 us a request).
     return web.Response(body=f'{{"id": "{job.id}"}}'.encode(), status=201, headers=headers)
 
@@ -3866,14 +3907,14 @@ def _rate_limit(request: web.Request) -> dict:
 STORE_FULL_RETRY = 3600.0  # Retry-After when no job is due to expire sooner
 
 
-def _make_room(request: web.Request) -> None:
+def _make_room(app: web.Application, store: JobStore, settings: Settings) -> None:
     """MAX_STORED_JOBS: past it, a new job is refused until some expire or are deleted (a
     retry takes no room: its job is stored already)."""
-    limit = request.app[SETTINGS].max_stored_jobs
+    limit = settings.max_stored_jobs
     # The registry as applied: creations being written may pass the bound by as many as
     # are in flight at once (one per connection); in_flight would count changes too.
-    if limit and len(request.app[STORE].jobs) >= limit:
-        wait = request.app[SCHEDULER].next_expiry() - time.time()
+    if limit and len(store.jobs) >= limit:
+        wait = app[SCHEDULER].next_expiry() - time.time()
         raise ApiError(503, "too_many_stored_jobs",
                        f"{limit} jobs are stored, the most this service keeps "
                        "(MAX_STORED_JOBS); try again when some have expired (JOB_RETENTION) "
@@ -3881,12 +3922,11 @@ def _make_room(request: web.Request) -> None:
                        {"Retry-After": str(max(1, math.ceil(min(wait, STORE_FULL_RETRY))))})
 
 
-def _admit(request: web.Request) -> None:
+def _admit(app: web.Application, store: JobStore, settings: Settings) -> None:
     """MAX_PENDING_JOBS: past it, a new pending job is refused until some resolve."""
-    store, settings = request.app[STORE], request.app[SETTINGS]
     if store.counts["pending"] + len(store.in_flight) < settings.max_pending_jobs:
         return
-    wait = request.app[SCHEDULER].next_due() - time.time()
+    wait = app[SCHEDULER].next_due() - time.time()
     retry_after = str(max(1, math.ceil(min(wait, settings.job_delay_max))))
     raise ApiError(429, "too_many_pending_jobs",
                    f"{settings.max_pending_jobs} jobs are pending, the most this service "
@@ -3987,13 +4027,14 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def retry_job(request: web.Request) -> web.Response:
-    store = request.app[STORE]
+    app = request.app
+    store, settings = app[STORE], app[SETTINGS]
     _failed_job(store, request.match_info["id"])
     await json_body(request)  # as for POST /jobs: optional, ignored, and checked
     job = _failed_job(store, request.match_info["id"])  # again: it may have changed since
-    _admit(request)
+    _admit(app, store, settings)
     headers = _rate_limit(request)
-    retried = job.retried(time.time() + request.app[SETTINGS].retry_base_delay)
+    retried = job.retried(time.time() + settings.retry_base_delay)
     await _committed(store, retried)
     headers["Location"] = f"/jobs/{job.id}"
     return json_response(retried.json, 202, headers)
@@ -4179,7 +4220,7 @@ async def retry_jobs(request: web.Request) -> web.Response:
     """Retry the failed jobs (all, or those the body's filter picks); 202 with how many."""
     matches, statuses = _bulk_filter(await json_body(request), ("failed",))
     store, settings = request.app[STORE], request.app[SETTINGS]
-    _admit(request)
+    _admit(request.app, store, settings)
     headers = _rate_limit(request)
     delay = settings.retry_base_delay
 
@@ -4661,29 +4702,29 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-@web.middleware
 async def guard(request: web.Request, handler) -> web.StreamResponse:
     started = time.perf_counter()
-    settings = request.app[SETTINGS]
-    origin = request.headers.get("Origin")
-    cors = origin is not None and settings.allows_origin(origin)
-    host, hosts = request.headers.get("Host"), request.app[HOSTS]
+    app, method, sent = request.app, request.method, request.headers
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else UNROUTED
+    origin = sent.get("Origin")
+    host, hosts = sent.get("Host"), app[HOSTS]
     if host not in hosts.known and not hosts.allows(host):
         response = error_response(421, "misdirected_request", hosts.refusal(host))
-    elif request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-        if not cors:
+    elif method == "OPTIONS" and "Access-Control-Request-Method" in sent:
+        if origin is None or not app[SETTINGS].allows_origin(origin):
             response = error_response(403, "origin_not_allowed",
-                                      _refused_origin(request.app, origin or "(none)"))
+                                      _refused_origin(app, origin or "(none)"))
         else:
             response = web.Response(status=204, headers={
                 "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-                "Access-Control-Allow-Headers": request.headers.get(
+                "Access-Control-Allow-Headers": sent.get(
                     "Access-Control-Request-Headers", "Content-Type"),
                 "Access-Control-Max-Age": "600",
             })
     else:
         try:
-            _check_access(request, origin)
+            _check_access(request, app, origin, route)
             response = await handler(request)
         except ApiError as exc:
             response = error_response(exc.status, exc.code, exc.message, exc.headers)
@@ -4695,7 +4736,7 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
                 message = f"nothing at {request.path}"
             elif exc.status == 405:
                 headers = {"Allow": exc.headers["Allow"]}
-                message = f"{request.method} is not allowed here; use {exc.headers['Allow']}"
+                message = f"{method} is not allowed here; use {exc.headers['Allow']}"
             elif exc.status == 413:
                 message = f"the body is over {MAX_BODY} bytes"
             response = error_response(exc.status, HTTP_ERROR_CODES.get(exc.status, "error"),
@@ -4707,24 +4748,22 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("%s %s failed", request.method, request.path)
+            log.exception("%s %s failed", method, request.path)
             response = error_response(500, "internal_error", "the server failed; see its log")
     if not response.prepared:
         add_headers(request, response)
     # Labelled by route template and a known method, never by raw path: bounded sets.
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    method = request.method if request.method in HTTP_METHODS else "OTHER"
-    request.app[METRICS].http(route, method, response.status, time.perf_counter() - started)
+    app[METRICS].http(route if route != UNROUTED else "unmatched",
+                      method if method in HTTP_METHODS else "OTHER", response.status,
+                      time.perf_counter() - started)
     return response
 
 
 def add_headers(request: web.Request, response: web.StreamResponse) -> None:
     """CORS and the security headers, on a response not yet sent (the guard does it for
     every response, a handler that streams does it before it starts)."""
-    headers, settings = response.headers, request.app[SETTINGS]
-    origin = request.headers.get("Origin")
-    if origin is not None and settings.allows_origin(origin):
+    headers, origin = response.headers, request.headers.get("Origin")
+    if origin is not None and (settings := request.app[SETTINGS]).allows_origin(origin):
         if origin in settings.cors_origins:  # listed by name: credentials may come
             headers["Access-Control-Allow-Origin"] = origin
             headers["Access-Control-Allow-Credentials"] = "true"
@@ -4732,7 +4771,8 @@ def add_headers(request: web.Request, response: web.StreamResponse) -> None:
             headers["Access-Control-Allow-Origin"] = "*"
         headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
         headers.add("Vary", "Origin")
-    headers.update(request.app[SECURITY_HEADERS])
+    if "Content-Security-Policy" not in headers:  # else made from CREATED_HEADERS
+        headers.update(request.app[SECURITY_HEADERS])
 
 
 HTTP_METHODS = frozenset(("GET", "POST", "DELETE", "OPTIONS", "HEAD", "PUT", "PATCH"))
@@ -4742,30 +4782,31 @@ HTTP_METHODS = frozenset(("GET", "POST", "DELETE", "OPTIONS", "HEAD", "PUT", "PA
 PUBLIC_ROUTES = frozenset(("/", "/static/{path}", "/openapi.json", "/healthz", "/session",
                            "/socket.io/", "/socket.io"))
 ENGINEIO_ROUTES = frozenset(("/socket.io/", "/socket.io"))
-TOKEN = web.RequestKey("token", str)
+# A typed key where aiohttp has them (3.14 warns of a plain one); before, the string is it.
+TOKEN = web.RequestKey("token", str) if hasattr(web, "RequestKey") else "token"
 
 
-def _check_access(request: web.Request, origin: str | None) -> None:
+def _check_access(request: web.Request, app: web.Application, origin: str | None,
+                  route: str) -> None:
     """The token, where one is needed; and for a change, an Origin that may make it."""
-    access = request.app[ACCESS]
+    access = app[ACCESS]
     by_cookie = False
-    resource = request.match_info.route.resource
-    if access.required and resource is not None and resource.canonical not in PUBLIC_ROUTES:
+    if access.required and route != UNROUTED and route not in PUBLIC_ROUTES:
         token, by_cookie, presented = access.credential(
-            request, resource.canonical != "/ws" or _cookie_counts(request))
+            request, route != "/ws" or _cookie_counts(request))
         if presented and access.guessing(request):
             access.refuse(request, presented)
         if token is None:
             access.refuse(request, presented)
         request[TOKEN] = token
-    if resource is not None and resource.canonical in ENGINEIO_ROUTES:
+    if route in ENGINEIO_ROUTES:
         return  # Engine.IO checks its own, and answers in its own error format
     if request.method in MUTATING and origin is not None:
         # A form or fetch from another site is sent by the browser before any CORS
         # check (only its answer is hidden): refuse it before anything changes.
         own = origin == own_origin(request)
-        if not own and not request.app[SETTINGS].allows_origin(origin):
-            raise ApiError(403, "origin_not_allowed", _refused_origin(request.app, origin))
+        if not own and not app[SETTINGS].allows_origin(origin):
+            raise ApiError(403, "origin_not_allowed", _refused_origin(app, origin))
         if by_cookie and not own:
             raise ApiError(403, "origin_not_allowed",
                            "a session cookie works only from the service's own page")
@@ -4822,6 +4863,7 @@ METRICS = web.AppKey("metrics", Metrics)
 ACCESS = web.AppKey("access", Access)
 ENGINE = web.AppKey("engine", EngineIO)
 SECURITY_HEADERS = web.AppKey("security_headers", dict)
+CREATED_HEADERS = web.AppKey("created_headers", CIMultiDict)
 INDEX_HTML = web.AppKey("index_html", str)
 NODE = web.AppKey("node", str)
 REFUSED_ORIGINS = web.AppKey("refused_origins", set)
@@ -4835,9 +4877,8 @@ BULK = web.AppKey("bulk", BulkChange)
 # so that the file mode's requests pay nothing for it.
 
 
-@web.middleware
 async def until_loaded(request: web.Request, handler) -> web.StreamResponse:
-    if not request.app[STORE].ready and request.match_info.handler in NEEDS_REGISTRY:
+    if not request.app[STORE].ready:
         raise ApiError(503, "loading", "this node is still loading the jobs; try again in "
                        "a moment", {"Retry-After": "1"})
     return await handler(request)
@@ -4848,14 +4889,57 @@ NEEDS_REGISTRY = frozenset((create_job, list_jobs, job_stats, get_job, delete_jo
                             socketio_endpoint))
 
 
+# Every route is served through the guard, which add_route() wraps around its handler,
+# rather than as an aiohttp middleware: with any middleware at all, aiohttp adds a layer
+# of its own and looks the chain up for each request, 16,500 instructions of a POST's
+# 414,000. A route added otherwise stops start-up. The last route takes what no other
+# does, and answers as aiohttp's router would: 405 with Allow where a route has the
+# path for other methods, else 404.
+
+UNROUTED = "/{unrouted}"  # the canonical path of that last route
+# /jobs/{id}, but not /jobs/stats and the others: no job takes their names
+JOB_PATH = "/jobs/{id:(?!(?:stats|find|retry|delete)$)[^{}/]+}"
+
+
+def add_route(app: web.Application, method: str, path: str, handler) -> None:
+    if app[SETTINGS].redis and handler in NEEDS_REGISTRY:
+        handler = functools.partial(until_loaded, handler=handler)
+    guarded = functools.partial(guard, handler=handler)
+    if method == "GET":
+        app.router.add_get(path, guarded)  # and HEAD
+    else:
+        app.router.add_route(method, path, guarded)
+
+
+async def unrouted(request: web.Request) -> web.Response:
+    allowed: set[str] = set()
+    for candidate in request.app.router.resources():
+        if candidate.canonical != UNROUTED:
+            allowed |= (await candidate.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
+async def _every_route_guarded(app: web.Application) -> None:
+    for route in app.router.routes():
+        handler = route.handler
+        if not (isinstance(handler, functools.partial) and handler.func is guard):
+            raise RuntimeError(f"{route.method} {route.resource.canonical} is served without "
+                               "the guard (no token, CORS or error checks): add it with "
+                               "add_route() in create_app")
+
+
 def create_app(settings: Settings) -> web.Application:
-    layers = [guard, until_loaded] if settings.redis else [guard]
-    app = web.Application(middlewares=layers, client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app[SECURITY_HEADERS] = {  # the same for every response: made once
         "X-Content-Type-Options": "nosniff",
         "Content-Security-Policy": content_security_policy(settings),
         "Referrer-Policy": "strict-origin-when-cross-origin"}
+    # A 201's headers but its Location, copied for each: an update of a new one costs more.
+    app[CREATED_HEADERS] = CIMultiDict({"Content-Type": JSON_CONTENT_TYPE,
+                                        **app[SECURITY_HEADERS]})
     app[REFUSED_ORIGINS] = set()
     app[HOSTS] = HostCheck(settings)
     # Unique per process, across machines and restarts: which node answered, in a cluster.
@@ -4864,28 +4948,30 @@ def create_app(settings: Settings) -> web.Application:
     app[ACCESS] = Access(settings)
     app[INDEX_HTML] = INDEX_FILE.read_text("utf-8").replace(
         "__IMAGE_ORIGINS__", image_origins(settings))
-    app.router.add_get("/", index)
-    app.router.add_post("/jobs", create_job)
-    app.router.add_get("/jobs", list_jobs)
-    app.router.add_get("/jobs/stats", job_stats)
-    app.router.add_get("/jobs/find", find_jobs)
-    app.router.add_post("/jobs/retry", retry_jobs)
-    app.router.add_post("/jobs/delete", delete_jobs)
-    # /jobs/{id}, but not /jobs/stats and the others: no job takes their names
-    job = "/jobs/{id:(?!(?:stats|find|retry|delete)$)[^{}/]+}"
-    app.router.add_get(job, get_job)
-    app.router.add_delete(job, delete_job)
-    app.router.add_post("/jobs/{id}/retry", retry_job)
-    app.router.add_get("/healthz", health)
-    app.router.add_get("/session", session_status)
-    app.router.add_post("/session", open_session)
-    app.router.add_delete("/session", close_session)
-    app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_get("/openapi.json", openapi)
-    app.router.add_get("/ws", events_socket)
-    app.router.add_route("*", "/socket.io/", socketio_endpoint)
-    app.router.add_route("*", "/socket.io", socketio_endpoint)
-    app.router.add_get("/static/{path:.+}", static_file)
+    for method, path, handler in [
+            ("GET", "/", index),
+            ("POST", "/jobs", create_job),
+            ("GET", "/jobs", list_jobs),
+            ("GET", "/jobs/stats", job_stats),
+            ("GET", "/jobs/find", find_jobs),
+            ("POST", "/jobs/retry", retry_jobs),
+            ("POST", "/jobs/delete", delete_jobs),
+            ("GET", JOB_PATH, get_job),
+            ("DELETE", JOB_PATH, delete_job),
+            ("POST", "/jobs/{id}/retry", retry_job),
+            ("GET", "/healthz", health),
+            ("GET", "/session", session_status),
+            ("POST", "/session", open_session),
+            ("DELETE", "/session", close_session),
+            ("GET", "/metrics", metrics_endpoint),
+            ("GET", "/openapi.json", openapi),
+            ("GET", "/ws", events_socket),
+            ("*", "/socket.io/", socketio_endpoint),
+            ("*", "/socket.io", socketio_endpoint),
+            ("GET", "/static/{path:.+}", static_file),
+            ("*", "/{unrouted:.*}", unrouted)]:  # last
+        add_route(app, method, path, handler)
+    app.on_startup.append(_every_route_guarded)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_close_sockets)
     return app
@@ -5154,9 +5240,30 @@ class ConnectionGate:
             self._sweeper.cancel()
 
 
+# aiohttp keeps no public account of where a connection is within its request, and has
+# no read timeout to set: these are the only reads of its handler's private fields. The
+# test test_aiohttp_handler_field names each one, so that an aiohttp release that moves
+# one fails by name (pyproject caps aiohttp below the first minor not yet tested).
+AIOHTTP_HANDLER_FIELDS = ("_request_count", "_request_in_progress", "_current_request",
+                          "_waiter")
+
+
+def handler_state(handler) -> tuple[int, web.BaseRequest | None, bool]:
+    """Where aiohttp's handler of one connection is: (how many requests' headers have come
+    whole on it, the request being handled if any, whether it waits for the next request's
+    headers, which is also its state between two requests)."""
+    if handler._request_in_progress:  # None once the handler returned: its response goes
+        return handler._request_count, handler._current_request, False
+    return handler._request_count, None, handler._waiter is not None
+
+
 class Connection(asyncio.Protocol):
     """An admitted connection: aiohttp's handler for it, counted out of the gate at its end,
-    and how long the request it is on has taken (looked at by the gate's sweep)."""
+    and how long the request it is on has taken (looked at by the gate's sweep).
+
+    Each of the transport's calls is a method here that hands it on. A loop may look a
+    protocol's methods up once, when the protocol is set (uvloop does, for data_received),
+    so nothing here is swapped on the instance later."""
 
     def __init__(self, gate: ConnectionGate, address: str):
         self.gate = gate
@@ -5168,42 +5275,45 @@ class Connection(asyncio.Protocol):
         self.since: float | None = None  # the current part of the request began
 
     def connection_made(self, transport: asyncio.Transport) -> None:
-        handler = self.handler = self.gate.protocol_factory()
-        # The transport calls these on the handler itself: the count costs no request.
-        self.data_received, self.eof_received = handler.data_received, handler.eof_received
-        self.pause_writing, self.resume_writing = handler.pause_writing, handler.resume_writing
+        self.handler = self.gate.protocol_factory()
         self.since = self.gate._loop.time()
         self.gate.connections.add(self)
-        handler.connection_made(transport)
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.since is None:  # idle until now: the headers' time begins with this byte
+            self.since = self.gate._loop.time()
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
 
     def late(self, now: float) -> str | None:
         """The part of the request that is late ("headers" or "body"), or None."""
-        # aiohttp keeps no account of this: the handler's own fields are read.
-        handler, settings = self.handler, self.gate.settings
-        if handler._request_count != self.requests:  # headers came: the body's time begins
-            self.requests, self.since = handler._request_count, now
-        if handler._request_in_progress:
-            request = handler._current_request
-            if request is not None and not request.content.is_eof() \
-                    and now - self.since >= settings.body_timeout:
+        settings = self.gate.settings
+        requests, request, waiting = handler_state(self.handler)
+        if requests != self.requests:  # headers came: the body's time begins
+            self.requests, self.since = requests, now
+        if request is not None:
+            if not request.content.is_eof() and now - self.since >= settings.body_timeout:
                 return "body"
-        elif handler._waiter is not None:  # between requests, or within one's headers
+        elif waiting:  # between requests, or within one's headers
             if self.awaited != self.requests:
                 # Idle so far (aiohttp's keep-alive timeout applies): the headers' time
-                # begins with their first byte, which this one-off wrapper notes. Bytes
-                # that came before this look (with the previous request, say) go unseen
-                # until the next: such a connection costs what an idle one does, and
-                # is closed as one.
+                # begins with their first byte, which data_received notes from now on.
+                # Bytes that came before this look (with the previous request, say) go
+                # unseen until the next: such a connection costs what an idle one does,
+                # and is closed as one.
                 self.awaited, self.since = self.requests, None
-                self.data_received = self._first_bytes
             elif self.since is not None and now - self.since >= settings.header_timeout:
                 return "headers"
         return None
-
-    def _first_bytes(self, data: bytes) -> None:
-        self.since = self.gate._loop.time()
-        self.data_received = self.handler.data_received
-        self.handler.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.leave()
@@ -5233,7 +5343,59 @@ def raise_open_files_limit() -> None:
             pass  # more than the system takes (macOS): keep the limit there is
 
 
-async def serve(settings: Settings) -> None:
+# The event loop (--loop, LOOP), by uvicorn's convention. auto serves on the host's loop if
+# it set an event loop policy (a launcher's uvloop.install(), say), else on uvloop when it
+# is installed (the uvloop extra), else on asyncio's own. Nothing here relies on more than
+# what every conforming asyncio loop does; uvloop is the fast path. Workers run on the
+# loop their supervisor runs on.
+
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def host_loop_policy() -> bool:
+    """Whether the host set an event loop policy of its own. Python 3.14 deprecates
+    policies and 3.16 drops them, and with them the host's way to choose."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return type(asyncio.get_event_loop_policy()) is not asyncio.DefaultEventLoopPolicy
+        except AttributeError:
+            return False
+
+
+def event_loop(choice: str):
+    """(the factory of the loop to serve on, None for the host's; why that one, for the
+    start-up line). A uvloop asked for and not installed is a ConfigError."""
+    if choice == "auto" and host_loop_policy():
+        return None, "the host's event loop policy"
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ModuleNotFoundError as exc:
+            if exc.name != "uvloop":
+                raise
+            if choice == "uvloop":
+                raise ConfigError("--loop uvloop (LOOP=uvloop) needs uvloop, which is not "
+                                  "installed: pip install 'jobservice[uvloop]'") from None
+        else:
+            return uvloop.new_event_loop, f"--loop {choice}"
+    return asyncio.SelectorEventLoop, f"--loop {choice}"
+
+
+def loop_kind(loop: asyncio.AbstractEventLoop) -> str:
+    """uvloop, asyncio, or the module and class of another loop."""
+    kind = type(loop)
+    package = kind.__module__.partition(".")[0]
+    return package if package in EVENT_LOOPS else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def describe_loop(loop: asyncio.AbstractEventLoop) -> str:
+    kind = loop_kind(loop)
+    version = getattr(sys.modules.get(kind), "__version__", None)
+    return f"{kind} {version}" if version else kind
+
+
+async def serve(settings: Settings, loop_chosen_by: str = "") -> None:
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0,
                            keepalive_timeout=settings.keepalive_timeout, **SERVER_OPTIONS)
@@ -5291,15 +5453,16 @@ async def serve(settings: Settings) -> None:
                      store.carried_over,
                      f"{describe_duration(retention)} from now" if retention else "forever")
         log.info(
-            "jobservice %s listening on http://%s:%d; %d jobs (%d pending) in %s; delays "
-            "%g-%g s step %g; retries %g-%g s, %d attempts; CORS %s; images: %s; "
+            "jobservice %s listening on http://%s:%d; event loop %s%s; %d jobs (%d pending) "
+            "in %s; delays %g-%g s step %g; retries %g-%g s, %d attempts; CORS %s; images: %s; "
             "finished jobs are kept %s (JOB_RETENTION); deletions are replayed for %s "
             "(EVENTS_REPLAY_WINDOW); at most %d jobs pending (MAX_PENDING_JOBS); %s "
             "(MAX_STORED_JOBS); at most %d connections (MAX_CONNECTIONS) of %d open "
             "files (RLIMIT_NOFILE), %d from one address (MAX_CONNECTIONS_PER_ADDRESS); "
             "Socket.IO pings every %g s (PING_INTERVAL) and waits %g s for the pong "
             "(PING_TIMEOUT)",
-            __version__, host if ":" not in host else f"[{host}]", port, len(store.jobs),
+            __version__, host if ":" not in host else f"[{host}]", port, describe_loop(loop),
+            f" ({loop_chosen_by})" if loop_chosen_by else "", len(store.jobs),
             store.counts["pending"], store.describe(), settings.job_delay_min,
             settings.job_delay_max, settings.job_delay_step, settings.retry_base_delay,
             settings.retry_max_delay, settings.job_max_attempts,
@@ -5341,17 +5504,20 @@ async def _stop_when_orphaned(supervisor: int, stop: asyncio.Event) -> None:
 WORKER_STOP_TIMEOUT = 30.0
 
 
-def supervise(settings: Settings) -> int:
+def supervise(settings: Settings, loop_factory, loop_chosen_by: str) -> int:
     base = os.environ.get("XDG_RUNTIME_DIR")
     runtime = tempfile.mkdtemp(prefix="jobservice-",
                                dir=base if base and os.path.isdir(base) else None)
     try:
-        return asyncio.run(_supervise(settings, Path(__file__).resolve(), runtime))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_supervise(settings, Path(__file__).resolve(), runtime,
+                                         loop_chosen_by))
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
-async def _supervise(settings: Settings, program: Path, runtime: str) -> int:
+async def _supervise(settings: Settings, program: Path, runtime: str,
+                     loop_chosen_by: str) -> int:
     # Held (bound, never listening) for as long as the workers run: port 0 becomes one
     # port for all of them, and nobody else can take it between restarts.
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -5363,12 +5529,13 @@ async def _supervise(settings: Settings, program: Path, runtime: str) -> int:
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind((settings.host, settings.port))
     port = holder.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    kind = loop_kind(loop)
     command = [sys.executable, str(program), "--worker", str(os.getpid()), "--runtime-dir",
                runtime, "--host", settings.host, "--port", str(port), "--data",
-               str(settings.jobs_file)]
+               str(settings.jobs_file), "--loop", kind if kind in EVENT_LOOPS else settings.loop]
     env = {**os.environ, "REDIS_URL": settings.redis_url}  # not in argv, where ps shows it
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     workers: dict[int, asyncio.subprocess.Process] = {}
@@ -5409,8 +5576,9 @@ async def _supervise(settings: Settings, program: Path, runtime: str) -> int:
                 except TimeoutError:
                     pass
 
-    log.info("jobservice %s supervising %d workers on http://%s:%d (pid %d)", __version__,
-             settings.workers, settings.host, port, os.getpid())
+    log.info("jobservice %s supervising %d workers on http://%s:%d (pid %d); event loop %s%s",
+             __version__, settings.workers, settings.host, port, os.getpid(),
+             describe_loop(loop), f" ({loop_chosen_by})" if loop_chosen_by else "")
     note_stored_jobs_cost(settings)
     try:
         await asyncio.gather(*(keep_running(number) for number in range(settings.workers)))
@@ -5522,6 +5690,117 @@ def stored_jobs_note(jobs: int, processes: int, limit: int, source: str) -> tupl
         f"{fits // 1000 * 1000:,} or less, or give it more memory")
 
 
+# `jobservice systemd-unit`: a unit file for this installation. It runs as a user made for
+# it (DynamicUser=), keeps jobs.json in its StateDirectory=, and is sandboxed as tightly
+# as a network service that writes one folder can be (systemd-analyze security: 1.x).
+
+SYSTEMD_UNIT = """\
+[Unit]
+Description=jobservice: jobs that resolve with a food photo
+After={after}
+{wants}
+[Service]
+Type=exec
+ExecStart={command} --data %S/jobservice/jobs.json{workers}
+# Settings and secrets (HOST, PORT, API_TOKEN, UNSPLASH_ACCESS_KEY...), read by systemd
+# as root: keep the file 0600. API_TOKENS_FILE=%S/jobservice/tokens is read again on
+# reload (systemctl reload), which sends SIGHUP.
+EnvironmentFile=-/etc/jobservice/env
+{environment}ExecReload=/bin/kill -s HUP $MAINPID
+KillSignal=SIGTERM
+KillMode=mixed
+# A graceful stop: a supervisor gives each worker {worker_stop:g} s, a process 5 s for its
+# requests, then the last writes.
+TimeoutStopSec={stop_timeout:g}
+Restart=on-failure
+# MAX_CONNECTIONS clients, each of which may hold a second descriptor (a file being
+# sent), and {reserve} for the journal, Redis and Unsplash.
+LimitNOFILE={open_files}
+DynamicUser=yes
+StateDirectory=jobservice
+StateDirectoryMode=0700
+UMask=0077
+CapabilityBoundingSet=
+AmbientCapabilities=
+NoNewPrivileges=yes
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateUsers=yes
+PrivateIPC=yes
+PrivateMounts=yes
+DevicePolicy=closed
+ProtectSystem=strict
+ProtectHome=yes
+ProtectHostname=yes
+ProtectClock=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+ProcSubset=pid
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+RemoveIPC=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+KeyringMode=private
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _on_this_machine(redis_url: str) -> bool:
+    host = urlsplit(redis_url).hostname or ""
+    try:
+        return redis_url.startswith("unix:") or host == "localhost" or \
+            ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        return False
+
+
+def systemd_unit(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jobservice systemd-unit",
+        description="Print a systemd unit that runs this jobservice as a service.")
+    parser.add_argument("--max-connections", type=int, default=10_000, metavar="N",
+                        help="MAX_CONNECTIONS, and LimitNOFILE to match (default 10000)")
+    parser.add_argument("--redis", default="", metavar="URL",
+                        help="REDIS_URL; on this machine, the unit starts after its "
+                             "redis-server.service")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="run N worker processes (needs --redis)")
+    args = parser.parse_args(argv)
+    if args.max_connections < 1 or args.workers < 0:
+        parser.error("--max-connections must be 1 or more, --workers 0 or more")
+    if args.workers and not args.redis:
+        parser.error("--workers needs --redis: processes share jobs through Redis")
+    program = Path(sys.argv[0]).absolute()  # the venv's command: never resolved past it
+    command = f"{sys.executable} {program}" if program.suffix == ".py" else str(program)
+    environment = f"Environment=MAX_CONNECTIONS={args.max_connections}\n"
+    after, wants = "network.target", ""
+    if args.redis:
+        environment += f"Environment=REDIS_URL={args.redis}\n"
+        if _on_this_machine(args.redis):
+            after, wants = "network.target redis-server.service", \
+                "Wants=redis-server.service\n"
+        else:
+            after, wants = "network-online.target", "Wants=network-online.target\n"
+    print(SYSTEMD_UNIT.format(
+        after=after, wants=wants, command=command, environment=environment,
+        workers=f" --workers {args.workers}" if args.workers else "",
+        worker_stop=WORKER_STOP_TIMEOUT, stop_timeout=WORKER_STOP_TIMEOUT + 15,
+        reserve=FD_RESERVE, open_files=2 * args.max_connections + FD_RESERVE), end="")
+    return 0
+
+
 def socket_host(host: str) -> str:
     """An address as ipaddress reads it (a listening socket may add a zone)."""
     return host.split("%", 1)[0]
@@ -5533,18 +5812,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("import", "export"):
         return transfer(argv[0], argv[1:])
+    if argv and argv[0] == "systemd-unit":
+        return systemd_unit(argv[1:])
     raise_open_files_limit()  # first: MAX_CONNECTIONS is derived from the limit
     try:
         settings = load_settings(argv)
         if settings.redis:
             redis_mode()  # a missing extra is a one-line error now, not a traceback later
+        loop_factory, loop_chosen_by = event_loop(settings.loop)  # a missing uvloop too
     except ConfigError as exc:
         print(f"jobservice: {exc}", file=sys.stderr)
         return 2
     try:
         if settings.workers:
-            return supervise(settings)
-        asyncio.run(serve(settings))
+            return supervise(settings, loop_factory, loop_chosen_by)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve(settings, loop_chosen_by))
     except StoreCorrupt as exc:
         print(f"jobservice: cannot load jobs: {exc}; the file was left untouched",
               file=sys.stderr)

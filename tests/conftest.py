@@ -2,6 +2,16 @@
 a fake Unsplash on loopback, and a reader of the event stream.
 
 Delays and retry settings are shrunk through the environment, never slept through.
+
+The suite runs on pytest-xdist workers (the README's command has `-n 3`, pyproject.toml
+`--dist loadgroup`), each test wherever a worker is free. So every test takes what it
+uses for itself: free ports, its tmp_path, a Redis prefix of its own (each worker starts
+its own redis_server). A module whose module-scoped fixtures are costly (a browser, a
+built wheel, services that many tests share) keeps its tests on one worker, so that
+they are made once: `pytestmark = pytest.mark.xdist_group("name")`. The browser modules
+share the group "browser", which also keeps two Chromiums from loading the box at once.
+Nothing else needs a worker of its own; a test that would (a fixed port, a global file)
+is a bug.
 """
 
 from __future__ import annotations
@@ -43,6 +53,14 @@ FAST_ENV = {
     "RETRY_MAX_DELAY": "0.05",
     "UNSPLASH_TIMEOUT": "0.5",
 }
+
+# For tests of POOL_MAX_AGE (set to AGED, in seconds): photos are bought only for a job due
+# now (no buying ahead: those would age before their job fell due), and every job is due
+# 0.6 s after it was made. A photo left from one job's batch is then over AGED old when
+# the next job needs one, and a fresh one is taken within milliseconds of its call, well
+# under AGED on however busy a box.
+AGED = 0.5
+AGE_TEST_ENV = {"PHOTO_REUSE": "never", "JOB_DELAY_MIN": "0.6", "JOB_DELAY_MAX": "0.6"}
 
 
 @pytest.fixture
@@ -232,6 +250,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "file_only: about jobs.json; not run on Redis")
 
 
+def pytest_runtest_setup(item):
+    """On an xdist worker under --dist loadgroup, a grouped test's id ends in @group, or
+    its group was not kept on one worker: fail it rather than run its module apart."""
+    if item.get_closest_marker("xdist_group") and "@" not in item.nodeid \
+            and os.environ.get("PYTEST_XDIST_WORKER") and item.config.getvalue("loadgroup"):
+        pytest.fail("pytest-xdist did not apply xdist_group: see the pytest cap in "
+                    "pyproject.toml", pytrace=False)
+
+
 @pytest.fixture
 def backend(request) -> dict:
     """The environment that picks the mode: nothing for jobs.json, REDIS_URL and a
@@ -377,6 +404,7 @@ class ServiceProcess:
         self.cwd = cwd
         self.jobs_file = jobs_file
         self.env = {**os.environ, **FAST_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.loop = (env or {}).get("LOOP")
         self.args = list(args)
         self.process: asyncio.subprocess.Process | None = None
         self.log: list[str] = []
@@ -385,9 +413,11 @@ class ServiceProcess:
         self._new_line = asyncio.Event()  # set as each line of the log is read
 
     async def start(self, timeout: float = 20.0) -> ServiceProcess:
+        # On the test's own loop, unless the test names one.
+        loop = self.loop or jobservice.loop_kind(asyncio.get_running_loop())
         self.process = await asyncio.create_subprocess_exec(
             *self.command, "--port", "0", "--data", str(self.jobs_file), *self.args,
-            cwd=self.cwd, env=self.env, stdout=asyncio.subprocess.PIPE,
+            cwd=self.cwd, env={**self.env, "LOOP": loop}, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)
         ready = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read(ready))
@@ -663,3 +693,23 @@ def nginx(tmp_path):
     yield start
     for server in started:
         server.stop()
+
+
+# --- Event loops: what serves runs on asyncio's loop and on uvloop ----------------------
+# Each async test in BOTH_LOOPS runs once on each loop (pytest-asyncio's loop factories),
+# the rest on asyncio's. A service process a test starts through ServiceProcess runs on
+# the test's own loop (it passes LOOP); one started otherwise gets LOOP=asyncio from the
+# environment, unless the test or the caller's environment says otherwise.
+
+import uvloop  # noqa: E402
+
+LOOP_FACTORIES = {"asyncio": asyncio.SelectorEventLoop, "uvloop": uvloop.new_event_loop}
+BOTH_LOOPS = frozenset(("test_api.py", "test_ws.py", "test_socketio.py", "test_polling.py",
+                        "test_slow_clients.py"))
+os.environ.setdefault("LOOP", "asyncio")
+
+
+def pytest_asyncio_loop_factories(config, item):
+    if item.path.name in BOTH_LOOPS:
+        return LOOP_FACTORIES
+    return {"asyncio": LOOP_FACTORIES["asyncio"]}

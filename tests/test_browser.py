@@ -50,7 +50,8 @@ from playwright.async_api import Browser, Page, async_playwright
 
 import jobservice
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# One worker for every browser module (conftest.py says why).
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("browser")]
 
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
@@ -296,14 +297,23 @@ class HeldPosts:
         self.page = page
         self.held = 0
         self._release = asyncio.Event()
+        self._arrived = asyncio.Event()
 
     async def _handle(self, route) -> None:
         if route.request.method != "POST":
             await route.continue_()
             return
         self.held += 1
+        self._arrived.set()
         await self._release.wait()
         await route.continue_()
+
+    async def until(self, count: int, timeout: float = 5.0) -> None:
+        """Until `count` POSTs are held: the route hears of one after the page sent it."""
+        async with asyncio.timeout(timeout):
+            while self.held < count:
+                self._arrived.clear()
+                await self._arrived.wait()
 
     async def __aenter__(self) -> HeldPosts:
         await self.page.route("**/jobs", self._handle)
@@ -457,6 +467,7 @@ async def test_create_count_down_resolve_and_view(service_process, fake, open_pa
     async with HeldPosts(page) as held:
         await page.click('[data-testid="new-job"]')
         await page.wait_for_function(CREATING_ROWS_JS, arg=1, timeout=2_000)
+        await held.until(1)
         assert held.held == 1
         assert await page.locator(f"{LIST} > li").count() == 1
     await page.wait_for_function(
@@ -1024,10 +1035,11 @@ async def test_cancel_and_delete_ask_inside_the_page(service_process, fake, open
 async def test_jobs_deleted_elsewhere_or_expired_vanish(service_process, fake, open_page,
                                                          jobs_file):
     jobs = small_store(fake.url)
-    # One resolved job is at the end of its retention 4 s from now: it expires while the
-    # page is open (ON_DELETED_JOB, reason "expired"); the others stay for most of an hour.
+    # One resolved job is at the end of its retention 10 s from now: it expires while the
+    # page is open (ON_DELETED_JOB, reason "expired"), which takes over 4 s to be up on a
+    # busy box; the others stay for most of an hour.
     expiring = jobs[0]
-    expiring.resolved_at = time.time() - 3596
+    expiring.resolved_at = time.time() - 3590
     write_snapshot(jobs_file, jobs)
     ids = [job.id for job in reversed(jobs)]
     service = await service_process(service_env(fake, JOB_RETENTION="3600"))
@@ -1044,7 +1056,7 @@ async def test_jobs_deleted_elsewhere_or_expired_vanish(service_process, fake, o
         assert response.status == 204, await response.text()
     await page.locator(row(victim)).wait_for(state="detached", timeout=5_000)
     # Expired by the server: that card goes too.
-    await page.locator(row(expiring.id)).wait_for(state="detached", timeout=15_000)
+    await page.locator(row(expiring.id)).wait_for(state="detached", timeout=20_000)
     await wait_counts(page, {"total": 5, "pending": 1, "resolved": 3, "failed": 1})
     assert (await summary(page))["ids"] == [i for i in ids if i not in (victim, expiring.id)]
     await page.wait_for_function(

@@ -50,7 +50,8 @@ from test_browser import (  # browser is a fixture: one Chromium per module
     wait_live,
 )
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# One worker for every browser module (conftest.py says why).
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("browser")]
 
 TOKEN = "kitchen-door-7f3a9c"
 COOKIE = "jobservice_session"
@@ -400,16 +401,23 @@ async def test_a_session_that_ends_brings_the_form_back(service_process, fake, n
     await log_in(page, "first-token-1111")
     await wait_live(page)
 
-    # The token is rotated out of the file: the page's next call gets 401, and the form
-    # comes back saying why.
-    tokens.write_text("second-token-2222\n")
-    service.process.send_signal(signal.SIGHUP)
-    await wait_until(lambda: any("reloaded 1 access tokens" in line for line in service.log),
-                     "the tokens to be reloaded")
+    # The cookie is gone (expired, say) while the socket it opened stays: the page's next
+    # call gets 401, and the form comes back saying why.
+    await context.clear_cookies()
     await page.click('[data-testid="new-job"]')
     await wait_login_form(page, "Your session has ended. Log in again to go on.")
     assert seen["401"] == ["POST /jobs"], seen["401"]
     assert await page.locator(f"{LIST} > li").count() == 0
+    await log_in(page, "first-token-1111")
+    await wait_live(page)
+
+    # The token is rotated out of the file: at the SIGHUP the server closes the sockets
+    # that came in with it, the page's next handshake is refused, the session door says
+    # so, and the form comes back by itself: no call of the page's was turned down.
+    tokens.write_text("second-token-2222\n")
+    service.process.send_signal(signal.SIGHUP)
+    await wait_login_form(page, "Your session has ended. Log in again to go on.")
+    assert seen["401"] == ["POST /jobs"], seen["401"]
     assert await api_total(service.url, "second-token-2222") == 0
 
     await log_in(page, "second-token-2222")

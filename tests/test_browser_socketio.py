@@ -32,7 +32,8 @@ from playwright.async_api import TimeoutError as PlaywrightTimeout
 from test_browser import browser  # noqa: F401 (a fixture: one Chromium per module)
 from test_cluster_cli import LISTENING, running_supervisors
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# One worker for every browser module (conftest.py says why).
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("browser")]
 
 WAIT_MS = 10_000
 JOBS = 6

@@ -23,6 +23,7 @@ import jobservice
     ("UNSPLASH_API_URL", "ftp://example.com"), ("CORS_ORIGINS", "example.com"),
     ("MAX_CONNECTIONS", "0"), ("MAX_CONNECTIONS", "many"),
     ("MAX_CONNECTIONS", "100000000"),  # more than the open-files limit leaves room for
+    ("LOOP", "tokio"),
 ])
 async def test_an_invalid_setting_stops_start_up_naming_it(name, value, tmp_path):
     env = {**os.environ, **FAST_ENV, name: value}

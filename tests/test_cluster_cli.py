@@ -302,7 +302,9 @@ async def test_import_into_a_prefix_with_history_but_no_live_job_needs_force(
     deleted or expired and the prefix is still not empty: an import over it without
     --force would put the seq back, so seqs would be handed out a second time and a
     client resuming from one it was given would skip the jobs that reuse them."""
-    node = await services(redis_env, tmp_path / "unused.json")
+    # Due in a minute, the job is deleted before it resolves (a resolution takes a seq too).
+    node = await services({**redis_env, "JOB_DELAY_MIN": "60", "JOB_DELAY_MAX": "60"},
+                          tmp_path / "unused.json")
     async with aiohttp.ClientSession(node.url) as client:
         [job_id] = await create_jobs(client, 1)
         async with client.delete(f"/jobs/{job_id}") as response:
@@ -666,6 +668,22 @@ async def test_a_late_poll_is_refused_as_it_arrives_on_either_worker(redis_env, 
         await asyncio.sleep(opened + 8.05 - time.monotonic())  # the deadline: no event
         assert [await noop(sid) for sid in sids] == [
             (400, '{"code":1,"message":"Session ID unknown"}')] * 8
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_workers_run_on_the_loop_their_supervisor_was_given(loop, redis_env,
+                                                                  supervisors):
+    """--loop (LOOP) is the supervisor's choice for every worker it starts, and each
+    worker serves on it."""
+    supervisor = await supervisors({**redis_env, "LOOP": loop})
+    [line] = [line for line in supervisor.lines if SUPERVISING.search(line)]
+    assert f"event loop {loop}" in line, line
+    await supervisor.matches(LISTENING, 2)
+    workers = [line for line in supervisor.lines if LISTENING.search(line)]
+    assert all(f"event loop {loop}" in line and "(--loop " in line for line in workers), \
+        workers
+    async with aiohttp.ClientSession(supervisor.url) as client:
+        assert len(await create_jobs(client, 2)) == 2
 
 
 async def test_a_killed_worker_is_replaced_and_the_port_keeps_answering(

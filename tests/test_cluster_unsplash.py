@@ -22,7 +22,7 @@ from collections import Counter
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
-from conftest import FAST_ENV, create_jobs, serve_fake
+from conftest import AGE_TEST_ENV, AGED, FAST_ENV, create_jobs, serve_fake
 from fake_unsplash import FakeUnsplash
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -172,7 +172,9 @@ async def test_sixty_jobs_across_nodes_cost_about_one_call_per_thirty(
     at that moment (it found the pool empty at the same time). So at most
     ceil(60 / 30) - 1 + (nodes - 1) + 1 = ceil(60 / 30) + nodes - 1 calls; and since
     nothing bought is wasted, what was bought and not used is in Redis, to the photo."""
-    nodes = await start_nodes(node_count)
+    # Every job waits for a fresh photo: on a busy box, one past the default 2 s would
+    # take a reused one from the catalog.
+    nodes = await start_nodes(node_count, {"PHOTO_WAIT": "10"})
     events = await open_events(nodes[0])
     ids = await create_round_robin(nodes, 60)
     done = await events.resolutions(ids, timeout=12)
@@ -281,18 +283,19 @@ async def test_a_429_on_one_node_pauses_every_node(start_nodes, fake_unsplash, o
 
 async def test_remaining_zero_pauses_every_node_but_not_the_pool(start_nodes, fake_unsplash,
                                                                  open_events):
-    """A successful call with X-Ratelimit-Remaining: 0 (Retry-After: 1) was the last
+    """A successful call with X-Ratelimit-Remaining: 0 (Retry-After: 3) was the last
     one allowed: its 29 leftovers still serve jobs on every node at once, but the 31st
-    job after it waits until the pause is over, whichever node claims it."""
-    pause = 1.0
-    fake_unsplash.retry_after = "1"
+    job after it waits until the pause is over, whichever node claims it. (3 s: long
+    enough that the jobs are all made within it on a busy box.)"""
+    pause = 3.0
+    fake_unsplash.retry_after = "3"
     fake_unsplash.script.append("remaining0")
     nodes = await start_nodes(2, NEVER_REUSE)
     events = await open_events(nodes[0])
     [first] = await create_jobs(nodes[1], 1)
     await events.resolutions([first], timeout=5)
     ids = await create_round_robin(nodes, BATCH + 1)
-    done = await events.resolutions(ids, timeout=10)
+    done = await events.resolutions(ids, timeout=15)
     jobs = [done[job_id] for job_id in ids]
 
     limited_at = fake_unsplash.arrivals[0]
@@ -370,11 +373,11 @@ async def test_401_fails_every_nodes_jobs_once_and_is_shared_for_retry_max_delay
 
 async def test_stale_photos_in_the_shared_pool_are_never_handed_out(
         start_nodes, fake_unsplash, open_events, shared, prefix, monkeypatch):
-    """POOL_MAX_AGE 20 ms: a batch's 29 leftovers in Redis are stale by the time the next
-    job (created on the other node, due >= 50 ms later) needs a photo; it must cost a new
+    """POOL_MAX_AGE 0.5 s: a batch's 29 leftovers in Redis are stale by the time the next
+    job (created on the other node, due 0.6 s later) needs a photo; it must cost a new
     call and get a photo of the new batch, and the stale ones must not linger."""
-    monkeypatch.setattr(jobservice, "POOL_MAX_AGE", 0.02)
-    nodes = await start_nodes(2)
+    monkeypatch.setattr(jobservice, "POOL_MAX_AGE", AGED)
+    nodes = await start_nodes(2, AGE_TEST_ENV)
     events = await open_events(nodes[0])
     [first] = await create_jobs(nodes[0], 1)
     await events.resolutions([first], timeout=5)
@@ -397,10 +400,11 @@ async def test_a_photo_put_back_is_not_handed_out_once_stale(
         start_nodes, fake_unsplash, open_events, monkeypatch):
     """A job deleted while its photo was being bought gives the photo back to its node
     (SharedPhotoPool.put_back, a pool of the node's own). POOL_MAX_AGE still applies to
-    it: the next job, due >= 50 ms later, must not get that 20 ms-old photo."""
-    monkeypatch.setattr(jobservice, "POOL_MAX_AGE", 0.02)
+    it: the next job, due 0.6 s later, must not get that photo (POOL_MAX_AGE 0.5 s)."""
+    monkeypatch.setattr(jobservice, "POOL_MAX_AGE", AGED)
     fake_unsplash.gate = asyncio.Event()
-    [node] = await start_nodes(1)
+    # The held call must outlast the DELETE on a busy box: timed out, it would be a retry.
+    [node] = await start_nodes(1, {**AGE_TEST_ENV, "UNSPLASH_TIMEOUT": "10"})
     events = await open_events(node)
     [doomed] = await create_jobs(node, 1)
     await fake_unsplash.arrived(1)
@@ -414,5 +418,5 @@ async def test_a_photo_put_back_is_not_handed_out_once_stale(
     assert job["status"] == "resolved", job
     assert job["image"]["id"] not in fake_unsplash.batches[0], \
         f"a photo bought {resolved_at(job) - fake_unsplash.arrivals[0]:.3f} s earlier " \
-        "was handed out with POOL_MAX_AGE 0.02 s"
+        "was handed out with POOL_MAX_AGE 0.5 s"
     assert fake_unsplash.calls == 2

@@ -67,8 +67,9 @@ pytestmark = pytest.mark.file_only
 CRASH_ROUNDS = int(os.environ.get("CRASH_ROUNDS", "10"))
 CRASH_CLIENTS = 32
 SLOW = {"JOB_DELAY_MIN": "60", "JOB_DELAY_MAX": "60"}
-# Jobs created just before a fault come due while it lasts.
-DUE_IN_A_SECOND = {"JOB_DELAY_MIN": "1", "JOB_DELAY_MAX": "1"}
+# Jobs created just before a fault come due while it lasts: after it began (the fault and
+# the first refusals took a second on a busy box), before the test ends it.
+DUE_SOON = {"JOB_DELAY_MIN": "2", "JOB_DELAY_MAX": "2"}
 
 
 # --- Reading the files as a restart would, independently of the service ------------------
@@ -547,11 +548,11 @@ async def test_disk_fault_refuses_new_jobs_keeps_reads_holds_resolutions_and_rec
         disk, start_service, open_events, created, caplog):
     caplog.set_level(logging.INFO, logger="jobservice")
     path = disk.jobs_file
-    client = await start_service(DUE_IN_A_SECOND, path=path)
+    client = await start_service(DUE_SOON, path=path)
     acknowledged = await post_acknowledged(client, created, 5)
     if disk.how == "tmpfs" and disk.code == errno.EROFS:
         await client.close()  # closes the journal, or the kernel cannot remount read-only
-        client = await start_service(DUE_IN_A_SECOND, path=path)
+        client = await start_service(DUE_SOON, path=path)
     watcher = Watcher((await open_events(client)).ws)
 
     logged = len(caplog.records)
@@ -617,7 +618,7 @@ async def test_disk_fault_refuses_new_jobs_keeps_reads_holds_resolutions_and_rec
     await watcher.close()
     await client.close()
 
-    client = await start_service(DUE_IN_A_SECOND, path=path)
+    client = await start_service(DUE_SOON, path=path)
     events = Watcher((await open_events(client, "?since=0")).ws)
     jobs = {job["id"]: job for job in await (await client.get("/jobs")).json()}
     assert list(jobs) == acknowledged

@@ -142,6 +142,7 @@ async def test_a_flood_of_600_connections_at_256_descriptors_is_shut_out_and_pas
             aiohttp.ClientSession() as watcher:
         async with http.get(f"{url}/healthz") as response:
             assert response.status == 200
+            await response.read()  # read whole, the connection goes back to the pool
         ws = await watcher.ws_connect(f"{url}/ws")
         try:
             answers = Counter(await asyncio.gather(*(ask_and_hold(url, held)

@@ -22,6 +22,8 @@ import aiohttp
 import pytest
 from conftest import FAST_ENV, ROOT, EventStream, ServiceProcess
 
+# One worker for the module: the wheel is built once, in the checkout (conftest.py).
+pytestmark = pytest.mark.xdist_group("package")
 STATIC = ROOT / "static"
 # Every file the service serves or reads; screenshot.png is only for the README.
 SHIPPED = sorted(path.relative_to(STATIC).as_posix() for path in STATIC.rglob("*")

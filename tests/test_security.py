@@ -470,3 +470,17 @@ async def test_error_responses_are_json_and_leak_nothing(service_process):
                 problems.append(f"{where}: leaks {leak!r}: {text[:200]!r}")
     await say.close()
     assert problems == [], "\n".join(problems)
+
+
+async def test_a_route_added_without_the_guard_stops_start_up(aiohttp_client, jobs_file):
+    """The guard (tokens, Host, CORS, security headers, JSON errors) is wrapped around each
+    route's handler by add_route(), not run as a middleware: a route added straight to
+    the router would be served without it, so the app refuses to start."""
+    app = jobservice.create_app(jobservice.load_settings(["--data", str(jobs_file)], {}))
+
+    async def naked(request):
+        return web.Response(text="no token needed")
+
+    app.router.add_get("/naked", naked)
+    with pytest.raises(RuntimeError, match=r"(HEAD|GET) /naked is served without the guard"):
+        await aiohttp_client(app)

@@ -14,6 +14,7 @@ import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 from test_abuse import address, eventually
 
 import jobservice
@@ -222,3 +223,78 @@ def test_the_defaults_and_bad_values():
                         ("MAX_CONNECTIONS_PER_ADDRESS", "ten")]:
         with pytest.raises(jobservice.ConfigError, match=name):
             jobservice.load_settings([], {name: value})
+
+
+# --- aiohttp's private handler fields, which the read timeouts read ---------------------
+
+
+async def handler_fields_in_each_phase() -> list[dict]:
+    """The fields of AIOHTTP_HANDLER_FIELDS (MISSING where there is none) on the handler of
+    one connection through the service's own ConnectionGate, at three points: connected
+    with its headers begun, its headers whole and its body half sent, and answered."""
+    started, body = asyncio.Event(), asyncio.Event()
+
+    async def handle(request):
+        started.set()
+        await body.wait()
+        return web.Response(text=(await request.read()).decode())
+
+    settings = jobservice.load_settings([], {})
+    gate = jobservice.ConnectionGate(web.Server(handle), settings, jobservice.Metrics())
+    await gate.listen("127.0.0.1", 0)
+    port = gate.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    phases = []
+
+    async def look(ready) -> None:
+        [connection] = gate.connections
+        async with asyncio.timeout(5):  # aiohttp's own task gets there: nothing to await
+            while not ready(connection.handler):  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        phases.append({name: getattr(connection.handler, name, MISSING)
+                       for name in jobservice.AIOHTTP_HANDLER_FIELDS})
+
+    try:
+        writer.write(b"POST / HTTP/1.1\r\nHost: localhost\r\n")
+        await look(lambda handler: getattr(handler, "_waiter", None) is not None)
+        writer.write(b"Content-Length: 4\r\n\r\nab")
+        await asyncio.wait_for(started.wait(), 5)
+        await look(lambda handler: True)
+        writer.write(b"cd")
+        body.set()
+        assert (await asyncio.wait_for(reader.readuntil(b"abcd"), 5)).startswith(
+            b"HTTP/1.1 200")
+        await look(lambda handler: getattr(handler, "_waiter", None) is not None)
+    except TimeoutError:
+        pass  # a field that moved: the test names it
+    finally:
+        writer.transport.abort()
+        gate.close()
+    return phases
+
+
+MISSING = object()
+# Each field in the three phases: a value, or a type it is an instance of.
+AIOHTTP_FIELDS_MEAN = {
+    "_request_count": [0, 1, 1],
+    "_request_in_progress": [False, True, False],
+    "_current_request": [None, web.BaseRequest, None],
+    "_waiter": [asyncio.Future, None, asyncio.Future],
+}
+
+
+@pytest.mark.parametrize("field", jobservice.AIOHTTP_HANDLER_FIELDS)
+async def test_aiohttp_handler_field(field):
+    """HEADER_TIMEOUT and BODY_TIMEOUT read aiohttp's private handler fields (in
+    jobservice.handler_state), and pyproject caps aiohttp below the first minor they are
+    not tested on. One that an aiohttp release moves or changes fails here, by name."""
+    phases = await handler_fields_in_each_phase()
+    seen = [phase[field] for phase in phases]
+    assert MISSING not in seen, f"aiohttp {aiohttp.__version__}'s request handler has no " \
+        f"{field} any more; handler_state() reads it for the read timeouts"
+    expected = AIOHTTP_FIELDS_MEAN[field]
+    assert len(seen) == 3 and all(
+        isinstance(value, want) if isinstance(want, type) else value == want
+        for value, want in zip(seen, expected, strict=True)), \
+        f"aiohttp {aiohttp.__version__}'s {field} is {seen} when connected, within a body, " \
+        f"answered; handler_state() expects {expected}"

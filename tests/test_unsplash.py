@@ -18,7 +18,7 @@ import time
 
 import pytest
 from aiohttp import web
-from conftest import FAST_ENV, create_jobs, free_port, serve_fake
+from conftest import AGE_TEST_ENV, AGED, FAST_ENV, create_jobs, free_port, serve_fake
 from fake_unsplash import FakeUnsplash
 
 import jobservice
@@ -423,16 +423,16 @@ async def test_without_a_key_photos_come_from_the_catalog(start_service, fake_un
 # --- 8. The pool's age limit ---------------------------------------------------------
 
 
-@pytest.mark.parametrize(("max_age", "calls"), [(None, 1), (0.01, 2)],
+@pytest.mark.parametrize(("max_age", "calls"), [(None, 1), (AGED, 2)],
                          ids=["fresh-pool-reused", "stale-pool-refetched"])
 async def test_pool_never_hands_out_a_stale_photo(start_service, fake_unsplash, unsplash_env,
                                                   open_events, monkeypatch, max_age, calls):
     """With the default limit the second job takes the first batch's leftovers; with a
-    tiny limit the leftovers are too old (the second job is due >= 50 ms later), so the
+    limit of 0.5 s the leftovers are too old (the second job is due 0.6 s later), so the
     second job must cost a new call and get a photo from the new batch."""
     if max_age is not None:
         monkeypatch.setattr(jobservice, "POOL_MAX_AGE", max_age)
-    client = await start_service(unsplash_env)
+    client = await start_service({**unsplash_env, **AGE_TEST_ENV})
     events = await open_events(client)
     [first] = await run_jobs(client, events, 1)
     first_batch = set(fake_unsplash.served)
