@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import base64
 import bisect
+import codecs
 import errno
 import functools
 import gc
@@ -28,6 +29,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -41,6 +43,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -766,11 +769,26 @@ def parse_time(value, what: str) -> float | None:
 
 @functools.lru_cache(maxsize=8192)
 def _epoch_second(text: str) -> int | None:
+    # A store's jobs span days, and mostly different seconds: each day is parsed once.
+    hour, minute, second = text[11:13], text[14:16], text[17:19]
+    if len(text) == 19 and text[10] == "T" and text[13] == text[16] == ":" \
+            and (hour + minute + second).isdecimal() and (hour + minute + second).isascii() \
+            and hour < "24" and minute < "60" and second < "60":
+        day = _epoch_day(text[:10])
+        return None if day is None else day + int(hour) * 3600 + int(minute) * 60 + int(second)
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
         return None
     return int(moment.replace(tzinfo=UTC).timestamp())
+
+
+@functools.lru_cache(maxsize=4096)
+def _epoch_day(text: str) -> int | None:
+    try:
+        return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp())
+    except ValueError:
+        return None
 
 
 # Job ids are UUID4s from the OS's CSPRNG, drawn 4,096 at a time: uuid.uuid4() makes a
@@ -795,9 +813,76 @@ def new_job_id() -> str:
 os.register_at_fork(after_in_child=_job_ids.clear)
 
 
+class Image(dict):
+    """A job's `image` object, one for every job that resolved with the same photo (a
+    hundred thousand jobs resolved from the catalog's 40 photos hold 40), with its JSON
+    text and the `result` URL that goes with it, both made once. Read-only, since jobs
+    share it: another photo, or the same one marked reused, is another Image."""
+
+    __slots__ = ("__weakref__", "json", "result", "result_json")
+
+    def _shared(self, *args, **kwargs):
+        raise TypeError("an Image is shared by every job that resolved with its photo; "
+                        "make a new one (dict(image)) to change it")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _shared
+
+
+# Every Image in use, by its result and contents: an entry goes with the last job that
+# holds it. The values' types are part of the key, so that `"reused": 1` is not taken
+# for `"reused": true`; an image holding lists or objects is keyed by its JSON instead.
+_images: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def shared_image(result: str | None, image: dict) -> Image:
+    values = tuple(image.values())
+    try:
+        key = (result, tuple(image), values, tuple(map(type, values)))
+        held = _images.get(key)
+    except TypeError:
+        key = (result, _json_value(image))
+        held = _images.get(key)
+    if held is None:
+        held = Image(image)
+        held.json, held.result, held.result_json = _json_value(held), result, \
+            _json_value(result)
+        _images[key] = held
+    return held
+
+
+# Errors that many jobs share ("gave up after 5 attempts: ..."), one string each; at
+# most this many are kept, so odd ones cannot make it grow without bound.
+COMMON_ERRORS = 1000
+_errors: dict[str, str] = {}
+_STATUS = {status: status for status in STATUSES}
+
+
+def _common_error(error):
+    if type(error) is not str:
+        return error
+    held = _errors.get(error)
+    if held is None:
+        if len(_errors) >= COMMON_ERRORS:
+            return error
+        held = _errors[error] = error
+    return held
+
+
+def _plain(text: str) -> bool:
+    """Whether JSON writes this string as it is, between quotes."""
+    return text.isprintable() and '"' not in text and "\\" not in text
+
+
 class Job:
+    # A million of these are the registry, so a job holds as little as it can (about
+    # 700 bytes with its share of the indexes, tests/bench.py): its image is shared
+    # (Image), and of its JSON it keeps only what is its own. That is the whole text for
+    # a job without a photo (what GET /jobs sends most often and fastest), and for one
+    # with a photo the part between the URL and the image: from `,"createdAt"` to
+    # `"image":`; the rest is put around it when the text is asked for.
     __slots__ = (
-        "_json",
+        "_ord",  # where the store's order holds it (see JobStore.order)
+        "_text",  # what it keeps of its JSON (see json)
         "attempts",
         "created_at",
         "due_at",
@@ -812,17 +897,51 @@ class Job:
 
     def __init__(self, id, status, result, created_at, due_at, resolved_at=None,
                  attempts=0, error=None, image=None, seq=0):
+        if image is not None:
+            if type(image) is not Image or image.result != result:
+                image = shared_image(result, image)
+            result = image.result
         self.id = id
-        self.status = status
+        self.status = _STATUS.get(status, status)
         self.result = result
         self.created_at = created_at
         self.due_at = due_at
         self.resolved_at = resolved_at
         self.attempts = attempts
-        self.error = error
+        self.error = _common_error(error)
         self.image = image
         self.seq = seq
-        self._json = None
+        self._text = None
+        self._ord = 0
+
+    def __getattr__(self, name: str):
+        """The times of a job read from its text (job_from_text) are read from it when
+        first asked for: till then a finished job holds no float of when it was created
+        or due, which nothing asks for in most of them."""
+        start = _TIMES_IN_TEXT.get(name)
+        if start is None or self._text is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        text = self._text
+        if text[0] == "{":
+            start += text.index(',"createdAt":"')
+        if text[start] == "n":
+            moment = None
+        else:
+            moment = _time_at(text, start + (text[start] == '"'))
+        setattr(self, name, moment)
+        return moment
+
+    @property
+    def _json(self) -> str | None:
+        return self._text
+
+    @_json.setter
+    def _json(self, text: str | None) -> None:
+        # Forgetting the text (a change, say) must not forget the times kept only in it.
+        if text is None and self._text is not None:
+            for name in _TIMES_IN_TEXT:
+                getattr(self, name)
+        self._text = text
 
     @classmethod
     def new(cls, settings: Settings, now: float) -> Job:
@@ -862,17 +981,32 @@ class Job:
 
     @property
     def json(self) -> str:
-        """The job as JSON text, built once and shared by the journal, responses and events.
-        The same text as json.dumps(self.to_dict()) compact, formatted directly: this runs
-        once per change on the event loop, and took 4.2 us a job against 1.4 us."""
-        if self._json is None:
-            self._json = (
-                f'{{"id":{_json_value(self.id)},"status":"{self.status}",'
-                f'"result":{_json_value(self.result)},"createdAt":"{iso(self.created_at)}",'
-                f'"dueAt":"{iso(self.due_at)}","resolvedAt":{_json_time(self.resolved_at)},'
-                f'"attempts":{self.attempts},"error":{_json_value(self.error)},'
-                f'"image":{_json_value(self.image)},"seq":{self.seq}}}')
-        return self._json
+        """The job as JSON text, shared by the journal, responses and events: the same
+        text as json.dumps(self.to_dict()) compact, formatted directly (1.4 us a job,
+        against 4.2). What is kept of it is made once; GET /jobs sends it every time."""
+        text = self._text
+        if text is None:
+            text = self._text = self._own_text()
+        if text[0] == "{":
+            return text
+        image = self.image
+        return (f'{{"id":"{self.id}","status":"{self.status}","result":{image.result_json}'
+                f'{text}{image.json},"seq":{self.seq}}}')
+
+    def _own_text(self) -> str:
+        image = self.image
+        middle = (f',"createdAt":"{iso(self.created_at)}","dueAt":"{iso(self.due_at)}",'
+                  f'"resolvedAt":{_json_time(self.resolved_at)},"attempts":{self.attempts},'
+                  f'"error":{_json_value(self.error)},"image":')
+        if self.status != "pending":
+            # Kept in the text now (to the millisecond, as the API gives them), these two
+            # are read from it if asked for (__getattr__): 64 bytes a finished job.
+            del self.created_at, self.due_at
+        if type(image) is Image and image.result == self.result and _plain(self.id):
+            return middle
+        return (f'{{"id":{_json_value(self.id)},"status":"{self.status}",'
+                f'"result":{_json_value(self.result)}{middle}{_json_value(image)},'
+                f'"seq":{self.seq}}}')
 
     @classmethod
     def from_dict(cls, data) -> Job:
@@ -912,24 +1046,118 @@ class Job:
         if not isinstance(data, dict) or not isinstance(data.get("id"), (str, int)):
             raise ValueError("an entry is not an object with an id")
         job_id = str(data["id"])
-        status = {"completed": "resolved", "waiting": "pending", "delayed": "pending",
-                  "active": "pending"}.get(data.get("status"), data.get("status"))
+        status = OLD_STATUSES.get(data.get("status"), data.get("status"))
         if status not in STATUSES:
             raise ValueError(f"job {job_id}: status {data.get('status')!r} is unknown")
-        created_at = parse_time(data.get("createdAt"), f"job {job_id}: createdAt") or now
+        try:
+            created_at = parse_time(data.get("createdAt"), "createdAt") or now
+        except ValueError as exc:
+            raise ValueError(f"job {job_id}: {exc}") from None
         result = data.get("result") if isinstance(data.get("result"), str) else None
         if status == "resolved" and result is None:
             status = "pending"
-        image = None
-        if result:
-            image = {"id": None, "thumb": result, "small": result, "alt": "Food photo",
-                     "author": None, "authorUrl": None, "pageUrl": None, "color": None,
-                     "source": "unsplash"}
-        return cls(job_id, status, result if status == "resolved" else None, created_at,
-                   now if status == "pending" else created_at,
-                   now if status != "pending" else None,
-                   0, "failed in the old service" if status == "failed" else None,
-                   image if status == "resolved" else None)
+        if status == "pending":
+            return cls(job_id, status, None, created_at, now)
+        if status == "failed":
+            return cls(job_id, status, None, created_at, created_at, now, 0,
+                       "failed in the old service")
+        image = _old_service_image(result) if result else None
+        return cls(job_id, status, result, created_at, created_at, now, 0, None, image)
+
+
+OLD_STATUSES = {"completed": "resolved", "waiting": "pending", "delayed": "pending",
+                "active": "pending"}
+
+
+@functools.lru_cache(maxsize=1024)
+def _old_service_image(result: str) -> Image:
+    # The old service kept only the URL: most of its jobs share a few photos.
+    return shared_image(result, {"id": None, "thumb": result, "small": result,
+                                 "alt": "Food photo", "author": None, "authorUrl": None,
+                                 "pageUrl": None, "color": None, "source": "unsplash"})
+
+
+# A job's JSON exactly as Job.json writes it (no escapes in its own strings, an image
+# with no `}` in it): what this service's own files and Redis hold. Read here faster
+# than by json and Job.from_dict (a regular expression's character sets and ranges are
+# slow to repeat, so they are few, and the image is found by str.find), and its text is
+# what the job keeps; anything else, or a value out of range, is read by json instead.
+_TEXT = r'"([^"]*)"'  # and no backslash, as job_from_text checks
+_TIME = (r'"(?!0000)[0-9]{4}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])'
+         r'|(?:0[13-9]|1[0-2])-(?:29|30)|(?:0[13578]|1[02])-31|02-29)T'
+         r'(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]\.[0-9]{3}Z"')
+_JOB_TEXT = re.compile(
+    r'\{"id":"([^"]+)","status":"(pending|resolved|failed)","result":(?:null|' + _TEXT + ')'
+    rf'(,"createdAt":{_TIME},"dueAt":{_TIME},"resolvedAt":(?:null|{_TIME}),'
+    rf'"attempts":(0|[1-9][0-9]{{0,8}}),"error":(?:null|{_TEXT}),"image":)'
+    r'(?:null,"seq":(0|[1-9][0-9]{0,17})\})?')
+_JOB_END = re.compile(r',"seq":(0|[1-9][0-9]{0,17})\}')
+# Where each time is in the text from `,"createdAt"` on (resolvedAt may be null).
+_TIMES_IN_TEXT = {"created_at": 14, "due_at": 49, "resolved_at": 88}
+
+
+def _time_at(text: str, start: int) -> float:
+    return (_epoch_second(text[start:start + 19]) * 1000
+            + _MILLISECONDS[text[start + 20:start + 23]]) / 1000
+
+
+def job_from_text(text: str, pos: int = 0, images: dict | None = None):
+    """(the job, where its text ends) if text[pos:] starts with a job as Job.json writes
+    it, else None. `images` keeps the Images met so far, by URL, with their text, for a
+    load: a job's image is then known by comparing its text in place."""
+    match = _JOB_TEXT.match(text, pos)
+    if match is None:
+        return None
+    job_id, status, result, own, attempts, error, seq = match.groups()
+    if not job_id.isprintable() or "\\" in job_id or (
+            error is not None and (not error.isprintable() or "\\" in error)):
+        return None  # an escape, or a control character json would have refused
+    if "-02-29T" in own:  # not every year has one
+        for start in (14, 49, 89):
+            if own[start - 1] == '"' and _epoch_second(own[start:start + 19]) is None:
+                return None
+    held = None
+    if seq is None:  # an image, flat (up to the first `}`), found by find()
+        start = match.end()
+        for known, image in (images or {}).get(result, ()):
+            if text.startswith(known, start):
+                held, end = image, start + len(known)
+                break
+        else:
+            if text[start:start + 1] != "{" or (result is not None and (
+                    not result.isprintable() or "\\" in result)):
+                return None
+            end = text.find("}", start) + 1
+            known = text[start:end]
+            try:  # the first `}` may have been in a string: then this is no image
+                held = shared_image(result, json.loads(known))
+            except ValueError:
+                return None
+            if images is not None:
+                images.setdefault(result, []).append((known, held))
+        last = _JOB_END.match(text, end)
+        if last is None:
+            return None
+        seq, end = last.group(1), last.end()
+    elif result is not None and (not result.isprintable() or "\\" in result):
+        return None
+    else:
+        end = match.end()
+    job = Job.__new__(Job)
+    job.id, job.status, job.attempts, job.seq, job._ord = \
+        job_id, _STATUS[status], 0 if attempts == "0" else int(attempts), int(seq), 0
+    job.error = None if error is None else _common_error(error)
+    # The time the scheduler asks every job for at start is read now; the others later.
+    if status == "pending":
+        job.due_at = (_epoch_second(own[49:68]) * 1000 + _MILLISECONDS[own[69:72]]) / 1000
+    elif own[88] == '"':
+        job.resolved_at = (_epoch_second(own[89:108]) * 1000
+                           + _MILLISECONDS[own[109:112]]) / 1000
+    if held is None:
+        job.result, job.image, job._text = result, None, text[pos:end]
+    else:  # it keeps the middle, as Job.json keeps it (the id needs no escaping)
+        job.result, job.image, job._text = held.result, held, own
+    return job, end
 
 
 DELETE_REASONS = ("deleted", "expired")
@@ -940,12 +1168,13 @@ class Tombstone:
     next seq and goes out as ON_DELETED_JOB), and it is kept for the replay window, so
     a client that comes back with `since` hears that the job is gone."""
 
-    __slots__ = ("_json", "at", "id", "reason", "seq")
+    __slots__ = ("_json", "_ord", "at", "id", "reason", "seq")
     status = "deleted"
 
     def __init__(self, id: str, reason: str, at: float, seq: int = 0):
         self.id, self.reason, self.at, self.seq = id, reason, at, seq
         self._json = None
+        self._ord = 0
 
     @property
     def json(self) -> str:
@@ -1005,6 +1234,128 @@ class Conflict(Exception):
 COMPACT_MIN_RECORDS = 10_000
 SNAPSHOT_SLICE = 500
 SNAPSHOT_VERSION = 1
+SNAPSHOT_SHAPE = ('expected {"version": 1, "seq": N, "jobs": [...]} or the old service\'s '
+                  "array of jobs")
+
+
+def _check_version(version) -> None:
+    if version != SNAPSHOT_VERSION:
+        raise ValueError(f"version {version!r} is not one this service knows "
+                         f"({SNAPSHOT_VERSION})")
+
+
+READ_CHUNK = 1 << 20
+READ_AHEAD = 1 << 16  # longer than any job
+LONGEST_VALUE = 1 << 22
+_SPACE = re.compile(r"[ \t\n\r]*")
+_SEPARATOR = re.compile(r"[ \t\n\r]*([,\]])[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+class JsonStream:
+    """A JSON document read from a file a megabyte at a time and taken apart a value at
+    a time: an object's members and an array's items as they come, each item parsed
+    whole with the json module. A million jobs are never one text nor one parsed tree,
+    which at start-up took as much memory again as the registry they become."""
+
+    def __init__(self, file):
+        self.file = file
+        self.decode = codecs.getincrementaldecoder("utf-8")().decode
+        self.text, self.pos, self.at_end = "", 0, False
+
+    def _more(self) -> bool:
+        if self.at_end:
+            return False
+        chunk = self.file.read(READ_CHUNK)
+        self.at_end = not chunk
+        self.text = self.text[self.pos:] + self.decode(chunk, final=self.at_end)
+        self.pos = 0
+        return True
+
+    def peek(self) -> str:
+        """The next character that is not white space ('' at the end)."""
+        while True:
+            self.pos = _SPACE.match(self.text, self.pos).end()
+            if self.pos < len(self.text) or not self._more():
+                return self.text[self.pos:self.pos + 1]
+
+    def _take(self, expected: str) -> str:
+        char = self.peek()
+        if char not in expected:
+            raise json.JSONDecodeError(f"expected one of {expected!r}", self.text, self.pos)
+        self.pos += 1
+        return char
+
+    def value(self, fast=None):
+        """The next value, read by `fast(text, pos)` ((value, end) or None) if it can."""
+        self.peek()
+        while True:
+            if fast is not None:
+                found = fast(self.text, self.pos)
+                if found is not None and found[1] < len(self.text):
+                    self.pos = found[1]
+                    return found[0]
+            try:
+                value, end = _DECODER.raw_decode(self.text, self.pos)
+            except json.JSONDecodeError:
+                # Cut off by the chunk's end, or wrong: no job is anywhere near this long.
+                if len(self.text) - self.pos < LONGEST_VALUE and self._more():
+                    continue
+                raise
+            if end < len(self.text) or not self._more():  # a number may go on
+                self.pos = end
+                return value
+
+    def items(self, fast=None):
+        """The items of the array that comes next, each read by `fast` if it can."""
+        self._take("[")
+        if self.peek() == "]":
+            self.pos += 1
+            return
+        decode, separator = _DECODER.raw_decode, _SEPARATOR.match
+        while True:
+            # Most often the item, its separator and the start of the next one are all
+            # in this chunk: read them with no more ado (read on well before the end).
+            if len(self.text) - self.pos < READ_AHEAD and not self.at_end:
+                self._more()
+            text, pos = self.text, self.pos
+            found = fast(text, pos) if fast is not None else None
+            if found is None:
+                try:
+                    found = decode(text, pos)
+                except json.JSONDecodeError:
+                    pass
+            if found is not None and found[1] < len(text):
+                self.pos = found[1]
+                yield found[0]
+            else:
+                yield self.value(fast)  # across the chunk's end, or wrong: value() says how
+            after = separator(self.text, self.pos)
+            if after is not None and after.end() < len(self.text):
+                self.pos = after.end()
+                if after.group(1) == "]":
+                    return
+            elif self._take(",]") == "]":
+                return
+
+    def members(self):
+        """The names of the object that comes next; the caller reads each one's value."""
+        self._take("{")
+        if self.peek() == "}":
+            self.pos += 1
+            return
+        while True:
+            name = self.value()
+            if type(name) is not str:
+                raise json.JSONDecodeError("expected a name", self.text, self.pos)
+            self._take(":")
+            yield name
+            if self._take(",}") == "}":
+                return
+
+    def end(self) -> None:
+        if self.peek():
+            raise json.JSONDecodeError("extra data", self.text, self.pos)
 
 
 ORDER_TRIM = 1024
@@ -1023,11 +1374,13 @@ class JobStore:
         self.journal_path = path.with_name(path.name + ".journal")
         self.rotated_path = path.with_name(path.name + ".journal.old")
         self.jobs: dict[str, Job] = {}  # in seq order: a change moves its job to the end
-        # Ids in creation order, for listings and paging. A deleted job's id stays in
-        # place (so a cursor naming it still works) until the dead ones at the front are
-        # cut off, which expiry, oldest first, makes the usual case.
-        self.order: list[str] = []
-        self.position: dict[str, int] = {}  # id -> index in order, plus order_base
+        # The jobs in creation order, for listings and paging: a change takes its job's
+        # place, and each record knows its place (_ord, the index plus order_base). A
+        # deleted job's Tombstone holds the place (so a cursor naming it still works)
+        # until the dead ones at the front are cut off, which expiry, oldest first, makes
+        # the usual case; `dead` finds those by id meanwhile.
+        self.order: list[Job | Tombstone] = []
+        self.dead: dict[str, Tombstone] = {}
         self.order_base = 0
         self._order_live_from = 0  # order[:this] are known to be deleted
         self._order_dead = 0
@@ -1067,83 +1420,121 @@ class JobStore:
         # while they are made only walks them again and again (a quarter of the time).
         gc.disable()
         try:
-            jobs, deleted, seq, forgotten, replayed, migrated = await loop.run_in_executor(
-                None, self._read_files)
+            order, deleted, seq, forgotten, replayed, migrated = await loop.run_in_executor(
+                None, self._read)
         finally:
             gc.enable()
-        for job in sorted(jobs.values(), key=lambda job: job.seq):
-            self.jobs[job.id] = job
-            self.counts[job.status] += 1
-        # The snapshot is in creation order; jobs only the journal knows come after it.
-        self.order = list(jobs)
-        self.position = {job_id: index for index, job_id in enumerate(self.order)}
+        self.install(order)
+        del order
         self.tombstones = deque(sorted(deleted.values(), key=lambda tomb: tomb.seq))
         self.forgotten = forgotten
         self.forget_old_tombstones()
         self.seq = self._last_seq = seq
         if migrated:
             backup = self.path.with_name(self.path.name + ".old-service")
-            async with aiofiles.open(backup, "wb", opener=no_follow) as out:
-                await out.write(await loop.run_in_executor(None, self.path.read_bytes))
-                await out.flush()
-                await aiofiles.os.wrap(os.fsync)(out.fileno())
+            await loop.run_in_executor(None, _copy_and_sync, self.path, backup)
             self._migrated = True
-            self.carried_over = len(jobs) - self.counts["pending"]
+            self.carried_over = len(self.jobs) - self.counts["pending"]
             log.warning("carried over %d jobs (%d finished) from the old service's file; its "
-                        "original is kept as %s", len(jobs), self.carried_over, backup)
+                        "original is kept as %s", len(self.jobs), self.carried_over, backup)
         # Long-lived job objects would otherwise be rescanned by every full collection.
         # No collection first: what loading threw away had no cycles and is gone already,
         # and walking a million jobs to learn that took 0.3 s.
         gc.freeze()
         return replayed
 
+    def install(self, order: list[Job]) -> None:
+        """Make these jobs, in creation order, the registry (of an id listed twice, the
+        latest change counts)."""
+        self.jobs = {job.id: job for job in sorted(order, key=operator.attrgetter("seq"))}
+        if len(self.jobs) < len(order):
+            order = [job for job in order if self.jobs[job.id] is job]
+        counts = self.counts = dict.fromkeys(STATUSES, 0)
+        for place, job in enumerate(order):
+            job._ord = place
+            counts[job.status] += 1
+        self.order, self.dead = order, {}
+        self.order_base = self._order_live_from = self._order_dead = 0
+
     def _read_files(self):
-        jobs: dict[str, Job] = {}
+        """(the jobs by id, in creation order, the deletions by id, the seq, forgotten,
+        how many journal records were replayed, whether it was the old service's file)."""
+        order, *rest = self._read()
+        return {job.id: job for job in order}, *rest
+
+    def _read(self):
+        # Into a list: a dict of a million jobs costs half a second to build, and the
+        # registry is built in seq order anyway. Only a journal to replay needs one.
+        jobs: list[Job] = []
         deleted: dict[str, Tombstone] = {}
         seq = forgotten = 0
         migrated = False
         try:
-            raw = self.path.read_bytes()
+            snapshot = open(self.path, "rb", opener=no_follow)
         except FileNotFoundError:
-            raw = None
+            snapshot = None
         except OSError as exc:
             raise StoreCorrupt(f"{self.path}: cannot be read: {exc.strerror}") from None
-        if raw is not None:
-            try:
-                data = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise StoreCorrupt(f"{self.path}: not valid JSON: {exc}") from None
-            try:
-                if isinstance(data, list):
-                    migrated = True
-                    now = time.time()
-                    for seq, entry in enumerate(data, start=1):
-                        job = Job.from_old_service(entry, now)
-                        job.seq = seq
-                        jobs[job.id] = job
-                elif isinstance(data, dict) and isinstance(data.get("jobs"), list):
-                    if data.get("version") != SNAPSHOT_VERSION:
-                        raise ValueError(f"version {data.get('version')!r} is not one this "
-                                         f"service knows ({SNAPSHOT_VERSION})")
-                    seq = data.get("seq", 0) if isinstance(data.get("seq"), int) else 0
-                    if isinstance(data.get("forgotten"), int):
-                        forgotten = data["forgotten"]
-                    for entry in data["jobs"]:
-                        job = Job.from_dict(entry)
-                        jobs[job.id] = job
-                        seq = max(seq, job.seq)
-                    for entry in data.get("deleted") or ():
-                        tomb = Tombstone.from_dict(entry)
-                        deleted[tomb.id] = tomb
-                        seq = max(seq, tomb.seq)
-                else:
-                    raise ValueError('expected {"version": 1, "seq": N, "jobs": [...]} or the '
-                                     "old service's array of jobs")
-            except ValueError as exc:
-                raise StoreCorrupt(f"{self.path}: {exc}") from None
+        if snapshot is not None:
+            # Read a job at a time, never whole: the text and the parsed tree of a
+            # million jobs took as much memory again as the registry they become.
+            with snapshot:
+                document = JsonStream(snapshot)
+                try:
+                    if document.peek() == "[":
+                        migrated = True
+                        now = time.time()
+                        for seq, entry in enumerate(document.items(), start=1):
+                            job = Job.from_old_service(entry, now)
+                            job.seq = seq
+                            jobs.append(job)
+                    elif document.peek() == "{":
+                        version, listed = None, False
+                        for name in document.members():
+                            if name == "jobs":
+                                listed = True
+                                images: dict = {}
+                                for entry in document.items(functools.partial(
+                                        job_from_text, images=images)):
+                                    job = entry if type(entry) is Job else Job.from_dict(entry)
+                                    jobs.append(job)
+                                    if job.seq > seq:
+                                        seq = job.seq
+                            elif name == "deleted" and document.peek() != "n":
+                                for entry in document.items():
+                                    tomb = Tombstone.from_dict(entry)
+                                    deleted[tomb.id] = tomb
+                                    seq = max(seq, tomb.seq)
+                            else:
+                                value = document.value()
+                                if name == "version":
+                                    version = value
+                                    _check_version(version)
+                                elif name == "seq" and type(value) is int:
+                                    seq = max(seq, value)
+                                elif name == "forgotten" and type(value) is int:
+                                    forgotten = value
+                        if not listed:
+                            raise ValueError(SNAPSHOT_SHAPE)
+                        _check_version(version)
+                    else:
+                        raise ValueError(SNAPSHOT_SHAPE)
+                    document.end()
+                except json.JSONDecodeError as exc:
+                    raise StoreCorrupt(f"{self.path}: not valid JSON: {exc}") from None
+                except UnicodeDecodeError as exc:
+                    raise StoreCorrupt(f"{self.path}: not valid JSON: {exc}") from None
+                except ValueError as exc:
+                    raise StoreCorrupt(f"{self.path}: {exc}") from None
+                except OSError as exc:
+                    raise StoreCorrupt(f"{self.path}: cannot be read: {exc.strerror}") from None
         replayed = 0
+        journals = [path for path in (self.rotated_path, self.journal_path) if path.exists()]
+        if not journals:
+            return jobs, deleted, seq, forgotten, replayed, migrated
+        jobs = {job.id: job for job in jobs}
         journaled: dict[str, Job] = {}
-        for journal in (self.rotated_path, self.journal_path):
+        for journal in journals:
             for record in self._read_journal(journal):
                 replayed += 1
                 seq = max(seq, record.seq)
@@ -1158,30 +1549,34 @@ class JobStore:
                     jobs[record.id] = record
                 elif record.id not in deleted:  # a deletion is final
                     journaled[record.id] = record
+        # Jobs only the journal knows come after the snapshot's.
         for job in sorted(journaled.values(), key=lambda job: (job.created_at, job.seq)):
             jobs[job.id] = job
-        return jobs, deleted, seq, forgotten, replayed, migrated
+        return list(jobs.values()), deleted, seq, forgotten, replayed, migrated
 
     @staticmethod
     def _read_journal(path: Path):
         try:
-            with open(path, "rb", opener=no_follow) as journal:
-                lines = journal.read().split(b"\n")
+            journal = open(path, "rb", opener=no_follow)
         except FileNotFoundError:
             return
         except OSError as exc:
             raise StoreCorrupt(f"{path}: cannot be read: {exc.strerror}") from None
-        last = len(lines) - 1
-        for number, line in enumerate(lines):
-            if not line.strip():
-                continue
+        with journal:  # a line at a time: a journal may hold as many changes as the registry
             try:
-                yield record_from_dict(json.loads(line))
-            except ValueError as exc:
-                # A torn last line is a write that was never acknowledged; anything else
-                # is damage worth a warning, but not worth refusing to start over.
-                if number != last:
-                    log.warning("%s line %d skipped: %s", path, number + 1, exc)
+                for number, line in enumerate(journal, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield record_from_dict(json.loads(line))
+                    except ValueError as exc:
+                        # A torn last line is a write that was never acknowledged (it has
+                        # no newline); anything else is damage worth a warning, but not
+                        # worth refusing to start over.
+                        if line.endswith(b"\n"):
+                            log.warning("%s line %d skipped: %s", path, number, exc)
+            except OSError as exc:
+                raise StoreCorrupt(f"{path}: cannot be read: {exc.strerror}") from None
 
     # Writing
 
@@ -1320,12 +1715,16 @@ class JobStore:
                     continue  # deleted twice at once: the first one told everybody
                 self.counts[held.status] -= 1
                 self.tombstones.append(record)
+                record._ord = held._ord
+                self.order[held._ord - self.order_base] = self.dead[record.id] = record
                 deletions += 1
             else:
                 if held is None:
-                    self.position[record.id] = self.order_base + len(self.order)
-                    self.order.append(record.id)
+                    record._ord = self.order_base + len(self.order)
+                    self.order.append(record)
                 else:
+                    record._ord = held._ord
+                    self.order[held._ord - self.order_base] = record
                     self.counts[held.status] -= 1
                 self.jobs[record.id] = record
                 self.counts[record.status] += 1
@@ -1343,24 +1742,26 @@ class JobStore:
                 log.exception("a listener failed on job %s", record.id)
 
     def _trim_order(self) -> None:
-        """Cut the deleted ids at the front of the order off (each id is looked at once
-        on its way out); rebuild it only when most of what is left is dead."""
-        order, jobs = self.order, self.jobs
+        """Cut the deleted jobs at the front of the order off (each is looked at once on
+        its way out); rebuild it only when most of what is left is dead."""
+        order, dead = self.order, self.dead
         live_from = self._order_live_from
-        while live_from < len(order) and order[live_from] not in jobs:
+        while live_from < len(order) and order[live_from].status == "deleted":
             live_from += 1
         if live_from >= ORDER_TRIM or live_from == len(order):
-            for job_id in order[:live_from]:
-                del self.position[job_id]
+            for tomb in order[:live_from]:
+                del dead[tomb.id]
             del order[:live_from]
             self.order_base += live_from
             self._order_dead -= live_from
             live_from = 0
         self._order_live_from = live_from
         if self._order_dead > ORDER_TRIM and self._order_dead * 2 > len(order):
-            self.order = [job_id for job_id in order if job_id in jobs]
+            self.order = [job for job in order if job.status != "deleted"]
+            for place, job in enumerate(self.order):
+                job._ord = place
+            dead.clear()
             self.order_base, self._order_dead, self._order_live_from = 0, 0, 0
-            self.position = {job_id: index for index, job_id in enumerate(self.order)}
 
     def forget_old_tombstones(self) -> None:
         cutoff = time.time() - self.replay_window
@@ -1407,17 +1808,21 @@ class JobStore:
     async def write_snapshot(self) -> None:
         # Taken in one step, so it is the registry at one seq; Job objects never change.
         started = time.perf_counter()
-        registry = self.jobs
-        jobs = [job for job_id in self.order if (job := registry.get(job_id)) is not None]
+        jobs = [job for job in self.order if job.status != "deleted"]
         seq, forgotten, deleted = self.seq, self.forgotten, list(self.tombstones)
         temp = self.path.with_name(self.path.name + ".tmp")
         async with aiofiles.open(temp, "wb", opener=no_follow) as out:
             await out.write(
                 f'{{"version":{SNAPSHOT_VERSION},"seq":{seq},"forgotten":{forgotten},'
                 f'"deleted":[{",".join(tomb.json for tomb in deleted)}],"jobs":['.encode())
-            # In slices, so a large registry never holds the event loop for long.
+            # In slices, so a large registry never holds the event loop for long. A job
+            # written is let go: one changed meanwhile would otherwise be held twice till
+            # the end (a burst of resolutions during a compaction left RSS at 1.5 times
+            # the jobs' size, in pools no longer used but in arenas still in use).
             for start in range(0, len(jobs), SNAPSHOT_SLICE):
-                text = ",\n".join(job.json for job in jobs[start:start + SNAPSHOT_SLICE])
+                stop = min(len(jobs), start + SNAPSHOT_SLICE)
+                text = ",\n".join(job.json for job in jobs[start:stop])
+                jobs[start:stop] = itertools.repeat(None, stop - start)
                 await out.write((("\n" if start == 0 else ",\n") + text).encode())
             await out.write(b"\n]}\n")
             await out.flush()
@@ -1478,30 +1883,32 @@ class JobStore:
 
     def listing(self, status: str | None = None, limit: int | None = None,
                 cursor: str | None = None, newest_first: bool = False):
-        """(the jobs' JSON texts, the id to go on from or None): in creation order, or
-        newest first, starting past the cursor. KeyError if the cursor names no job."""
-        order, jobs, base = self.order, self.jobs, self.order_base
+        """(the jobs, the id to go on from or None): in creation order, or newest first,
+        starting past the cursor. KeyError if the cursor names no job. The jobs, not
+        their texts: a text made whole for the asking (a job with a photo) is made as
+        it is sent, so the list costs no more than a slice of it at a time."""
+        order, base = self.order, self.order_base
+        wanted = STATUSES if status is None else (status,)
         step = -1 if newest_first else 1
         if cursor is None:
             index = len(order) - 1 if newest_first else 0
         else:
-            position = self.position.get(cursor)
-            if position is None:
+            held = self.jobs.get(cursor) or self.dead.get(cursor)
+            if held is None:
                 raise KeyError(cursor)
-            index = position - base + step
+            index = held._ord - base + step
         if limit is None and not newest_first:
             # The whole list, as the old frontend asks for after every job it creates:
-            # one comprehension over the cached texts, about three times the loop's speed.
+            # one comprehension, about three times the loop's speed.
             rest = order[index:] if index else order
-            return [job.json for job_id in rest if (job := jobs.get(job_id)) is not None
-                    and (status is None or job.status == status)], None
+            return [job for job in rest if job.status in wanted], None
         page, last = [], None
         while 0 <= index < len(order):
-            job = jobs.get(order[index])
-            if job is not None and (status is None or job.status == status):
+            job = order[index]
+            if job.status in wanted:
                 if len(page) == limit:
                     return page, last
-                page.append(job.json)
+                page.append(job)
                 last = job.id
             index += step
         return page, None
@@ -1521,8 +1928,7 @@ class JobStore:
             # Deleted ids cut off the front shift what is left, not the places counted.
             index = max(0, cursor[1] - self.order_base)
         stop = min(len(order), index + count)
-        jobs = self.jobs
-        found = [job for job_id in order[index:stop] if (job := jobs.get(job_id)) is not None]
+        found = [job for job in order[index:stop] if job.status != "deleted"]
         return found, ((order, self.order_base + stop) if stop < len(order) else None)
 
 
@@ -1572,6 +1978,14 @@ def no_follow(path, flags: int) -> int:
             raise
         raise OSError(errno.ELOOP, "a symbolic link, which the service does not follow for "
                       "its own files; remove it", str(path)) from None
+
+
+def _copy_and_sync(source: Path, target: Path) -> None:
+    with open(source, "rb", opener=no_follow) as original, \
+            open(target, "wb", opener=no_follow) as copy:
+        shutil.copyfileobj(original, copy, READ_CHUNK)
+        copy.flush()
+        os.fsync(copy.fileno())
 
 
 def _remove_if_exists(path: Path) -> None:
@@ -1643,7 +2057,8 @@ class CatalogImages:
     @staticmethod
     def _photo(entry: dict) -> Photo:
         url = entry["url"]
-        return Photo(f"{url}?w=1080&q=80&auto=format&fit=crop", {
+        result = f"{url}?w=1080&q=80&auto=format&fit=crop"
+        return Photo(result, shared_image(result, {
             "id": entry["id"],
             "thumb": f"{url}?w=200&q=80&auto=format&fit=crop",
             "small": f"{url}?w=400&q=80&auto=format&fit=crop",
@@ -1654,7 +2069,7 @@ class CatalogImages:
             "color": None,
             "source": "catalog",
             "reused": True,
-        })
+        }))
 
     def describe(self) -> str:
         return f"built-in catalog of {len(self.photos)} Unsplash food photos"
@@ -2115,7 +2530,7 @@ class UnsplashImages:
         result = urls["regular"]
         if not isinstance(result, str) or not result.startswith(("https://", "http://")):
             raise ValueError("urls.regular is not a URL")
-        return Photo(result, {
+        return Photo(result, shared_image(result, {
             "id": item.get("id"),
             "thumb": urls.get("thumb") or urls.get("small") or result,
             "small": urls.get("small") or result,
@@ -2126,7 +2541,7 @@ class UnsplashImages:
             "color": item.get("color"),
             "source": "unsplash",
             "reused": False,
-        }, fetched_at)
+        }), fetched_at)
 
 
 def _retrieve(task: asyncio.Task) -> None:
@@ -2151,9 +2566,10 @@ class Scheduler:
         self.store = store
         self.images = images
         self.settings = settings
-        self._heap: list[tuple[float, int, str]] = []
-        self._expiries: list[tuple[float, int, str]] = []  # (resolvedAt, seq, id)
-        self._tiebreak = itertools.count()
+        # (dueAt, id) and (resolvedAt, seq, id): tuples of the jobs' own objects, so an
+        # entry costs its tuple alone (64 bytes a job).
+        self._heap: list[tuple[float, str]] = []
+        self._expiries: list[tuple[float, int, str]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = math.inf
         self._ready: deque[str] = deque()
@@ -2172,8 +2588,7 @@ class Scheduler:
     def index(self) -> None:
         """Both heaps, from the registry as it is."""
         jobs = self.store.jobs.values()
-        self._heap = [(job.due_at, next(self._tiebreak), job.id)
-                      for job in jobs if job.status == "pending"]
+        self._heap = [(job.due_at, job.id) for job in jobs if job.status == "pending"]
         heapq.heapify(self._heap)
         if self.settings.job_retention:
             self._expiries = [(job.resolved_at or job.created_at, job.seq, job.id)
@@ -2200,7 +2615,7 @@ class Scheduler:
             self._wake_at(record.resolved_at + self.settings.job_retention)
 
     def schedule(self, job_id: str, due_at: float) -> None:
-        heapq.heappush(self._heap, (due_at, next(self._tiebreak), job_id))
+        heapq.heappush(self._heap, (due_at, job_id))
         self._wake_at(due_at)
 
     def next_due(self) -> float:
@@ -2253,7 +2668,7 @@ class Scheduler:
     def _release(self, now: float) -> bool:
         """Move the jobs now due to the ready queue; whether the resolver has work."""
         while self._heap and self._heap[0][0] <= now:
-            self._ready.append(heapq.heappop(self._heap)[2])
+            self._ready.append(heapq.heappop(self._heap)[1])
         return bool(self._ready)
 
     def _expire(self, now: float) -> None:
@@ -3562,7 +3977,7 @@ async def list_jobs(request: web.Request) -> web.Response:
             params["status"] = status
         headers["Link"] = f'</jobs?{urlencode(params)}>; rel="next"'
     if limit is not None:
-        return json_response("[" + ",".join(page) + "]", headers=headers)
+        return json_response("[" + ",".join([job.json for job in page]) + "]", headers=headers)
     # Every job: sent in slices as it is joined, rather than joined whole and then
     # copied: about half the time and 50 MB less at 100,000 jobs (tests/bench.py).
     response = web.StreamResponse(headers=headers)
@@ -3580,8 +3995,8 @@ async def list_jobs(request: web.Request) -> web.Response:
             opening = "[" if start == 0 else ","
             closing = "]" if start + LIST_SLICE >= len(page) else ""
             async with asyncio.timeout(timeout):
-                await response.write(
-                    (opening + ",".join(page[start:start + LIST_SLICE]) + closing).encode())
+                await response.write((opening + ",".join(
+                    [job.json for job in page[start:start + LIST_SLICE]]) + closing).encode())
         async with asyncio.timeout(timeout):
             await response.write_eof()
     except TimeoutError:
@@ -5031,6 +5446,7 @@ async def serve(settings: Settings, loop_chosen_by: str = "") -> None:
         if isinstance(images, CatalogImages):
             log.warning("no UNSPLASH_ACCESS_KEY: photos come from the built-in catalog; set "
                         "UNSPLASH_ACCESS_KEY to an Unsplash access key for fresh random photos")
+        note_stored_jobs_cost(settings)
         if store.carried_over:
             retention = settings.job_retention
             log.info("the %d finished jobs carried over are kept %s (JOB_RETENTION)",
@@ -5163,6 +5579,7 @@ async def _supervise(settings: Settings, program: Path, runtime: str,
     log.info("jobservice %s supervising %d workers on http://%s:%d (pid %d); event loop %s%s",
              __version__, settings.workers, settings.host, port, os.getpid(),
              describe_loop(loop), f" ({loop_chosen_by})" if loop_chosen_by else "")
+    note_stored_jobs_cost(settings)
     try:
         await asyncio.gather(*(keep_running(number) for number in range(settings.workers)))
     finally:
@@ -5203,6 +5620,74 @@ def transfer(command: str, argv: list[str]) -> int:
         print(f"jobservice {command}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+# What a stored job costs a process that holds the registry (RSS after a full collection:
+# the largest of tests/bench.py's rows at 1,000,000 jobs, either mode, rounded up). The
+# default MAX_STORED_JOBS stays one figure on every machine, so that every node and
+# worker refuses at the same count; at start the service says what it will cost, and
+# warns when that is more than 3/4 of the memory it may have.
+STORED_JOB_BYTES = 800
+PROCESS_BYTES = 64 << 20  # the interpreter, aiohttp and the rest, with no job stored
+
+
+def memory_limit(proc: Path = Path("/proc/self/cgroup"),
+                 cgroups: Path = Path("/sys/fs/cgroup")) -> tuple[int, str]:
+    """(the memory this process may have, what sets it): the lowest memory limit of its
+    cgroup and the cgroups above it (v2 memory.max, or v1 memory.limit_in_bytes), if
+    lower than the machine's physical memory."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limits = []
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            folder, name, top = cgroups / path.lstrip("/"), "memory.max", cgroups
+        elif "memory" in controllers.split(","):
+            top = cgroups / "memory"
+            folder, name = top / path.lstrip("/"), "memory.limit_in_bytes"
+        else:
+            continue
+        while True:  # in a container its own cgroup is mounted as the root
+            try:
+                text = (folder / name).read_text().strip()
+            except OSError:
+                text = ""
+            if text.isdigit():
+                limits.append(int(text))
+            if folder == top or top not in folder.parents:
+                break
+            folder = folder.parent
+    if limits and min(limits) < physical:
+        return min(limits), "its cgroup's memory limit"
+    return physical, "the machine's physical memory"
+
+
+def note_stored_jobs_cost(settings: Settings) -> None:
+    """Said once (by the supervisor of workers), unless MAX_STORED_JOBS was chosen."""
+    if settings.max_stored_jobs and "MAX_STORED_JOBS" not in os.environ \
+            and not settings.supervisor:
+        log.log(*stored_jobs_note(settings.max_stored_jobs, settings.workers or 1,
+                                  *memory_limit()))
+
+
+def stored_jobs_note(jobs: int, processes: int, limit: int, source: str) -> tuple[int, str]:
+    """(log level, what to say) about what the default MAX_STORED_JOBS will cost."""
+    each = jobs * STORED_JOB_BYTES + PROCESS_BYTES
+    need = each * processes
+    cost = (f"{jobs:,} stored jobs (MAX_STORED_JOBS, by default) will take about "
+            f"{need / 2**30:.1f} GiB" + (f" ({processes} workers, each with every job)"
+                                         if processes > 1 else ""))
+    if need <= limit * 3 // 4:  # the rest is the kernel's, and other processes'
+        return logging.INFO, f"{cost}, of the {limit / 2**30:.1f} GiB of {source}"
+    fits = max(0, (limit * 3 // 4 // processes - PROCESS_BYTES) // STORED_JOB_BYTES)
+    return logging.WARNING, (
+        f"{cost}, more than 3/4 of the {limit / 2**30:.1f} GiB of {source}: the kernel "
+        f"may stop the service before the cap refuses a job; set MAX_STORED_JOBS to "
+        f"{fits // 1000 * 1000:,} or less, or give it more memory")
 
 
 # `jobservice systemd-unit`: a unit file for this installation. It runs as a user made for

@@ -49,7 +49,6 @@ import os
 import random
 import re
 import secrets
-import sys
 import time
 from collections import OrderedDict, deque
 from pathlib import Path
@@ -93,6 +92,7 @@ from jobservice import (
     engineio_unreadable,
     is_ascii_number,
     iso,
+    job_from_text,
     json_before_seq,
     read_body,
     record_from_dict,
@@ -314,14 +314,20 @@ def where(settings: Settings) -> str:
     return _without_password(settings.redis_url)
 
 
-def parse_record(text: str) -> Job | Tombstone:
-    """A record as Redis holds it, its JSON text kept. Its status is the one string every
-    job shares (json would give each a copy of its own: 56 bytes a job)."""
+def parse_record(text: str, images: dict | None = None) -> Job | Tombstone:
+    """A record as Redis holds it, as the nodes write it (job_from_text), or else read
+    by json. `images`: the Images met so far, while loading."""
+    found = job_from_text(text, 0, images)
+    if found is not None and found[1] == len(text):
+        return found[0]
     record = record_from_dict(json.loads(text))
-    record._json = text
-    if type(record) is Job:
-        record.status = sys.intern(record.status)
+    if type(record) is not Job or record.image is None:
+        record._json = text  # the whole text is what such a record keeps anyway
     return record
+
+
+def _creation(job: Job) -> int:
+    return job._ord  # while loading: the seq of the job's creation
 
 
 def ms(seconds: float) -> int:
@@ -411,19 +417,25 @@ class RedisJobStore(JobStore):
             pipe.get(keys.forgotten)
             seq, forgotten = await pipe.execute()
         start, forgotten = int(seq or 0), int(forgotten or 0)
+        # Each job's place in the order is the seq of its creation until _install.
         jobs: dict[str, Job] = {}
-        created: dict[str, int] = {}  # id -> the seq of its creation, for the order
+        images: dict = {}
         cursor = 0
         while True:
             cursor, chunk = await redis.hscan(keys.jobs, cursor, count=LOAD_CHUNK)
             for job_id, value in chunk.items():
-                cseq, _, text = value.partition(" ")
-                job = self._parse(text, f"job {job_id}")
-                if job is not None:
-                    held = jobs.get(job.id)
-                    if held is None or held.seq < job.seq:
-                        jobs[job.id] = job
-                    created[job.id] = int(cseq)
+                space = value.find(" ")  # "<creation seq> <job>", read in place
+                found = job_from_text(value, space + 1, images)
+                if found is not None and found[1] == len(value):
+                    job = found[0]
+                else:
+                    job = self._parse(value[space + 1:], f"job {job_id}", images)
+                    if job is None:
+                        continue
+                held = jobs.get(job.id)
+                if held is None or held.seq < job.seq:
+                    job._ord = int(value[:space])
+                    jobs[job.id] = job
             if not cursor:
                 break
         deleted: dict[int, Tombstone] = {}
@@ -446,7 +458,7 @@ class RedisJobStore(JobStore):
                 if seq != last + 1:
                     return None  # trimmed away (or skipped past) since the seq was read
                 last, text = seq, fields["r"]
-                record = self._parse(text, f"change {seq}")
+                record = self._parse(text, f"change {seq}", images)
                 if record is None:
                     continue
                 held = jobs.get(record.id)
@@ -455,32 +467,24 @@ class RedisJobStore(JobStore):
                     if held is not None and held.seq < seq:
                         del jobs[record.id]
                 elif held is None or held.seq < seq:
+                    record._ord = seq if held is None else held._ord
                     jobs[record.id] = record
-                    created.setdefault(record.id, seq)
             if len(entries) < LOAD_CHUNK:
-                return last, jobs, created, deleted, forgotten, text, last - start
+                return last, jobs, deleted, forgotten, text, last - start
 
     @staticmethod
-    def _parse(text: str, what: str) -> Job | Tombstone | None:
+    def _parse(text: str, what: str, images: dict | None = None) -> Job | Tombstone | None:
         try:
-            return parse_record(text)
+            return parse_record(text, images)
         except ValueError as exc:  # written by no version of this service: left alone
             log.error("%s in Redis is unreadable, skipped: %s", what, exc)
             return None
 
-    def _install(self, seq: int, jobs: dict, created: dict, deleted: dict, forgotten: int,
+    def _install(self, seq: int, jobs: dict, deleted: dict, forgotten: int,
                  last_text: str | None, replayed: int) -> int:
-        registry = sorted(jobs.values(), key=lambda job: job.seq)
+        order = sorted(jobs.values(), key=_creation)
         jobs.clear()
-        self.jobs = {job.id: job for job in registry}
-        self.counts = dict.fromkeys(self.counts, 0)
-        for job in registry:
-            self.counts[job.status] += 1
-        del registry
-        self.order = sorted(self.jobs, key=created.__getitem__)
-        created.clear()
-        self.position = {job_id: index for index, job_id in enumerate(self.order)}
-        self.order_base = self._order_live_from = self._order_dead = 0
+        self.install(order)
         self.tombstones = deque(sorted((tomb for tomb in deleted.values()
                                         if tomb.seq > forgotten), key=lambda tomb: tomb.seq))
         self.forgotten = forgotten
@@ -743,7 +747,7 @@ class RedisJobStore(JobStore):
         self._loaded.clear()
         self._own_seqs.clear()
         self._applied.clear()
-        self.jobs, self.order, self.position = {}, [], {}
+        self.jobs, self.order, self.dead = {}, [], {}
         self.counts = dict.fromkeys(self.counts, 0)
         self.tombstones.clear()
         self.seq = 0

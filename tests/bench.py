@@ -292,15 +292,16 @@ class Server:
 
 
 def start_service(workdir: Path, name: str, snapshot: Path | None = None,
-                  env: dict | None = None) -> Server:
-    """The service on a fresh copy of `snapshot` (or an empty store) in its own folder."""
+                  env: dict | None = None, program: Path = SERVICE) -> Server:
+    """The service (or another build's `program`) on a fresh copy of `snapshot` (or an
+    empty store) in its own folder."""
     folder = workdir / f"{name}-{uuid.uuid4().hex[:8]}"
     folder.mkdir()
     data = folder / "jobs.json"
     if snapshot is not None:
         shutil.copyfile(snapshot, data)
     port = free_port()
-    return Server(name, [PY, str(SERVICE), "--port", str(port), "--data", str(data)],
+    return Server(name, [PY, str(program), "--port", str(port), "--data", str(data)],
                   service_env(env), folder / "service.log", port)
 
 
@@ -402,6 +403,23 @@ class Wrk:
                     "timeouts"))
                 return data
         raise RuntimeError(f"no result from {' '.join(cmd)}:\n{stdout}\n{stderr}")
+
+
+def post_until(ctx, server: Server, count: int, timeout: float = 300.0) -> tuple[dict, float]:
+    """POST /jobs with wrk (64 connections) until the service holds `count` jobs: (wrk's
+    figures, the seconds it took)."""
+    cmd = ctx.wrk.command(f"http://127.0.0.1:{server.port}/jobs", "post", timeout + 60)
+    started = time.monotonic()
+    wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while server.health()["jobs"] < count:
+            if wrk.poll() is not None or time.monotonic() - started > timeout:
+                raise RuntimeError(f"wrk stopped before {count:,} jobs were created")
+            time.sleep(0.1)
+    finally:
+        wrk.send_signal(signal.SIGINT)  # wrk stops early and reports on SIGINT
+        stdout, stderr = wrk.communicate(timeout=60)
+    return Wrk.parse(stdout, stderr, cmd), time.monotonic() - started
 
 
 # --- Results ------------------------------------------------------------------------
@@ -749,25 +767,13 @@ def bench_memory(ctx, results: Results) -> None:
             request(server.port, "GET", "/healthz")
         time.sleep(0.5)
         rss_empty = server.rss()
-        cmd = ctx.wrk.command(f"http://127.0.0.1:{server.port}/jobs", "post", 600)
-        started = time.monotonic()
-        wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            while server.health()["jobs"] < target_jobs:
-                if wrk.poll() is not None or time.monotonic() - started > 300:
-                    raise RuntimeError(f"wrk stopped before {target_jobs:,} jobs were created")
-                time.sleep(0.1)
-        finally:
-            wrk.send_signal(signal.SIGINT)  # wrk stops early and reports on SIGINT
-            stdout, stderr = wrk.communicate(timeout=30)
-        created_in = time.monotonic() - started
+        run, created_in = post_until(ctx, server, target_jobs)
         time.sleep(3.0)  # let a compaction that is under way finish
         health = server.health()
         rss_full = server.rss()
         peak = server.status("VmHWM")
         jobs = health["jobs"]
         per_job = (rss_full - rss_empty) / jobs
-        run = Wrk.parse(stdout, stderr, cmd)
         results.raw["memory_post"] = {"rss_empty": rss_empty, "rss_full": rss_full,
                                       "vm_hwm": peak, "jobs": jobs, "pending": health["pending"],
                                       "seconds": created_in, "wrk": run}
@@ -872,6 +878,338 @@ def _million_old_format_and_page(ctx, results: Results) -> None:
     log(f"page with 1,000,000 jobs: first card {first:.0f} ms")
     results.add("Page with 1,000,000 jobs: first card, from navigation", first, "ms",
                 "< 1,000 ms", first < 1000, fmt="{:,.0f}", totals_ms=timing["totals_ms"])
+
+
+# --- Stored jobs: what one costs however it got there, the loading peak, start-up --------
+# Each row is measured on this build and, with --baseline REV, on that one too (git
+# archive into the work folder), one after the other in alternating order, so that the
+# timings of a pair share the machine's load. RSS per job is over an empty process of
+# the same build and mode, once a GET /jobs has had every job's text made.
+
+STORED_SIZES = (100_000, 1_000_000)
+
+
+def stored_builds(ctx) -> list[tuple[str, Path]]:
+    builds = [("this build", SERVICE)]
+    if ctx.baseline:
+        folder = ctx.workdir / f"baseline-{ctx.baseline[:12]}"
+        if not folder.exists():
+            folder.mkdir()
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", ctx.baseline],
+                                     capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+        builds.append((f"baseline {ctx.baseline[:9]}", folder / "jobservice.py"))
+    return builds
+
+
+def write_stored_file(path: Path, count: int, kind: str) -> None:
+    """`count` jobs as this service writes them ("resolved" with the catalog's photos and
+    their image objects, "failed" as the scheduler fails them), or the old service's
+    file of `count` completed jobs ("old", the catalog's photos' URLs)."""
+    sys.path.insert(0, str(ROOT))
+    import jobservice
+    photos = jobservice.CatalogImages().photos
+    now = time.time()
+    with open(path, "w", encoding="utf-8") as out:
+        out.write("[" if kind == "old" else f'{{"version":1,"seq":{count},"jobs":[\n')
+        for start in range(0, count, 10_000):
+            texts = []
+            for n in range(start, min(count, start + 10_000)):
+                photo = photos[n % len(photos)]
+                created = now - 3600 + n * 1e-3
+                if kind == "old":
+                    texts.append(json.dumps({"id": str(uuid.uuid4()), "status": "completed",
+                                             "result": photo.result.split("?")[0],
+                                             "createdAt": iso(created)}))
+                    continue
+                job = jobservice.Job(str(uuid.uuid4()), "pending", None, created,
+                                     created + 30)
+                if kind == "resolved":
+                    job = job.resolved(photo.result, photo.image, created + 30.25)
+                else:
+                    job = job.failed("gave up after 5 attempts: Unsplash answered 503",
+                                     created + 40.5)
+                job.seq = n + 1
+                texts.append(job.json)
+            out.write(("," if start else "") + ",\n".join(texts))
+        out.write("]" if kind == "old" else "\n]}\n")
+
+
+def _list_all(server: Server) -> int:
+    """GET /jobs, the whole list, once: every job's text is made (and kept, as kept)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+    try:
+        conn.request("GET", "/jobs")
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == 200, body[:200]
+        return body.count(b'"seq":')
+    finally:
+        conn.close()
+
+
+def _settled_rss(server: Server) -> int:
+    """RSS once the service has been idle a moment (a compaction under way finishes)."""
+    time.sleep(2.0)
+    return server.rss()
+
+
+def _empty_rss(ctx, program: Path, env: dict | None = None) -> int:
+    server = start_service(ctx.workdir, "stored-empty", None, {**LONG_DELAYS, **(env or {})},
+                           program)
+    try:
+        server.wait_healthy()
+        for _ in range(200):  # the HTTP machinery's own allocations
+            request(server.port, "GET", "/healthz")
+        _list_all(server)
+        return _settled_rss(server)
+    finally:
+        server.stop()
+
+
+def _loaded_row(ctx, program: Path, name: str, snapshot: Path | None, count: int,
+                empty: int, env: dict | None = None) -> dict:
+    server = start_service(ctx.workdir, name, snapshot, {**LONG_DELAYS, **(env or {})},
+                           program)
+    try:
+        start_s = server.wait_healthy(timeout=900)
+        cpu_s = server.cpu_seconds()
+        rss_started = server.rss()
+        listed = _list_all(server)
+        rss = _settled_rss(server)
+        peak = server.status("VmHWM")  # the most it took, loading or listing
+        jobs = server.health()["jobs"]
+    finally:
+        server.stop()
+    if jobs != count or listed != count:
+        raise RuntimeError(f"{name}: {jobs:,} jobs stored, {listed:,} listed, not {count:,}")
+    return {"start_s": start_s, "cpu_s": cpu_s, "rss_started": rss_started, "rss": rss,
+            "peak": peak, "per_job": (rss - empty) / count,
+            "per_job_started": (rss_started - empty) / count, "peak_over_steady": peak / rss}
+
+
+def _posted_rows(ctx, program: Path, count: int, delay: float) -> dict:
+    """`count` jobs created by a POST burst (wrk, 64 connections), due `delay` s later:
+    RSS per job while they are pending, then once every one resolved (catalog photos)."""
+    server = start_service(ctx.workdir, "stored-post", None, {
+        "JOB_DELAY_MIN": f"{delay:g}", "JOB_DELAY_MAX": f"{delay:g}", "JOB_DELAY_STEP": "1"},
+        program)
+    try:
+        server.wait_healthy()
+        for _ in range(200):
+            request(server.port, "GET", "/healthz")
+        _list_all(server)
+        empty = _settled_rss(server)
+        started = time.monotonic()
+        run, created_s = post_until(ctx, server, count, 3600)
+        time.sleep(1.0)  # the creations wrk left in flight are stored
+        _list_all(server)
+        rss_pending, health = _settled_rss(server), server.health()
+        jobs = health["jobs"]
+        if health["pending"] != jobs:
+            raise RuntimeError(f"{jobs - health['pending']:,} jobs resolved before the "
+                               f"pending row was measured ({created_s:.0f} s to create them, "
+                               f"due after {delay:g} s)")
+        deadline = time.monotonic() + delay + 1800
+        while (health := server.health())["pending"] and time.monotonic() < deadline:
+            time.sleep(1.0)
+        resolved_s = time.monotonic() - started
+        _list_all(server)
+        rss_resolved = _settled_rss(server)
+        peak = server.status("VmHWM")
+    finally:
+        server.stop()
+    return {"jobs": jobs, "created_s": created_s, "rps": run["rps"], "errors": run["errors"],
+            "resolved_s": resolved_s, "rss_empty": empty, "rss_pending": rss_pending,
+            "rss_resolved": rss_resolved, "peak": peak, "left_pending": health["pending"],
+            "pending_per_job": (rss_pending - empty) / jobs,
+            "resolved_per_job": (rss_resolved - empty) / jobs}
+
+
+def _alternate(builds: list, turn: int) -> list:
+    return builds if turn % 2 == 0 else builds[::-1]
+
+
+def bench_stored(ctx, results: Results) -> None:
+    """RSS per stored job for every way a job gets stored, at 100,000 and 1,000,000 jobs,
+    file mode and Redis node; the peak while loading; start-up times; and the POST share
+    of the bare handler and GET /jobs at 100,000, this build against --baseline."""
+    builds = stored_builds(ctx)
+    sizes = [25_000] if ctx.quick else [size for size in STORED_SIZES
+                                        if ctx.million or size < 1_000_000]
+    raw = results.raw["stored"] = {"builds": [name for name, _ in builds], "rows": {},
+                                   "load_average": {}}
+    rows = raw["rows"]
+    empty = {name: _empty_rss(ctx, program) for name, program in builds}
+    raw["rss_empty"] = empty
+
+    def add(label: str, row: str, size: int, key: str = "per_job") -> None:
+        values = {name: rows[row][name][str(size)][key] for name, _ in builds
+                  if str(size) in rows.get(row, {}).get(name, {})}
+        this = values.get("this build")
+        target = "<= 1,024 B" if key.endswith("per_job") else ""
+        results.add(f"RSS per job, {label} @ {size:,}", this, "B", target,
+                    this is not None and this <= 1024 if target else None, fmt="{:,.0f}",
+                    **{name.replace(" ", "_"): value for name, value in values.items()})
+
+    # Loaded at start: our file (three statuses), the old service's, and a Redis node.
+    files = {}
+    for size in sizes:
+        for kind in ("resolved", "failed", "old"):
+            path = ctx.workdir / "snapshots" / f"stored-{kind}-{size}.json"
+            write_stored_file(path, size, kind)
+            files[kind, size] = path
+        files["pending", size] = ctx.snapshots.get(size)[0]
+    turn = 0
+    for size in sizes:
+        for kind, label in (("resolved", "resolved, loaded from our file"),
+                            ("failed", "failed, loaded from our file"),
+                            ("pending", "pending, loaded from our file"),
+                            ("old", "resolved, carried over from the old service's file")):
+            row = f"file {kind}"
+            for name, program in _alternate(builds, turn):
+                raw["load_average"][f"{row} {size} {name}"] = loadavg()
+                rows.setdefault(row, {}).setdefault(name, {})[str(size)] = measured = \
+                    _loaded_row(ctx, program, f"stored-{kind}-{size}", files[kind, size],
+                                size, empty[name])
+                log(f"stored {row} @ {size:,} ({name}): {measured['per_job']:,.0f} B a job, "
+                    f"start {measured['start_s']:.2f} s (CPU {measured['cpu_s']:.2f} s), "
+                    f"peak {measured['peak_over_steady']:.2f} x steady")
+            turn += 1
+            add(label, row, size)
+    _stored_redis(ctx, results, builds, sizes, files, rows, add)
+
+    # Created by POST, then resolved, in the same process.
+    delay = 120.0
+    for size in sizes:
+        for name, program in _alternate(builds, turn):
+            rows.setdefault("post", {}).setdefault(name, {})[str(size)] = measured = \
+                _posted_rows(ctx, program, size, delay)
+            log(f"stored POST @ {size:,} ({name}): {measured['pending_per_job']:,.0f} B a "
+                f"pending job, {measured['resolved_per_job']:,.0f} B resolved; created at "
+                f"{measured['rps']:,.0f} req/s")
+            # The next size is due once the whole burst is in: the slower build's rate.
+            delay = max(delay, 1.5 * STORED_SIZES[-1] / max(measured["rps"], 1) + 30)
+        turn += 1
+        for key, label in (("pending_per_job", "created by POST (burst, 64 connections), "
+                                               "pending"),
+                           ("resolved_per_job", "the same once resolved (catalog photo)")):
+            add(label, "post", size, key)
+
+    big = sizes[-1]
+    for row, label in (("file resolved", "file mode, our file"),
+                       ("file old", "file mode, the old service's file"),
+                       ("redis resolved", "Redis node")):
+        values = rows[row]
+        this = values["this build"][str(big)]
+        others = {name.replace(" ", "_"): values[name][str(big)]["start_s"]
+                  for name, _ in builds}
+        limit = 10 if row.startswith("redis") else 5
+        results.add(f"Start-up to /healthz 200 @ {big:,} jobs, {label}", this["start_s"], "s",
+                    f"<= {limit} s", this["start_s"] <= limit, fmt="{:.2f}",
+                    cpu_s=this["cpu_s"], **others)
+        results.add(f"Peak RSS while loading @ {big:,} jobs, {label}: VmHWM / steady RSS",
+                    this["peak_over_steady"], "x", "<= 1.5", this["peak_over_steady"] <= 1.5,
+                    fmt="{:.2f}", **{name.replace(" ", "_"): values[name][str(big)]
+                                     ["peak_over_steady"] for name, _ in builds})
+    _stored_speed(ctx, results, builds)
+
+
+def _stored_redis(ctx, results, builds, sizes, files, rows, add) -> None:
+    if shutil.which("redis-server") is None:
+        log("stored: no redis-server, the Redis rows are not measured")
+        return
+    ctx.redis_problems = getattr(ctx, "redis_problems", [])
+    for size in sizes:
+        with redis_cluster(ctx, f"stored-redis-{size}", 0) as (redis, _, _prefix):
+            prefixes = {}
+            for kind in ("resolved", "old"):
+                prefixes[kind] = f"bench-{uuid.uuid4().hex[:8]}:"
+                _import(ctx, redis, prefixes[kind], files[kind, size])
+            while any(redis.client.info("persistence")[key] for key in (
+                    "aof_rewrite_in_progress", "aof_rewrite_scheduled")):
+                time.sleep(0.2)
+            for turn, name_program in enumerate(builds):
+                name, program = name_program
+                env = {"REDIS_URL": redis.url}
+                empty = _empty_rss(ctx, program, {
+                    **env, "REDIS_PREFIX": f"bench-{uuid.uuid4().hex[:8]}:"})
+                for kind, label in (("resolved", "resolved, loaded by a Redis node"),
+                                    ("old", "carried over from the old service's file, "
+                                            "loaded by a Redis node")):
+                    row = f"redis {kind}"
+                    rows.setdefault(row, {}).setdefault(name, {})[str(size)] = measured = \
+                        _loaded_row(ctx, program, f"stored-redis-{kind}-{size}", None, size,
+                                    empty, {**env, "REDIS_PREFIX": prefixes[kind]})
+                    log(f"stored {row} @ {size:,} ({name}): {measured['per_job']:,.0f} B a "
+                        f"job, start {measured['start_s']:.2f} s, peak "
+                        f"{measured['peak_over_steady']:.2f} x steady")
+                    if turn == len(builds) - 1:
+                        add(label, row, size)
+
+
+def _stored_speed(ctx, results, builds) -> None:
+    """POST at 10,000 stored jobs as a share of the bare handler, and GET /jobs of 100,000
+    pending and of 100,000 resolved jobs, each build in turn, in alternating order."""
+    snapshot = ctx.snapshots.get(10_000)[0]
+    lists = {"pending": ctx.snapshots.get(100_000)[0],
+             "resolved": ctx.workdir / "snapshots" / "stored-resolved-100000.json"}
+    if not lists["resolved"].exists():
+        write_stored_file(lists["resolved"], 100_000, "resolved")
+    shares = {name: [] for name, _ in builds}
+    lists_ms = {(name, kind): [] for name, _ in builds for kind in lists}
+    for round_ in range(ctx.pairs):
+        order = [("bare", None), *_alternate(builds, round_)]
+        if round_ % 2:
+            order = order[::-1]
+        rps = {}
+        for name, program in order:
+            server = start_bare(ctx.workdir) if program is None else start_service(
+                ctx.workdir, "stored-post-share", snapshot, LONG_DELAYS, program)
+            try:
+                server.wait_healthy()
+                url = f"http://127.0.0.1:{server.port}"
+                ctx.wrk.run(url + "/healthz", "get", 1)
+                rps[name] = ctx.wrk.run(url + "/jobs", "post", ctx.duration)["rps"]
+            finally:
+                server.stop()
+        for name, _ in builds:
+            shares[name].append(rps[name] / rps["bare"])
+        log(f"stored POST round {round_ + 1}: " + ", ".join(
+            f"{name} {value:,.0f} req/s" for name, value in rps.items()))
+    for kind, snapshot_100k in lists.items():
+        servers = {name: start_service(ctx.workdir, f"stored-list-{kind}", snapshot_100k,
+                                       LONG_DELAYS, program) for name, program in builds}
+        try:
+            for server in servers.values():
+                server.wait_healthy(timeout=300)
+            conns = {name: http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+                     for name, server in servers.items()}
+            for n in range(1 + max(5, ctx.repeats * 3)):
+                for name, _ in _alternate(builds, n):
+                    started = time.perf_counter()
+                    conns[name].request("GET", "/jobs")
+                    conns[name].getresponse().read()
+                    if n:  # the first makes the texts
+                        lists_ms[name, kind].append((time.perf_counter() - started) * 1000)
+            for conn in conns.values():
+                conn.close()
+        finally:
+            for server in servers.values():
+                server.stop()
+    for name, _ in builds:
+        log(f"stored speed ({name}): POST share {median(shares[name]):.1%}, GET /jobs "
+            + ", ".join(f"{kind} {median(lists_ms[name, kind]):.1f} ms" for kind in lists))
+    this = "this build"
+    results.add("POST /jobs @ 10,000: share of bare (stored-jobs section)",
+                median(shares[this]) * 100, "%", fmt="{:.1f}", per_round=shares[this],
+                **{name.replace(" ", "_"): median(shares[name]) * 100 for name, _ in builds})
+    for kind in lists:
+        results.add(f"GET /jobs, 100,000 {kind} jobs, warm (stored-jobs section)",
+                    median(lists_ms[this, kind]), "ms", fmt="{:.1f}",
+                    repeats=lists_ms[this, kind],
+                    **{name.replace(" ", "_"): median(lists_ms[name, kind])
+                       for name, _ in builds})
 
 
 # --- Soak: months at a steady rate, in ten minutes ---------------------------------------
@@ -1742,21 +2080,7 @@ def _redis_memory(ctx, results: Results) -> None:
 
             # POST /jobs: plus one stream entry each, until the stream is trimmed.
             before = redis.memory()
-            cmd = ctx.wrk.command(f"http://127.0.0.1:{node.port}/jobs", "post", 600)
-            started = time.monotonic()
-            wrk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
-            try:
-                while node.health()["jobs"] < jobs_wanted:
-                    if wrk.poll() is not None or time.monotonic() - started > 300:
-                        raise RuntimeError(f"wrk stopped before {jobs_wanted:,} jobs were "
-                                           "created")
-                    time.sleep(0.1)
-            finally:
-                wrk.send_signal(signal.SIGINT)
-                stdout, stderr = wrk.communicate(timeout=30)
-            created_s = time.monotonic() - started
-            run = Wrk.parse(stdout, stderr, cmd)
+            run, created_s = post_until(ctx, node, jobs_wanted)
             posted, (node_jobs,) = _wait_converged(redis, post_prefix, [node])
             time.sleep(2.0)
             after = redis.memory()
@@ -2412,10 +2736,11 @@ SECTIONS = {"post": bench_post, "access": bench_access, "reads": bench_reads,
             "memory": bench_memory, "restart": bench_restart, "fanout": bench_fanout,
             "polling": bench_polling, "unsplash": bench_unsplash, "quota": bench_quota,
             "redis": bench_redis, "routing": bench_routing, "soak": bench_soak,
-            "bulk": bench_bulk}
+            "bulk": bench_bulk, "stored": bench_stored}
 # soak and quota take minutes of wall clock each: --only soak, --only quota; bulk, with
-# its million jobs, --only bulk
-DEFAULT_SECTIONS = [name for name in SECTIONS if name not in ("soak", "quota", "bulk")]
+# its million jobs, --only bulk; stored, with its millions and a baseline, --only stored
+DEFAULT_SECTIONS = [name for name in SECTIONS if name not in ("soak", "quota", "bulk",
+                                                              "stored")]
 REDIS_PARTS = ["throughput", "event_latency", "fanout_rows", "memory", "start", "replicas",
                "failover"]
 
@@ -2445,6 +2770,9 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work folder and logs")
     parser.add_argument("--redis-part", action="append", choices=REDIS_PARTS,
                         help="of the redis section, run only these parts (repeatable)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="--only stored: measure the build at this git revision too "
+                             "(e.g. 477400f), alternating with this one")
     parser.add_argument("--soak-minutes", type=int, default=10,
                         help="length of the soak run (--only soak; default 10)")
     parser.add_argument("--soak-rate", type=int, default=1000,
@@ -2459,6 +2787,7 @@ def main(argv=None) -> int:
     ctx.million, ctx.memory_jobs = args.million, 100_000
     ctx.redis_parts = [globals()[f"_redis_{name}"] for name in args.redis_part or ()]
     ctx.soak_minutes, ctx.soak_rate = args.soak_minutes, args.soak_rate
+    ctx.baseline = args.baseline
     if args.quick:
         ctx.duration, ctx.repeats, ctx.resolutions, ctx.million = 1.0, 1, 3, False
         ctx.pairs = 1

@@ -713,3 +713,18 @@ def pytest_asyncio_loop_factories(config, item):
     if item.path.name in BOTH_LOOPS:
         return LOOP_FACTORIES
     return {"asyncio": LOOP_FACTORIES["asyncio"]}
+
+
+def pytest_collection_modifyitems(config, items):
+    """uvloop is run for what serves (connections, timeouts, WebSockets, Engine.IO), which
+    the store behind it does not change: on the file backend only, not again on Redis
+    (Redis on uvloop is run by test_cluster_cli's workers, which need it)."""
+    def again_on_redis(item) -> bool:
+        spec = getattr(item, "callspec", None)
+        return (spec is not None and "uvloop" in spec.id.split("-")
+                and spec.params.get("backend") == "redis")
+
+    dropped = [item for item in items if again_on_redis(item)]
+    if dropped:
+        items[:] = [item for item in items if not again_on_redis(item)]
+        config.hook.pytest_deselected(items=dropped)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -117,3 +118,56 @@ async def test_a_port_in_use_is_a_clear_error(service_process, tmp_path):
     _, err = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in err.decode()
+
+
+async def test_the_default_cap_says_at_start_what_it_will_cost(tmp_path):
+    service = ServiceProcess(tmp_path / "jobs.json")
+    service.env.pop("MAX_STORED_JOBS", None)
+    await service.start()
+    assert await service.stop() == 0
+    [note] = [line for line in service.log if "MAX_STORED_JOBS, by default" in line]
+    assert "1,000,000 stored jobs (MAX_STORED_JOBS, by default) will take about 0.8 GiB" \
+        in note
+    chosen = ServiceProcess(tmp_path / "jobs.json", {"MAX_STORED_JOBS": "1000"})
+    await chosen.start()
+    assert await chosen.stop() == 0
+    assert not any("by default" in line for line in chosen.log)
+
+
+def test_a_default_cap_beyond_the_memory_is_warned_of_with_one_that_fits():
+    gib = 2**30
+    level, text = jobservice.stored_jobs_note(1_000_000, 1, 24 * gib, "physical memory")
+    assert level == logging.INFO and "0.8 GiB, of the 24.0 GiB of physical memory" in text
+    level, text = jobservice.stored_jobs_note(1_000_000, 1, gib, "its cgroup's memory limit")
+    assert level == logging.WARNING
+    assert "more than 3/4 of the 1.0 GiB of its cgroup's memory limit" in text
+    fits = int(text.split("MAX_STORED_JOBS to ")[1].split()[0].replace(",", ""))
+    assert jobservice.stored_jobs_note(fits, 1, gib, "")[0] == logging.INFO
+    assert jobservice.stored_jobs_note(fits + 10_000, 1, gib, "")[0] == logging.WARNING
+    level, text = jobservice.stored_jobs_note(1_000_000, 3, 3 * gib, "physical memory")
+    assert level == logging.WARNING and "3 workers, each with every job" in text
+
+
+@pytest.mark.parametrize(("cgroup", "files", "expected"), [
+    ("0::/service.slice/app\n", {"service.slice/memory.max": "1073741824\n",
+                                 "service.slice/app/memory.max": "max\n"}, 1 << 30),
+    ("0::/\n", {"memory.max": "536870912\n"}, 1 << 29),  # in a container: its own root
+    ("0::/app\n", {"app/memory.max": "max\n"}, None),
+    ("4:memory:/docker/abc\n1:cpu:/\n", {"memory/docker/abc/memory.limit_in_bytes":
+                                         "805306368\n"}, 768 << 20),
+    ("4:memory:/x\n", {"memory/memory.limit_in_bytes": "9223372036854771712\n"}, None),
+], ids=["v2, a parent's", "v2, the root", "v2, none", "v1", "v1, none"])
+def test_the_memory_a_process_may_have_is_its_cgroups_limit_or_the_machines(
+        tmp_path, cgroup, files, expected):
+    proc = tmp_path / "cgroup"
+    proc.write_text(cgroup)
+    for name, text in files.items():
+        path = tmp_path / "sys" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit, source = jobservice.memory_limit(proc, tmp_path / "sys")
+    if expected is None:
+        assert (limit, source) == (physical, "the machine's physical memory")
+    else:
+        assert (limit, source) == (expected, "its cgroup's memory limit")

@@ -347,8 +347,8 @@ async def test_expiring_many_jobs_keeps_paging_right(start_service, open_events)
         name, payload = await events.next()
         if name == DELETED:
             expired.add(payload["id"])
-    assert not store.position and not store.order  # nothing held for them
+    assert not store.dead and not store.order  # nothing held for them
     fresh = await create_jobs(client, 3)
     response = await client.get("/jobs?order=desc&limit=2")
     assert [job["id"] for job in await response.json()] == fresh[:0:-1]
-    assert set(ids).isdisjoint(store.position)
+    assert set(ids).isdisjoint(store.dead)
