@@ -3977,7 +3977,7 @@ async def list_jobs(request: web.Request) -> web.Response:
             params["status"] = status
         headers["Link"] = f'</jobs?{urlencode(params)}>; rel="next"'
     if limit is not None:
-        return json_response("[" + ",".join([job.json for job in page]) + "]", headers=headers)
+        return json_response("[" + ",".join(map(JOB_JSON, page)) + "]", headers=headers)
     # Every job: sent in slices as it is joined, rather than joined whole and then
     # copied: about half the time and 50 MB less at 100,000 jobs (tests/bench.py).
     response = web.StreamResponse(headers=headers)
@@ -3996,7 +3996,7 @@ async def list_jobs(request: web.Request) -> web.Response:
             closing = "]" if start + LIST_SLICE >= len(page) else ""
             async with asyncio.timeout(timeout):
                 await response.write((opening + ",".join(
-                    [job.json for job in page[start:start + LIST_SLICE]]) + closing).encode())
+                    map(JOB_JSON, page[start:start + LIST_SLICE])) + closing).encode())
         async with asyncio.timeout(timeout):
             await response.write_eof()
     except TimeoutError:
@@ -4006,6 +4006,9 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 LIST_SLICE = 2000
+# Job.json's function itself, mapped over a list: the property's lookup for each job was
+# a sixth of the time to make 100,000 texts of jobs with photos (80 ms against 67 ms).
+JOB_JSON = Job.json.fget
 
 
 def _query_limit(query, maximum: int) -> int | None:
