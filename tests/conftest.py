@@ -9,9 +9,10 @@ uses for itself: free ports, its tmp_path, a Redis prefix of its own (each worke
 its own redis_server). A module whose module-scoped fixtures are costly (a browser, a
 built wheel, services that many tests share) keeps its tests on one worker, so that
 they are made once: `pytestmark = pytest.mark.xdist_group("name")`. The browser modules
-share the group "browser", which also keeps two Chromiums from loading the box at once.
-Nothing else needs a worker of its own; a test that would (a fixed port, a global file)
-is a bug.
+are in two groups ("browser" and "browser-pages"), so that at most two Chromiums load the
+box at once. Nothing else needs a worker of its own; a test that would (a fixed port, a
+global file) is a bug. The suite takes as long as its busiest worker, so the modules with
+the longest tests run first (LONGEST_FIRST): no worker is left on one of them at the end.
 """
 
 from __future__ import annotations
@@ -715,10 +716,19 @@ def pytest_asyncio_loop_factories(config, item):
     return {"asyncio": LOOP_FACTORIES["asyncio"]}
 
 
+LONGEST_FIRST = ("test_browser.py", "test_browser_dashboard.py", "test_quota.py",
+                 "test_cluster_cli.py", "test_chaos.py", "test_durability.py",
+                 "test_package.py", "test_browser_auth.py", "test_browser_socketio.py",
+                 "test_slow_clients.py", "test_peer_memory.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """uvloop is run for what serves (connections, timeouts, WebSockets, Engine.IO), which
-    the store behind it does not change: on the file backend only, not again on Redis
-    (Redis on uvloop is run by test_cluster_cli's workers, which need it)."""
+    """The modules of LONGEST_FIRST first, in that order (see the module's docstring).
+    And uvloop is run for what serves (connections, timeouts, WebSockets, Engine.IO),
+    which the store behind it does not change: on the file backend only, not again on
+    Redis (Redis on uvloop is run by test_cluster_cli's workers, which need it)."""
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name)
+               if item.path.name in LONGEST_FIRST else len(LONGEST_FIRST))
     def again_on_redis(item) -> bool:
         spec = getattr(item, "callspec", None)
         return (spec is not None and "uvloop" in spec.id.split("-")

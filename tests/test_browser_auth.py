@@ -51,7 +51,7 @@ from test_browser import (  # browser is a fixture: one Chromium per module
 )
 
 # One worker for every browser module (conftest.py says why).
-pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("browser")]
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("browser-pages")]
 
 TOKEN = "kitchen-door-7f3a9c"
 COOKIE = "jobservice_session"

@@ -52,7 +52,7 @@ from test_browser import (  # browser is a fixture: one Chromium per module
 import jobservice
 
 # One worker for every browser module (conftest.py says why).
-pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("browser")]
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("browser-pages")]
 
 AXE = NODE_DIR / "node_modules" / "axe-core" / "axe.min.js"
 HELD = {"RETRY_BASE_DELAY": "3600", "RETRY_MAX_DELAY": "3600", "JOB_RETENTION": "0"}
