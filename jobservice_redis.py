@@ -45,6 +45,7 @@ import hmac
 import itertools
 import json
 import logging
+import operator
 import os
 import random
 import re
@@ -326,8 +327,8 @@ def parse_record(text: str, images: dict | None = None) -> Job | Tombstone:
     return record
 
 
-def _creation(job: Job) -> int:
-    return job._ord  # while loading: the seq of the job's creation
+# While loading, a job's _ord is the seq of its creation.
+_creation = operator.attrgetter("_ord")
 
 
 def ms(seconds: float) -> int:
