@@ -456,8 +456,11 @@ def requested(timing_requests: list[dict]) -> list[str]:
 
 
 async def test_create_count_down_resolve_and_view(service_process, fake, open_page, artifacts):
+    # Jobs fall due 5 or 6 s after they are made, and the first one's countdown is read
+    # as soon as its row is pending: the page's ticker (once a wall-clock second) has
+    # several turns to move it before the job can resolve, however loaded the box.
     service = await service_process(service_env(
-        fake, JOB_DELAY_MIN="2", JOB_DELAY_MAX="4", JOB_DELAY_STEP="1"))
+        fake, JOB_DELAY_MIN="5", JOB_DELAY_MAX="6", JOB_DELAY_STEP="1"))
     desk = await open_page(service.url)
     page = desk.page
     await wait_live(page)
@@ -485,11 +488,13 @@ async def test_create_count_down_resolve_and_view(service_process, fake, open_pa
     await page.wait_for_function(
         """([id, text, pct]) => {
           const li = document.querySelector(`li[data-job-id="${id}"]`);
-          const c = li.querySelector('[data-testid="countdown"]').textContent;
+          const countdown = li.querySelector('[data-testid="countdown"]');
+          if (!countdown) throw new Error(`no countdown: the job is ${li.dataset.status}`);
+          const c = countdown.textContent;
           const p = Number(li.querySelector('[data-testid="progress"]')
             .getAttribute('aria-valuenow'));
           return c !== text && /^\\d+s$/.test(c) && parseInt(c) < parseInt(text) && p > pct;
-        }""", arg=[first, *before], timeout=3_000)
+        }""", arg=[first, *before], timeout=4_000)
 
     # "+10": ten rows at once, on top, then all confirmed.
     async with HeldPosts(page) as held:
