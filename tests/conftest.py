@@ -3,7 +3,7 @@ a fake Unsplash on loopback, and a reader of the event stream.
 
 Delays and retry settings are shrunk through the environment, never slept through.
 
-The suite runs on pytest-xdist workers (the README's command has `-n 3`, pyproject.toml
+The suite runs on pytest-xdist workers (the README's command has `-n 4`, pyproject.toml
 `--dist loadgroup`), each test wherever a worker is free. So every test takes what it
 uses for itself: free ports, its tmp_path, a Redis prefix of its own (each worker starts
 its own redis_server). A module whose module-scoped fixtures are costly (a browser, a
